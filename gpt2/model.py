@@ -1,0 +1,214 @@
+"""GPT-2, written once against the op vocabulary.
+
+The same `forward` runs eagerly (Tensors) and is traced by `gpt2.compile` (symbolic values).
+Parameter names and layouts are nanoGPT's state_dict ones: linear weights are (out, in), and the
+lm_head is tied to `transformer.wte.weight` (not listed as a parameter of its own).
+
+All parameters live in one flat array and all gradients in another, decayed (2+ dim) parameters
+first: AdamW then makes one pass per decay group and zero_grad is one memset.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from tracer import Parameter, Tensor
+from tracer import functional as F
+
+DTYPES = ("float32", "float64")
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    vocab_size: int = 50304
+    bias: bool = True
+    gelu: str = "tanh"          # "tanh": GPT-2 / Hugging Face gelu_new; "erf": nanoGPT's nn.GELU()
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.gelu not in ("tanh", "erf"):
+            raise ValueError(f"GPTConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
+        if not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+
+    def to_dict(self):
+        return asdict(self)
+
+
+def parameter_shapes(cfg):
+    """nanoGPT's state_dict names and shapes, in its order (lm_head excluded: it is tied)."""
+    c, shapes = cfg.n_embd, {}
+    shapes["transformer.wte.weight"] = (cfg.vocab_size, c)
+    shapes["transformer.wpe.weight"] = (cfg.block_size, c)
+
+    def layer(prefix, n_in, n_out, norm=False):
+        shapes[prefix + ".weight"] = (n_out,) if norm else (n_out, n_in)
+        if cfg.bias:
+            shapes[prefix + ".bias"] = (n_out,)
+
+    for i in range(cfg.n_layer):
+        h = f"transformer.h.{i}"
+        layer(h + ".ln_1", c, c, norm=True)
+        layer(h + ".attn.c_attn", c, 3 * c)
+        layer(h + ".attn.c_proj", c, c)
+        layer(h + ".ln_2", c, c, norm=True)
+        layer(h + ".mlp.c_fc", c, 4 * c)
+        layer(h + ".mlp.c_proj", 4 * c, c)
+    layer("transformer.ln_f", c, c, norm=True)
+    return shapes
+
+
+def _check_dtype(dtype):
+    if str(np.dtype(dtype)) not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return np.dtype(dtype)
+
+
+class GPT:
+    def __init__(self, config, dtype="float32", seed=0):
+        self.config = config
+        self.dtype = _check_dtype(dtype)
+        shapes = parameter_shapes(config)
+        # Decayed parameters first, so each AdamW group is one contiguous slice.
+        layout = sorted(shapes, key=lambda n: len(shapes[n]) < 2)
+        sizes = {n: int(np.prod(shapes[n])) for n in shapes}
+        self.flat_data = np.zeros(sum(sizes.values()), self.dtype)
+        self.flat_grad = np.zeros_like(self.flat_data)
+        views, offset = {}, 0
+        for name in layout:
+            end = offset + sizes[name]
+            views[name] = (self.flat_data[offset:end].reshape(shapes[name]),
+                           self.flat_grad[offset:end].reshape(shapes[name]))
+            offset = end
+        self._params = {n: Parameter(*views[n]) for n in shapes}
+        self._initialise(seed)
+
+    def _initialise(self, seed):
+        """GPT-2's init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
+        rng = np.random.default_rng(seed)
+        resid_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for name, p in self._params.items():
+            if ".ln_" in name:
+                p.data[...] = 1.0 if name.endswith(".weight") else 0.0
+            elif name.endswith(".bias"):
+                p.data[...] = 0.0
+            else:
+                std = resid_std if name.endswith("c_proj.weight") else 0.02
+                p.data[...] = rng.normal(0.0, std, p.data.shape)
+
+    # ------------------------------------------------------------ parameters and state
+
+    def parameters(self):
+        return dict(self._params)
+
+    def num_parameters(self):
+        return int(self.flat_data.size)
+
+    def state_dict(self):
+        return {name: p.data.copy() for name, p in self._params.items()}
+
+    def load_state_dict(self, state):
+        """Copy arrays in by name; a missing, extra or misshapen entry is a ValueError naming it.
+
+        An `lm_head.weight` entry (nanoGPT lists the tied weight twice) must equal the wte weight.
+        """
+        state = dict(state)
+        lm_head = state.pop("lm_head.weight", None)
+        missing = [n for n in self._params if n not in state]
+        extra = [n for n in state if n not in self._params]
+        if missing:
+            raise ValueError(f"state dict is missing {missing}")
+        if extra:
+            raise ValueError(f"state dict has unexpected keys {extra}")
+        for name, p in self._params.items():
+            value = np.asarray(state[name])
+            if value.shape != p.data.shape:
+                raise ValueError(f"{name}: shape {value.shape} does not match {p.data.shape}")
+            if not np.all(np.isfinite(value)):
+                raise ValueError(f"{name}: holds non-finite values")
+        if lm_head is not None and not np.array_equal(np.asarray(lm_head),
+                                                      np.asarray(state["transformer.wte.weight"])):
+            raise ValueError("lm_head.weight differs from transformer.wte.weight, "
+                             "but this model ties them")
+        for name, p in self._params.items():
+            p.data[...] = state[name]
+
+    def zero_grad(self):
+        self.flat_grad[...] = 0
+
+    # ------------------------------------------------------------ forward
+
+    def check_inputs(self, idx, targets=None):
+        """Validate ids before any kernel sees them; returns them as int64 arrays."""
+        idx = _as_ids(idx, "idx", self.config.vocab_size)
+        if idx.shape[1] > self.config.block_size:
+            raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size "
+                             f"{self.config.block_size}")
+        if targets is not None:
+            targets = _as_ids(targets, "targets", self.config.vocab_size)
+            if targets.shape != idx.shape:
+                raise ValueError(f"targets shape {targets.shape} does not match idx shape "
+                                 f"{idx.shape}")
+        return idx, targets
+
+    def __call__(self, idx, targets=None):
+        idx, targets = self.check_inputs(idx, targets)
+        return self.forward(idx, targets)
+
+    def forward(self, idx, targets=None):
+        """idx, targets (B, T) int64 -> logits (B, T, V), mean cross-entropy loss or None."""
+        cfg, p = self.config, self._params
+        t = idx.shape[1]
+
+        def bias(name):
+            return p.get(name + ".bias")
+
+        x = F.add(F.embedding(p["transformer.wte.weight"], idx),
+                  F.embedding(p["transformer.wpe.weight"], np.arange(t, dtype=np.int64)))
+        for i in range(cfg.n_layer):
+            h = f"transformer.h.{i}"
+            a = F.layernorm(x, p[h + ".ln_1.weight"], bias(h + ".ln_1"), cfg.layer_norm_eps)
+            a = F.linear(a, p[h + ".attn.c_attn.weight"], bias(h + ".attn.c_attn"))
+            a = F.attention(a, cfg.n_head)
+            x = F.add(x, F.linear(a, p[h + ".attn.c_proj.weight"], bias(h + ".attn.c_proj")))
+            m = F.layernorm(x, p[h + ".ln_2.weight"], bias(h + ".ln_2"), cfg.layer_norm_eps)
+            m = F.gelu(F.linear(m, p[h + ".mlp.c_fc.weight"], bias(h + ".mlp.c_fc")), cfg.gelu)
+            x = F.add(x, F.linear(m, p[h + ".mlp.c_proj.weight"], bias(h + ".mlp.c_proj")))
+        x = F.layernorm(x, p["transformer.ln_f.weight"], bias("transformer.ln_f"),
+                        cfg.layer_norm_eps)
+        logits = F.linear(x, p["transformer.wte.weight"])
+        loss = None if targets is None else F.cross_entropy(logits, targets)
+        return logits, loss
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32"):
+        from gpt2.loading import load_pretrained
+        return load_pretrained(cls, path, dtype)
+
+
+def _as_ids(ids, what, vocab_size):
+    if isinstance(ids, Tensor):
+        ids = ids.data
+    arr = np.asarray(ids)
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+        raise ValueError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
+    if arr.ndim != 2:
+        raise ValueError(f"{what} must have shape (B, T), got shape {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"{what} must have at least one row and one position, got {arr.shape}")
+    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
+    if bad.size:
+        pos = np.unravel_index(bad[0], arr.shape)
+        raise ValueError(f"{what} holds id {arr[pos]} at position {tuple(int(i) for i in pos)}, "
+                         f"outside [0, {vocab_size})")
+    return arr.astype(np.int64, copy=False)

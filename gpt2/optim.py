@@ -1,0 +1,132 @@
+"""AdamW, gradient clipping and the warmup + cosine learning-rate schedule.
+
+Parameters that sit next to each other in one flat buffer (as GPT's do) are merged into one
+segment, so a step is one fused pass per decay group rather than one per tensor.
+"""
+import math
+
+import numpy as np
+
+import kernels
+
+
+def _segments(params):
+    """Group parameters into runs that are contiguous in memory: [(data, grad, [names])]."""
+    def address(a):
+        return a.__array_interface__["data"][0]
+
+    runs = []
+    for name, p in sorted(params, key=lambda np_: address(np_[1].data)):
+        data, grad = p.data.reshape(-1), p.grad.reshape(-1)
+        if runs:
+            d0, g0, names = runs[-1]
+            if (d0.dtype == data.dtype and address(data) == address(d0) + d0.nbytes
+                    and address(grad) == address(g0) + g0.nbytes
+                    and data.base is not None and data.base is d0.base
+                    and grad.base is not None and grad.base is g0.base):
+                runs[-1] = (_extend(d0, data), _extend(g0, grad), names + [name])
+                continue
+        runs.append((data, grad, [name]))
+    return runs
+
+
+def _extend(a, b):
+    """The view of their common base covering the adjacent 1-D views a and b."""
+    base = a.base
+    start = (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // a.itemsize
+    return base.reshape(-1)[start:start + a.size + b.size]
+
+
+def _named(params):
+    if isinstance(params, dict):
+        return list(params.items())
+    return [(str(i), p) for i, p in enumerate(params)]
+
+
+class AdamW:
+    """torch.optim.AdamW with nanoGPT's grouping: weight decay on parameters of 2+ dims only."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1):
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW betas must lie in [0, 1), got {betas!r}")
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
+        named = _named(params)
+        self.names = [n for n, _ in named]
+        self._sizes = {n: p.data.size for n, p in named}
+        decay = [(n, p) for n, p in named if p.data.ndim >= 2]
+        no_decay = [(n, p) for n, p in named if p.data.ndim < 2]
+        self.groups = [(seg, True) for seg in _segments(decay)] + \
+                      [(seg, False) for seg in _segments(no_decay)]
+        self.exp_avg = [np.zeros_like(d) for (d, _, _), _ in self.groups]
+        self.exp_avg_sq = [np.zeros_like(d) for (d, _, _), _ in self.groups]
+        self.step_count = 0
+
+    def step(self):
+        self.step_count += 1
+        b1, b2 = self.betas
+        for ((data, grad, _), decays), m, v in zip(self.groups, self.exp_avg, self.exp_avg_sq):
+            kernels.adamw(data, grad, m, v, lr=self.lr, beta1=b1, beta2=b2, eps=self.eps,
+                          weight_decay=self.weight_decay if decays else 0.0,
+                          step=self.step_count)
+
+    def zero_grad(self):
+        for (_, grad, _), _ in self.groups:
+            grad[...] = 0
+
+    def state_dict(self):
+        """{"step", "exp_avg": {name: array}, "exp_avg_sq": {name: array}} (copies)."""
+        state = {"step": self.step_count, "exp_avg": {}, "exp_avg_sq": {}}
+        for key, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            for ((_, _, names), _), flat in zip(self.groups, moments):
+                for name, view in zip(names, self._split(flat, names)):
+                    state[key][name] = view.copy()
+        return state
+
+    def load_state_dict(self, state):
+        step = state.get("step")
+        if not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"optimizer state has an invalid step {step!r}")
+        for key, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
+            given = state.get(key, {})
+            if set(given) != set(self.names):
+                raise ValueError(f"optimizer {key} names {sorted(set(given) ^ set(self.names))} "
+                                 "do not match the parameters")
+            for ((_, _, names), _), flat in zip(self.groups, moments):
+                for name, view in zip(names, self._split(flat, names)):
+                    value = np.asarray(given[name])
+                    if value.size != view.size:
+                        raise ValueError(f"optimizer {key}[{name}] has {value.size} values, "
+                                         f"expected {view.size}")
+                    view[...] = value.reshape(-1)
+        self.step_count = int(step)
+
+    def _split(self, flat, names):
+        out, offset = [], 0
+        for n in names:
+            out.append(flat[offset:offset + self._sizes[n]])
+            offset += self._sizes[n]
+        return out
+
+
+def clip_grad_norm(params, max_norm):
+    """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
+    segments = _segments(_named(params))
+    total = math.sqrt(sum(kernels.sum_of_squares(g) for _, g, _ in segments))
+    coef = max_norm / (total + 1e-6)
+    if coef < 1.0:
+        for _, g, _ in segments:
+            kernels.scale_in_place(g, coef)
+    return total
+
+
+def cosine_lr(step, max_lr, warmup_steps, decay_steps, min_lr):
+    """nanoGPT's schedule: linear warmup over warmup_steps, cosine to min_lr at decay_steps."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / (warmup_steps + 1)
+    if step >= decay_steps:
+        return min_lr
+    ratio = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (max_lr - min_lr)

@@ -1,0 +1,274 @@
+"""Reference NumPy implementations of every op, forward and backward.
+
+Calling convention shared by every kernel table: outputs first (preallocated arrays the kernel
+writes into), then inputs, then attributes as keywords. The eager engine allocates the outputs;
+the compiled runtime hands in views of its planned arena. Backward kernels overwrite their
+outputs (they never accumulate); summing fan-out gradients is the caller's job.
+
+Shapes use B batch, T time, C channels, H heads, V vocabulary, N = B*T rows.
+"""
+import math
+
+import numpy as np
+
+
+def _rows(a):
+    """View (..., K) as (N, K) without copying (inputs are C-contiguous)."""
+    return a.reshape(-1, a.shape[-1])
+
+
+# ---------------------------------------------------------------- elementwise and layout
+
+def add(out, a, b):
+    np.add(a, b, out=out)
+
+
+def mul(out, a, b):
+    np.multiply(a, b, out=out)
+
+
+def sum_to(out, x):
+    """Reduce x over the axes that broadcasting added or stretched so it has out's shape."""
+    lead = x.ndim - out.ndim
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, n in enumerate(out.shape) if n == 1 and x.shape[lead + i] != 1)
+    out[...] = np.sum(x, axis=axes).reshape(out.shape) if axes else x
+
+
+def scale(out, x, *, factor):
+    np.multiply(x, factor, out=out)
+
+
+def copy(out, x):
+    out[...] = x
+
+
+def fill(out, *, value):
+    out[...] = value
+
+
+def causal_mask(out, x, *, value):
+    """Copy x (..., T, T) with entries above the diagonal (future positions) set to value."""
+    t = x.shape[-1]
+    out[...] = x
+    out[..., np.triu(np.ones((t, t), dtype=bool), 1)] = value
+
+
+def permute(out, x, axes):
+    out[...] = np.transpose(x, axes)
+
+
+def split(*outs_and_x, sizes, axis):
+    *outs, x = outs_and_x
+    start = 0
+    for out, n in zip(outs, sizes):
+        out[...] = np.take(x, np.arange(start, start + n), axis=axis)
+        start += n
+
+
+def concat(out, *xs, axis):
+    np.concatenate(xs, axis=axis, out=out)
+
+
+# ---------------------------------------------------------------- matmul and linear
+
+def matmul(out, a, b):
+    """out (..., M, N) = a (..., M, K) @ b (..., K, N)."""
+    np.matmul(a, b, out=out)
+
+
+def linear(out, x, w, b=None):
+    """out (..., O) = x (..., I) @ w(O, I).T + b (O,)."""
+    np.matmul(_rows(x), w.T, out=_rows(out))
+    if b is not None:
+        out += b
+
+
+def linear_backward_x(dx, dy, w):
+    """dx (..., I) = dy (..., O) @ w (O, I)."""
+    np.matmul(_rows(dy), w, out=_rows(dx))
+
+
+def linear_backward_w(dw, dy, x):
+    """dw (O, I) = dy(N, O).T @ x (N, I)."""
+    np.matmul(_rows(dy).T, _rows(x), out=dw)
+
+
+def linear_backward_b(db, dy):
+    """db (O,) = sum of dy (N, O) over rows."""
+    np.sum(_rows(dy), axis=0, out=db)
+
+
+# ---------------------------------------------------------------- embedding
+
+def embedding(out, weight, idx):
+    """out (..., C) = weight (V, C)[idx (...)]."""
+    np.take(weight, idx, axis=0, out=out)
+
+
+def embedding_backward(dweight, dout, idx):
+    """dweight (V, C): scatter-add of dout (..., C) rows at idx; repeated ids accumulate."""
+    dweight[...] = 0
+    np.add.at(dweight, idx.reshape(-1), _rows(dout))
+
+
+# ---------------------------------------------------------------- layernorm
+
+def layernorm(out, mean, rstd, x, w, b=None, *, eps):
+    """out (..., C) normalised over C; mean, rstd (...) kept for the backward."""
+    mu = x.mean(axis=-1)
+    xc = x - mu[..., None]
+    var = np.mean(xc * xc, axis=-1)
+    mean[...] = mu
+    rstd[...] = 1.0 / np.sqrt(var + eps)
+    np.multiply(xc * rstd[..., None], w, out=out)
+    if b is not None:
+        out += b
+
+
+def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
+    """dx (..., C), dw (C,), db (C,) from dy (..., C) and the saved row statistics."""
+    xhat = (x - mean[..., None]) * rstd[..., None]
+    dw[...] = np.sum(_rows(dy * xhat), axis=0)
+    db[...] = np.sum(_rows(dy), axis=0)
+    dxhat = dy * w
+    c = x.shape[-1]
+    dx[...] = rstd[..., None] * (
+        dxhat - dxhat.sum(axis=-1, keepdims=True) / c
+        - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / c)
+
+
+# ---------------------------------------------------------------- GELU
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def gelu(out, x, *, form):
+    """GELU: form="tanh" (GPT-2) or "erf" (exact form, nanoGPT's nn.GELU())."""
+    if form == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        out[...] = 0.5 * x * (1.0 + np.tanh(inner))
+    else:
+        from scipy.special import erf
+        out[...] = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def gelu_backward(dx, dy, x, *, form):
+    if form == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        t = np.tanh(inner)
+        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+        dx[...] = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+    else:
+        from scipy.special import erf
+        cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        dx[...] = dy * (cdf + x * pdf)
+
+
+# ---------------------------------------------------------------- softmax
+
+def softmax(out, x):
+    """Softmax over the last axis."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    out[...] = e / e.sum(axis=-1, keepdims=True)
+
+
+def softmax_backward(dx, dy, y):
+    dx[...] = y * (dy - np.sum(dy * y, axis=-1, keepdims=True))
+
+
+# ---------------------------------------------------------------- causal self-attention
+
+def _heads(qkv, n_head):
+    """Split qkv (B, T, 3C) into q, k, v of shape (B, H, T, D)."""
+    b, t, c3 = qkv.shape
+    d = c3 // 3 // n_head
+    q, k, v = np.split(qkv.reshape(b, t, 3, n_head, d), 3, axis=2)
+    return [a[:, :, 0].transpose(0, 2, 1, 3) for a in (q, k, v)]
+
+
+def _causal_scores(q, k):
+    d = q.shape[-1]
+    s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(d)
+    t = q.shape[2]
+    s[..., np.triu(np.ones((t, t), dtype=bool), 1)] = -np.inf
+    return s
+
+
+def attention(out, lse, qkv, *, n_head):
+    """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v from the fused qkv (B, T, 3C).
+
+    lse (B, H, T) keeps each row's log-sum-exp, all the backward needs to rebuild the probabilities.
+    """
+    b, t, _ = qkv.shape
+    q, k, v = _heads(qkv, n_head)
+    s = _causal_scores(q, k)
+    m = s.max(axis=-1, keepdims=True)
+    row_lse = m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
+    p = np.exp(s - row_lse)
+    lse[...] = row_lse[..., 0]
+    out[...] = (p @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+
+def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
+    """dqkv (B, T, 3C) from dy (B, T, C), using the saved output and row log-sum-exps."""
+    b, t, c3 = qkv.shape
+    d = c3 // 3 // n_head
+    q, k, v = _heads(qkv, n_head)
+    p = np.exp(_causal_scores(q, k) - lse[..., None])
+    dyh = dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
+    yh = out.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
+    dv = p.transpose(0, 1, 3, 2) @ dyh
+    dp = dyh @ v.transpose(0, 1, 3, 2)
+    # sum_j P_ij dP_ij equals dy_i . y_i, so the full P never has to be kept.
+    ds = p * (dp - np.sum(dyh * yh, axis=-1, keepdims=True)) / math.sqrt(d)
+    dq = ds @ k
+    dk = ds.transpose(0, 1, 3, 2) @ q
+    grads = np.stack([dq, dk, dv], axis=2)          # (B, H, 3, T, D)
+    dqkv[...] = grads.transpose(0, 3, 2, 1, 4).reshape(b, t, c3)
+
+
+# ---------------------------------------------------------------- fused softmax + cross-entropy
+
+def cross_entropy(loss, lse, logits, targets):
+    """loss () = mean over rows of -log softmax(logits (..., V))[target]; lse (...) kept."""
+    x = _rows(logits)
+    m = x.max(axis=-1)
+    row_lse = m + np.log(np.exp(x - m[:, None]).sum(axis=-1))
+    tgt = targets.reshape(-1)
+    lse[...] = row_lse.reshape(lse.shape)
+    loss[...] = np.mean(row_lse - x[np.arange(x.shape[0]), tgt])
+
+
+def cross_entropy_backward(dlogits, dloss, logits, targets, lse):
+    """dlogits (..., V) = (softmax(logits) - onehot(targets)) * dloss / N."""
+    x = _rows(logits)
+    n = x.shape[0]
+    g = np.exp(x - lse.reshape(-1, 1))
+    g[np.arange(n), targets.reshape(-1)] -= 1.0
+    _rows(dlogits)[...] = g * (dloss / n)
+
+
+# ---------------------------------------------------------------- optimiser
+
+def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    """One AdamW step in place over flat arrays, in torch.optim.AdamW's order of operations."""
+    param *= 1.0 - lr * weight_decay
+    m *= beta1
+    m += (1.0 - beta1) * grad
+    v *= beta2
+    v += (1.0 - beta2) * grad * grad
+    bias1 = 1.0 - beta1 ** step
+    bias2 = 1.0 - beta2 ** step
+    denom = np.sqrt(v) / math.sqrt(bias2) + eps
+    param -= (lr / bias1) * (m / denom)
+
+
+def sum_of_squares(x):
+    return float(np.dot(x.ravel(), x.ravel()))
+
+
+def scale_in_place(x, factor):
+    x *= factor

@@ -1,0 +1,7 @@
+"""The engine: knows graphs, not GPT-2.
+
+ops (vocabulary) -> eager (reference Tensor) | trace -> graph -> autodiff -> schedule -> runtime.
+"""
+from tracer.eager import Parameter, Tensor, is_grad_enabled, no_grad
+
+__all__ = ["Parameter", "Tensor", "is_grad_enabled", "no_grad"]
