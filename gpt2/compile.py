@@ -1,0 +1,187 @@
+"""`gpt2.compile(model)`: trace once per input shape, derive the backward, plan, run the plan.
+
+    cm = gpt2.compile(model)
+    logits, loss = cm(idx, targets)    # runs the forward part of the joint plan
+    loss.backward()                    # runs the backward part, adds into each Parameter's .grad
+
+A call without targets, or under `no_grad()`, runs a forward-only plan in which activations die as
+soon as they are read. Plans are cached per (shape, with/without targets, training or not), up to
+`max_plans`, least recently used first out.
+"""
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+import kernels
+from tracer import Tensor, is_grad_enabled
+from tracer.autodiff import grad_name, joint_graph
+from tracer.graph import prune
+from tracer.runtime import Executable
+from tracer.schedule import plan_buffers
+from tracer.trace import trace
+
+
+@dataclass
+class MemoryReport:
+    planned_bytes: int     # the arena after reuse
+    naive_bytes: int       # every value its own buffer
+    held_bytes: int        # written by the forward, kept for the backward
+
+    def __str__(self):
+        return (f"arena {self.planned_bytes / 2**20:.1f} MiB planned vs "
+                f"{self.naive_bytes / 2**20:.1f} MiB naive "
+                f"({self.naive_bytes / max(self.planned_bytes, 1):.1f}x saved), "
+                f"{self.held_bytes / 2**20:.1f} MiB held from forward to backward")
+
+
+class ArenaTensor(Tensor):
+    """Output Tensor viewing the plan's arena; refuses reads once the arena has moved on."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self._stale = None
+
+    @property
+    def data(self):
+        if self._stale:
+            raise ValueError(f"these logits are no longer valid: {self._stale}; "
+                             "copy logits.data before that to keep them")
+        return self._data
+
+    @data.setter
+    def data(self, value):
+        self._data = value
+
+    def invalidate(self, why):
+        self._stale = why
+
+
+class CompiledLoss:
+    """The scalar loss of a compiled step; backward() runs the rest of that step's plan."""
+
+    def __init__(self, compiled, exe, generation, value):
+        self._compiled, self._exe, self._generation = compiled, exe, generation
+        self.data = np.asarray(value)
+        self.requires_grad = exe is not None
+
+    def item(self):
+        return float(self.data)
+
+    def backward(self):
+        if self._exe is None:
+            raise ValueError("this loss came from a forward-only call (no_grad), "
+                             "it has no backward")
+        if self._generation != self._compiled._generation:
+            raise ValueError("backward() on a stale loss: the compiled model ran again since")
+        self._compiled._backward(self._exe)
+        self._exe = None
+
+
+class CompiledModel:
+    def __init__(self, model, table=None, max_plans=8):
+        if max_plans < 1:
+            raise ValueError(f"max_plans must be at least 1, got {max_plans}")
+        self.model = model
+        self.config = model.config
+        self.dtype = model.dtype
+        self.table = dict(kernels.REFERENCE if table is None else table)
+        self.max_plans = max_plans
+        self.trace_count = 0
+        self._traces = OrderedDict()     # (shape, has_targets) -> forward Graph
+        self._plans = OrderedDict()      # (shape, has_targets, training) -> (Graph, Executable)
+        self._generation = 0
+        self._last = None
+        self._logits = None
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def state_dict(self):
+        return self.model.state_dict()
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state)
+
+    @property
+    def graph(self):
+        return self._last[0] if self._last else None
+
+    @property
+    def memory(self):
+        if not self._last:
+            return None
+        p = self._last[1].plan
+        return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes)
+
+    def _forward_graph(self, shape, has_targets):
+        key = (shape, has_targets)
+        if key in self._traces:
+            self._traces.move_to_end(key)
+            return self._traces[key]
+        names = {id(p): n for n, p in self.model.parameters().items()}
+        inputs = [("idx", shape, np.int64)] + ([("targets", shape, np.int64)] if has_targets else [])
+
+        def forward(idx, targets=None):
+            logits, loss = self.model.forward(idx, targets)
+            return {"logits": logits, "loss": loss}
+
+        graph = trace(forward, inputs, names)
+        self.trace_count += 1
+        self._traces[key] = graph
+        if len(self._traces) > self.max_plans:
+            self._traces.popitem(last=False)
+        return graph
+
+    def _executable(self, shape, has_targets, training):
+        key = (shape, has_targets, training)
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
+            forward = self._forward_graph(shape, has_targets)
+            if training:
+                graph = joint_graph(forward)
+                plan = plan_buffers(graph, forward_only_outputs=("logits",))
+            else:
+                graph = prune(forward)
+                plan = plan_buffers(graph)
+            self._plans[key] = (graph, Executable(graph, plan, self.table))
+            if len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._last = self._plans[key]
+        exe = self._last[1]
+        if exe.parameters_moved():
+            exe.bind_parameters()
+        return exe
+
+    def __call__(self, idx, targets=None):
+        """Same signature as the model. logits are a view of the plan's arena, valid until the next
+        call or, in training, until loss.backward() writes the gradient over them: copy to keep."""
+        idx, targets = self.model.check_inputs(idx, targets)
+        training = targets is not None and is_grad_enabled()
+        exe = self._executable(idx.shape, targets is not None, training)
+        exe.set_inputs(idx=idx, **({"targets": targets} if targets is not None else {}))
+        exe.run_forward()
+        self._generation += 1
+        if self._logits is not None:
+            self._logits.invalidate("the compiled model ran again")
+        logits = self._logits = ArenaTensor(exe.outputs["logits"])
+        if targets is None:
+            return logits, None
+        loss = CompiledLoss(self, exe if training else None, self._generation,
+                            exe.outputs["loss"].copy())
+        return logits, loss
+
+    def _backward(self, exe):
+        self._logits.invalidate("loss.backward() wrote the gradient over them")
+        exe.run_backward()
+        for name, p in self.model.parameters().items():
+            np.add(p.grad, exe.outputs[grad_name(name)], out=p.grad)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
+
+
+def compile(model, table=None, max_plans=8):
+    """Wrap a GPT so each call runs a traced, planned static graph instead of the Python forward."""
+    return CompiledModel(model, table=table, max_plans=max_plans)

@@ -1,0 +1,153 @@
+"""Node / Graph: a static DAG of op applications, printable one node a line.
+
+Values are graph inputs (data inputs such as token ids), parameters, constants, or node outputs.
+Nodes are kept in a valid execution order; passes build new node lists rather than mutate nodes.
+"""
+import numpy as np
+
+
+class Value:
+    __slots__ = ("id", "shape", "dtype", "kind", "name", "const", "producer")
+
+    def __init__(self, id, shape, dtype, kind, name=None, const=None, producer=None):
+        self.id, self.shape, self.dtype = id, tuple(shape), np.dtype(dtype)
+        self.kind, self.name, self.const, self.producer = kind, name, const, producer
+
+    @property
+    def ndim(self):
+        return len(self.shape)
+
+    @property
+    def nbytes(self):
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def __repr__(self):
+        return f"%{self.id}"
+
+    def label(self):
+        if self.kind == "param":
+            return f"{self.name}"
+        if self.kind == "input":
+            return f"{self.name}"
+        return f"%{self.id}"
+
+
+_SHORT_DTYPE = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32"}
+
+
+def type_string(v):
+    dims = ",".join(str(n) for n in v.shape)
+    return f"{_SHORT_DTYPE.get(v.dtype.name, v.dtype.name)}[{dims}]"
+
+
+class Node:
+    __slots__ = ("op", "inputs", "outputs", "attrs", "phase")
+
+    def __init__(self, op, inputs, outputs, attrs, phase="forward"):
+        self.op, self.inputs, self.outputs, self.attrs, self.phase = op, inputs, outputs, attrs, phase
+
+    def __str__(self):
+        outs = ", ".join(f"%{o.id}:{type_string(o)}" for o in self.outputs)
+        args = " ".join(v.label() for v in self.inputs)
+        attrs = "".join(f" {k}={_short(v)}" for k, v in self.attrs.items())
+        return f"{outs} = {self.op.name} {args}{attrs}"
+
+
+def _short(v):
+    if isinstance(v, np.dtype):
+        return v.name
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v).replace(" ", "")
+
+
+class Graph:
+    def __init__(self):
+        self.inputs = []      # data inputs, in call order
+        self.params = []      # (Value, Parameter) in first-use order
+        self.consts = []
+        self.nodes = []
+        self.outputs = {}     # name -> Value
+        self._next_id = 0
+
+    def new_value(self, shape, dtype, kind, **kw):
+        v = Value(self._next_id, shape, dtype, kind, **kw)
+        self._next_id += 1
+        return v
+
+    def add_input(self, name, shape, dtype):
+        v = self.new_value(shape, dtype, "input", name=name)
+        self.inputs.append(v)
+        return v
+
+    def add_const(self, array):
+        v = self.new_value(array.shape, array.dtype, "const", const=np.array(array))
+        self.consts.append(v)
+        return v
+
+    def op_counts(self):
+        counts = {}
+        for n in self.nodes:
+            counts[n.op.name] = counts.get(n.op.name, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+    def __str__(self):
+        lines = ["graph(" + ", ".join(f"{v.name}:{type_string(v)}" for v in self.inputs) + ")"]
+        lines.append(f"  params: {len(self.params)} tensors, "
+                     f"{sum(int(np.prod(v.shape)) for v, _ in self.params):,} values")
+        for c in self.consts:
+            lines.append(f"  %{c.id}:{type_string(c)} = const")
+        phase = None
+        for n in self.nodes:
+            if n.phase != phase:
+                phase = n.phase
+                lines.append(f"  -- {phase}")
+            lines.append("  " + str(n))
+        lines.append("  return " + ", ".join(f"{k}=%{v.id}" for k, v in self.outputs.items()))
+        return "\n".join(lines)
+
+    def to_dot(self):
+        """Graphviz source: one box per node, an edge per value consumed."""
+        lines = ["digraph G {", "  rankdir=TB; node [shape=box, fontname=monospace];"]
+        producer = {}
+        for i, n in enumerate(self.nodes):
+            color = "lightblue" if n.phase == "forward" else "lightpink"
+            lines.append(f'  n{i} [label="{n.op.name}\\n'
+                         f'{", ".join(type_string(o) for o in n.outputs)}", '
+                         f'style=filled, fillcolor={color}];')
+            for o in n.outputs:
+                producer[o.id] = i
+        for v in self.inputs:
+            lines.append(f'  v{v.id} [label="{v.name}", shape=ellipse];')
+            producer[v.id] = f"v{v.id}"
+        for i, n in enumerate(self.nodes):
+            for v in n.inputs:
+                if v.id in producer:
+                    src = producer[v.id]
+                    lines.append(f"  {src if isinstance(src, str) else f'n{src}'} -> n{i};")
+        for name, v in self.outputs.items():
+            lines.append(f'  out_{name.replace(".", "_")} [label="{name}", shape=ellipse];')
+            if v.id in producer and not isinstance(producer[v.id], str):
+                lines.append(f'  n{producer[v.id]} -> out_{name.replace(".", "_")};')
+        lines.append("}")
+        return "\n".join(lines)
+
+
+def prune(graph, output_names=None):
+    """Dead-code elimination: a new Graph holding only the nodes the named outputs need."""
+    outputs = {k: v for k, v in graph.outputs.items()
+               if output_names is None or k in output_names}
+    live = {v.id for v in outputs.values()}
+    kept = []
+    for n in reversed(graph.nodes):
+        if any(o.id in live for o in n.outputs):
+            kept.append(n)
+            live.update(v.id for v in n.inputs)
+    g = Graph()
+    g._next_id = graph._next_id
+    g.inputs = [v for v in graph.inputs if v.id in live or v.kind == "input"]
+    g.params = [(v, p) for v, p in graph.params if v.id in live]
+    g.consts = [v for v in graph.consts if v.id in live]
+    g.nodes = kept[::-1]
+    g.outputs = outputs
+    return g

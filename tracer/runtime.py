@@ -1,0 +1,60 @@
+"""Runtime: executes a buffer plan as a flat list of kernel calls over preallocated arrays.
+
+Every node output is a view into one arena at its planned offset; inputs are copied into buffers
+the plan owns; parameters are read in place. Building the step list resolves all of that once,
+so a step is just `for fn, args, kw in steps: fn(*args, **kw)`.
+"""
+import numpy as np
+
+from tracer.ops import _kernel_attrs
+
+
+class Executable:
+    def __init__(self, graph, plan, table):
+        self.graph, self.plan, self.table = graph, plan, table
+        self.arena = np.empty(max(plan.arena_bytes, 1), np.uint8)
+        self.inputs = {v.name: np.empty(v.shape, v.dtype) for v in graph.inputs}
+        self._bound_params = None
+        self.bind_parameters()
+
+    def bind_parameters(self):
+        """(Re)build the step list; needed only if a Parameter's .data array was replaced."""
+        arrays = {}
+        for v in self.graph.inputs:
+            arrays[v.id] = self.inputs[v.name]
+        for v in self.graph.consts:
+            arrays[v.id] = v.const
+        for v, p in self.graph.params:
+            arrays[v.id] = p.data
+        plan = self.plan
+        for n in plan.order:
+            for out in n.outputs:
+                if out.id in plan.external_view:
+                    arrays[out.id] = arrays[plan.external_view[out.id]].reshape(out.shape)
+                else:
+                    arrays[out.id] = np.ndarray(out.shape, out.dtype, buffer=self.arena,
+                                                offset=plan.offset[plan.storage_of[out.id]])
+        self.steps = []
+        for n in plan.order:
+            if n.op.is_view:
+                continue
+            args = tuple(arrays[o.id] for o in n.outputs) + tuple(arrays[v.id] for v in n.inputs)
+            self.steps.append((self.table[n.op.name], args, _kernel_attrs(n.op, n.attrs)))
+        self.n_forward_steps = sum(1 for n in plan.order[:plan.n_forward] if not n.op.is_view)
+        self.outputs = {k: arrays[v.id] for k, v in self.graph.outputs.items()}
+        self._bound_params = [p.data for _, p in self.graph.params]
+
+    def set_inputs(self, **values):
+        for name, value in values.items():
+            np.copyto(self.inputs[name], value)
+
+    def parameters_moved(self):
+        return any(p.data is not a for (_, p), a in zip(self.graph.params, self._bound_params))
+
+    def run_forward(self):
+        for fn, args, kw in self.steps[:self.n_forward_steps]:
+            fn(*args, **kw)
+
+    def run_backward(self):
+        for fn, args, kw in self.steps[self.n_forward_steps:]:
+            fn(*args, **kw)

@@ -1,0 +1,128 @@
+"""Scheduling: execution order, lifetimes, and a buffer plan with reuse in one arena.
+
+Every value a node produces lives in a *storage*. Views (reshape) share their input's storage, and
+an op that may overwrite an input (op.inplace) takes over that input's storage when the input is
+read for the last time there. Each storage is alive from the step that first writes it to the last
+step that reads it (graph outputs: to the end). Storages are then packed into one arena, largest
+first, each at the lowest aligned offset where it overlaps no storage alive at the same time.
+"""
+from dataclasses import dataclass, field
+
+ALIGN = 64
+
+
+@dataclass
+class Plan:
+    order: list                       # nodes in execution order
+    n_forward: int                    # order[:n_forward] is the forward phase
+    storage_of: dict                  # value id -> storage id (arena-owned values only)
+    external_view: dict               # value id -> id of the input/param/const it views
+    nbytes: dict                      # storage id -> bytes
+    lifetime: dict                    # storage id -> (first step, last step), inclusive
+    offset: dict = field(default_factory=dict)   # storage id -> byte offset in the arena
+    arena_bytes: int = 0              # planned_bytes: the arena after reuse
+    naive_bytes: int = 0              # every node output its own buffer
+    held_bytes: int = 0               # written in the forward phase, read in the backward
+
+
+def _align(n):
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def plan_buffers(graph, forward_only_outputs=()):
+    """Plan every node output. Outputs named in forward_only_outputs need only survive the forward
+    phase: the backward may then overwrite them in place (dlogits over logits)."""
+    order = list(graph.nodes)
+    n_forward = sum(1 for n in order if n.phase == "forward")
+    if any(n.phase != "forward" for n in order[:n_forward]):
+        raise ValueError("forward nodes must precede backward nodes")
+    end = len(order)
+    released = {graph.outputs[k].id for k in forward_only_outputs}
+    outputs = {v.id for v in graph.outputs.values()} - released
+
+    last_use = {}
+    for i, n in enumerate(order):
+        for v in n.inputs:
+            last_use[v.id] = i
+    for vid in outputs:
+        last_use[vid] = end
+    for vid in released:
+        last_use[vid] = max(last_use.get(vid, -1), n_forward - 1)
+
+    storage_of, external_view, members, nbytes = {}, {}, {}, {}
+
+    def storage_last_use(s):
+        return max(last_use.get(vid, -1) for vid in members[s])
+
+    for i, n in enumerate(order):
+        claimed = set()
+        for k, out in enumerate(n.outputs):
+            src = n.inputs[0] if n.op.is_view else None
+            if src is not None and src.id not in storage_of:
+                external_view[out.id] = external_view.get(src.id, src.id)
+                continue
+            if src is None and k in n.op.inplace:
+                cand = n.inputs[n.op.inplace[k]]
+                s = storage_of.get(cand.id)
+                if (s is not None and s not in claimed and nbytes[s] == out.nbytes
+                        and cand.dtype == out.dtype and storage_last_use(s) <= i
+                        and not any(m in outputs for m in members[s])):
+                    src = cand
+            if src is not None:
+                s = storage_of[src.id]
+            else:
+                s = out.id
+                members[s], nbytes[s] = [], out.nbytes
+            storage_of[out.id] = s
+            members[s].append(out.id)
+            claimed.add(s)
+
+    first_def = {}
+    for i, n in enumerate(order):
+        for out in n.outputs:
+            if out.id in storage_of:
+                first_def.setdefault(storage_of[out.id], i)
+    lifetime = {s: (first_def[s], max(first_def[s], storage_last_use(s))) for s in members}
+
+    plan = Plan(order, n_forward, storage_of, external_view, nbytes, lifetime)
+    plan.offset, plan.arena_bytes = _pack(nbytes, lifetime)
+    plan.naive_bytes = sum(o.nbytes for n in order for o in n.outputs)
+    plan.held_bytes = sum(nbytes[s] for s, (a, b) in lifetime.items()
+                          if a < n_forward <= b and n_forward < end)
+    return plan
+
+
+def _pack(nbytes, lifetime):
+    """Greedy by size: biggest storage first, at the lowest offset free during its lifetime."""
+    placed, offset, top = [], {}, 0
+    for s in sorted(nbytes, key=lambda s: (-nbytes[s], lifetime[s][0], s)):
+        a, b = lifetime[s]
+        busy = sorted((offset[t], offset[t] + _align(nbytes[t])) for t in placed
+                      if lifetime[t][0] <= b and a <= lifetime[t][1])
+        at = 0
+        for lo, hi in busy:
+            if at + _align(nbytes[s]) <= lo:
+                break
+            at = max(at, hi)
+        offset[s] = at
+        placed.append(s)
+        top = max(top, at + _align(nbytes[s]))
+    return offset, top
+
+
+def check_plan(plan):
+    """Raise if two storages alive at the same step share bytes, or a value is read unwritten."""
+    spans = sorted(plan.offset.items(), key=lambda kv: kv[1])
+    for i, (s, lo) in enumerate(spans):
+        for t, lo2 in spans[i + 1:]:
+            if lo2 >= lo + plan.nbytes[s]:
+                break
+            (a, b), (c, d) = plan.lifetime[s], plan.lifetime[t]
+            if a <= d and c <= b and plan.nbytes[s] and plan.nbytes[t]:
+                raise AssertionError(f"storages {s} and {t} overlap in bytes and lifetime")
+    written = set()
+    for i, n in enumerate(plan.order):
+        for v in n.inputs:
+            if v.kind == "node" and v.id not in written:
+                raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id} before it is written")
+        written.update(o.id for o in n.outputs)
