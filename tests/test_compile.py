@@ -1,0 +1,196 @@
+"""gpt2.compile(model): compiled vs eager, trace caching, forward-only plans, memory."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import gpt2
+
+
+def tiny_config(**kw):
+    base = dict(n_layer=2, n_head=2, n_embd=16, block_size=12, vocab_size=37)
+    base.update(kw)
+    return gpt2.GPTConfig(**base)
+
+
+def rel(a, b):
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-300))
+
+
+def eager_step(model, idx, targets):
+    model.zero_grad()
+    logits, loss = model(idx, targets)
+    loss.backward()
+    return logits.data.copy(), loss.item(), {n: p.grad.copy() for n, p in model.parameters().items()}
+
+
+def compiled_step(cm, model, idx, targets):
+    model.zero_grad()
+    logits, loss = cm(idx, targets)
+    out = logits.data.copy()
+    loss.backward()
+    return out, loss.item(), {n: p.grad.copy() for n, p in model.parameters().items()}
+
+
+@pytest.mark.parametrize("kw,shape", [
+    (dict(bias=True, gelu="tanh"), (2, 7)),
+    (dict(bias=False, gelu="erf"), (3, 5)),
+    (dict(n_head=1), (2, 6)),
+    (dict(), (2, 1)),
+    (dict(n_layer=1), (1, 12)),
+])
+def test_compiled_matches_eager_float64(kw, shape):
+    model = gpt2.GPT(tiny_config(**kw), dtype="float64", seed=3)
+    rng = np.random.default_rng(0)
+    idx = rng.integers(0, 37, shape)
+    targets = rng.integers(0, 37, shape)
+    el, eloss, eg = eager_step(model, idx, targets)
+    cm = gpt2.compile(model)
+    cl, closs, cg = compiled_step(cm, model, idx, targets)
+    assert rel(cl, el) < 1e-10
+    assert abs(closs - eloss) / abs(eloss) < 1e-10
+    for name in eg:
+        assert rel(cg[name], eg[name]) < 1e-10, name
+
+
+def test_backward_accumulates_into_grad():
+    model = gpt2.GPT(tiny_config(), dtype="float64")
+    idx = np.arange(10).reshape(2, 5)
+    cm = gpt2.compile(model)
+    _, loss = cm(idx, idx)
+    loss.backward()
+    once = model.flat_grad.copy()
+    _, loss = cm(idx, idx)
+    loss.backward()
+    assert np.allclose(model.flat_grad, 2 * once, rtol=1e-12)
+    assert np.abs(once).max() > 0
+
+
+def test_training_run_matches_eager():
+    cfg = tiny_config(n_layer=2, n_embd=24, n_head=3)
+    rng = np.random.default_rng(1)
+    fixed = [(rng.integers(0, 37, (4, 8)), rng.integers(0, 37, (4, 8))) for _ in range(2)]
+    batches = [fixed[i % 2] for i in range(50)]
+    losses = {}
+    for mode in ("eager", "compiled"):
+        model = gpt2.GPT(cfg, dtype="float64", seed=5)
+        run = gpt2.compile(model) if mode == "compiled" else model
+        opt = gpt2.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        out = []
+        for step, (x, y) in enumerate(batches):
+            opt.lr = gpt2.cosine_lr(step, 1e-2, 5, 50, 1e-3)
+            _, loss = run(x, y)
+            out.append(loss.item())
+            loss.backward()
+            gpt2.clip_grad_norm(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+        losses[mode] = np.array(out)
+    assert losses["eager"][-1] < losses["eager"][0] - 0.5        # it learned something
+    assert np.max(np.abs(losses["compiled"] - losses["eager"]) / losses["eager"]) < 1e-10
+
+
+def test_trace_once_per_shape_and_cache_bound():
+    model = gpt2.GPT(tiny_config(), dtype="float32")
+    cm = gpt2.compile(model, max_plans=2)
+    idx = np.zeros((2, 6), np.int64)
+    for _ in range(5):
+        _, loss = cm(idx, idx)
+        loss.backward()
+    assert cm.trace_count == 1
+    cm(np.zeros((3, 4), np.int64), np.zeros((3, 4), np.int64))
+    assert cm.trace_count == 2
+    cm(np.zeros((1, 2), np.int64), np.zeros((1, 2), np.int64))   # evicts (2, 6)
+    assert cm.trace_count == 3
+    cm(idx, idx)
+    assert cm.trace_count == 4
+    assert len(cm._plans) <= 2
+
+
+def test_new_shape_gives_right_answer():
+    model = gpt2.GPT(tiny_config(), dtype="float64")
+    cm = gpt2.compile(model)
+    for shape in [(2, 5), (1, 9), (2, 5)]:
+        idx = np.random.default_rng(shape[1]).integers(0, 37, shape)
+        el, eloss, _ = eager_step(model, idx, idx)
+        cl, closs, _ = compiled_step(cm, model, idx, idx)
+        assert rel(cl, el) < 1e-10 and abs(closs - eloss) < 1e-10
+    assert cm.trace_count == 2
+
+
+def test_forward_only_plans_keep_no_activations():
+    model = gpt2.GPT(tiny_config(), dtype="float64")
+    cm = gpt2.compile(model)
+    idx = np.arange(12).reshape(2, 6)
+    with gpt2.no_grad():
+        logits, loss = cm(idx, idx)
+    assert cm.memory.held_bytes == 0
+    assert all(n.phase == "forward" for n in cm.graph.nodes)
+    with pytest.raises(ValueError, match="forward-only"):
+        loss.backward()
+    logits2, none = cm(idx)
+    assert none is None
+    assert cm.memory.held_bytes == 0
+    el, _ = model(idx)
+    assert rel(logits2.data, el.data) < 1e-12
+
+
+def test_logits_refuse_reads_after_backward():
+    model = gpt2.GPT(tiny_config(), dtype="float64")
+    cm = gpt2.compile(model)
+    idx = np.arange(12).reshape(2, 6)
+    logits, loss = cm(idx, idx)
+    logits.data.copy()
+    loss.backward()
+    with pytest.raises(ValueError, match="no longer valid"):
+        logits.data
+    with pytest.raises(ValueError, match="stale"):
+        _, loss2 = cm(idx, idx)
+        cm(idx, idx)
+        loss2.backward()
+
+
+def test_graph_prints_and_exports_dot():
+    model = gpt2.GPT(tiny_config(), dtype="float32")
+    cm = gpt2.compile(model)
+    cm(np.zeros((1, 4), np.int64), np.zeros((1, 4), np.int64))
+    text = str(cm.graph)
+    assert "attention" in text and "-- backward" in text and "attention_backward" in text
+    assert len(text.splitlines()) > len(cm.graph.nodes)
+    dot = cm.graph.to_dot()
+    assert dot.startswith("digraph") and dot.count("->") >= len(cm.graph.nodes)
+
+
+def test_small_config_memory_plan_halves_naive():
+    cfg = gpt2.GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304)
+    model = gpt2.GPT(cfg, dtype="float32")
+    cm = gpt2.compile(model)
+    forward = cm._forward_graph((12, 64), True)
+    from tracer.autodiff import joint_graph
+    from tracer.schedule import check_plan, plan_buffers
+    plan = plan_buffers(joint_graph(forward), forward_only_outputs=("logits",))
+    check_plan(plan)
+    assert plan.arena_bytes <= 0.5 * plan.naive_bytes
+
+
+def test_per_step_allocation_stays_flat():
+    model = gpt2.GPT(tiny_config(n_embd=32), dtype="float32")
+    cm = gpt2.compile(model)
+    opt = gpt2.AdamW(model.parameters())
+    idx = np.random.default_rng(0).integers(0, 37, (4, 12))
+
+    def step():
+        _, loss = cm(idx, idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    tracemalloc.start()
+    step()
+    base = tracemalloc.get_traced_memory()[0]
+    for _ in range(20):
+        step()
+    grown = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    assert grown < 64 * 1024, f"grew {grown} bytes over 20 steps"
