@@ -50,9 +50,11 @@ class AdamW:
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"AdamW {name} must be a finite number >= 0, got {value!r}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"AdamW betas must lie in [0, 1), got {betas!r}")
-        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
+        if len(tuple(betas)) != 2 or not all(
+                isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {betas!r}")
+        self.lr, self.betas = float(lr), tuple(float(b) for b in betas)
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
         named = _named(params)
         self.names = [n for n, _ in named]
         self._sizes = {n: p.data.size for n, p in named}
@@ -89,6 +91,7 @@ class AdamW:
         step = state.get("step")
         if not isinstance(step, (int, np.integer)) or step < 0:
             raise ValueError(f"optimizer state has an invalid step {step!r}")
+        copies = []      # verify everything first, so a refused state changes nothing
         for key, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             given = state.get(key, {})
             if set(given) != set(self.names):
@@ -97,10 +100,13 @@ class AdamW:
             for ((_, _, names), _), flat in zip(self.groups, moments):
                 for name, view in zip(names, self._split(flat, names)):
                     value = np.asarray(given[name])
-                    if value.size != view.size:
-                        raise ValueError(f"optimizer {key}[{name}] has {value.size} values, "
-                                         f"expected {view.size}")
-                    view[...] = value.reshape(-1)
+                    if value.size != view.size or value.dtype != view.dtype:
+                        raise ValueError(f"optimizer {key}[{name}] is {value.dtype} with "
+                                         f"{value.size} values, expected {view.dtype} with "
+                                         f"{view.size}")
+                    copies.append((view, value.reshape(-1)))
+        for view, value in copies:
+            view[...] = value
         self.step_count = int(step)
 
     def _split(self, flat, names):

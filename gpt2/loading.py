@@ -1,0 +1,288 @@
+"""`GPT.from_pretrained`: weights from Hugging Face GPT-2, nanoGPT, or our own checkpoints.
+
+Three formats are recognised:
+
+- a Hugging Face GPT-2 directory: `config.json` plus `model.safetensors` or `pytorch_model.bin`
+  (or their sharded `*.index.json` forms). Keys come with or without the "transformer." prefix
+  (GPT2LMHeadModel vs GPT2Model saves); the causal-mask buffers are dropped; the four Conv1D
+  weights are stored (in, out) and transposed here to our (out, in).
+- a nanoGPT `ckpt.pt` (a torch.save'd dict with "model_args" and "model"), whose keys may carry
+  torch.compile's "_orig_mod." prefix. nanoGPT uses the exact GELU and LayerNorm eps 1e-5.
+- a file written by `gpt2.save_checkpoint` (model weights and config; optimiser state ignored).
+
+Anything else, a path that does not exist, or weights that do not fit the config is a ValueError
+naming the path and the culprit.
+"""
+import json
+import os
+
+from gpt2.checkpoints import MAGIC, read_checkpoint
+from gpt2.model import GPTConfig, parameter_shapes
+
+# Hugging Face activation_function -> our GPTConfig.gelu
+HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
+                  "gelu": "erf"}
+# Linear layers Hugging Face stores as Conv1D, i.e. weight of shape (in, out).
+CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
+                   ".mlp.c_proj.weight")
+# Causal-mask buffers saved by some versions; not parameters.
+MASK_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def load_pretrained(cls, path, dtype):
+    """Build a `cls` (GPT) of `dtype` from a checkpoint at `path` (see the module docstring)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"from_pretrained: path {path!r} does not exist")
+    if os.path.isdir(path):
+        if os.path.isfile(os.path.join(path, "config.json")):
+            return _load_hf(cls, path, dtype)
+        if os.path.isfile(os.path.join(path, "ckpt.pt")):
+            return _load_torch_file(cls, os.path.join(path, "ckpt.pt"), dtype)
+        raise ValueError(f"from_pretrained: directory {path!r} holds neither a Hugging Face "
+                         "config.json nor a nanoGPT ckpt.pt")
+    with open(path, "rb") as f:
+        head = f.read(len(MAGIC))
+    if head == MAGIC:
+        return _load_own(cls, path, dtype)
+    parent_config = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    if path.endswith(".safetensors"):
+        if not os.path.isfile(parent_config):
+            raise ValueError(f"from_pretrained: {path!r} has no config.json beside it")
+        return _load_hf(cls, os.path.dirname(os.path.abspath(path)), dtype, weights=path)
+    return _load_torch_file(cls, path, dtype)
+
+
+# ---------------------------------------------------------------- our own checkpoints
+
+def _load_own(cls, path, dtype):
+    ck = read_checkpoint(path)
+    model = cls(GPTConfig(**ck["config"]), dtype=dtype)
+    _load_into(model, ck["params"], path)
+    return model
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+def hf_config(config_path):
+    """GPTConfig from a Hugging Face GPT-2 config.json (ValueError naming the file and field)."""
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path!r}: cannot read a JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path!r}: expected a JSON object, got {type(raw).__name__}")
+    model_type = raw.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise ValueError(f"{config_path!r}: model_type {model_type!r} is not 'gpt2'")
+
+    def need(*keys):
+        for key in keys:
+            if key in raw:
+                return raw[key]
+        raise ValueError(f"{config_path!r}: missing field {keys[0]!r}")
+
+    activation = raw.get("activation_function", "gelu_new")
+    if activation not in HF_ACTIVATIONS:
+        raise ValueError(f"{config_path!r}: unsupported activation_function {activation!r} "
+                         f"(supported: {sorted(HF_ACTIVATIONS)})")
+    n_embd = need("n_embd", "hidden_size")
+    n_inner = raw.get("n_inner")
+    if n_inner is not None and isinstance(n_embd, int) and n_inner != 4 * n_embd:
+        raise ValueError(f"{config_path!r}: n_inner {n_inner!r} is not 4 * n_embd; this model "
+                         "only supports the standard MLP width")
+    # Options that change the arithmetic of attention; we implement GPT-2's defaults only.
+    for key, default in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                         ("add_cross_attention", False)):
+        if raw.get(key, default) != default:
+            raise ValueError(f"{config_path!r}: {key}={raw[key]!r} is not supported "
+                             f"(only {default!r})")
+    try:
+        return GPTConfig(n_layer=need("n_layer", "num_hidden_layers"),
+                         n_head=need("n_head", "num_attention_heads"), n_embd=n_embd,
+                         block_size=need("n_positions", "n_ctx", "max_position_embeddings"),
+                         vocab_size=need("vocab_size"), bias=True,
+                         gelu=HF_ACTIVATIONS[activation],
+                         layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_path!r}: {e}") from None
+
+
+def _load_hf(cls, directory, dtype, weights=None):
+    config = hf_config(os.path.join(directory, "config.json"))
+    if weights is None:
+        found = [n for n in _WEIGHT_FILES if os.path.isfile(os.path.join(directory, n))]
+        if not found:
+            raise ValueError(f"from_pretrained: directory {directory!r} has a config.json but no "
+                             f"weights (looked for {list(_WEIGHT_FILES)})")
+        weights = os.path.join(directory, found[0])
+    state = _read_hf_weights(weights)
+    return _build(cls, config, dtype, _from_hf_names(state, weights), weights,
+                  conv1d_transposed=True)
+
+
+def _read_hf_weights(path):
+    """{key: np.ndarray} from a safetensors / pytorch_model.bin file or a sharded index."""
+    if path.endswith(".index.json"):
+        try:
+            with open(path, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path!r}: not a readable shard index ({e})") from None
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            state.update(_read_hf_weights(os.path.join(os.path.dirname(path), shard)))
+        return state
+    if not os.path.isfile(path):
+        raise ValueError(f"weights file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path)
+    state = _torch_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r}: expected a state dict, got {type(state).__name__}")
+    return _to_numpy(state, path)
+
+
+def _read_safetensors(path):
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except Exception as numpy_error:                     # e.g. bfloat16, which NumPy lacks
+        try:
+            from safetensors.torch import load_file as load_torch
+            return _to_numpy(load_torch(path), path)
+        except Exception:
+            raise ValueError(f"{path!r}: cannot read safetensors ({numpy_error})") from None
+
+
+def _from_hf_names(state, path):
+    """Hugging Face keys -> our (nanoGPT) names; mask buffers dropped. Values untouched."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith(MASK_SUFFIXES):
+            continue
+        if key == "lm_head.weight":
+            name = key
+        else:
+            name = "transformer." + (key[len("transformer."):] if key.startswith("transformer.")
+                                     else key)
+        if name in out:
+            raise ValueError(f"{path!r}: key {key!r} appears both with and without the "
+                             "'transformer.' prefix")
+        out[name] = value
+    return out
+
+
+# ---------------------------------------------------------------- torch files (nanoGPT)
+
+def _torch_load(path):
+    try:
+        import torch
+    except ImportError:
+        raise ValueError(f"{path!r}: reading a PyTorch file needs torch installed") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path!r}: not a recognised checkpoint: neither a gpt2 checkpoint nor "
+                         f"a file torch.load(weights_only=True) can read ({_reason(e)})") from None
+
+
+def _reason(error):
+    """The informative part of a torch.load error (its weights-only advice left out)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"{type(error).__name__}: {first[:160]}"
+
+
+def _to_numpy(state, path):
+    import torch
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path!r}: entry {key!r} is a {type(value).__name__}, not a tensor")
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()
+        out[key] = value.numpy()
+    return out
+
+
+def _load_torch_file(cls, path, dtype):
+    ckpt = _torch_load(path)
+    if isinstance(ckpt, dict) and "model_args" in ckpt and "model" in ckpt:
+        return _load_nanogpt(cls, ckpt, path, dtype)
+    parent = os.path.dirname(os.path.abspath(path))
+    if isinstance(ckpt, dict) and os.path.isfile(os.path.join(parent, "config.json")):
+        config = hf_config(os.path.join(parent, "config.json"))
+        state = _from_hf_names(_to_numpy(ckpt, path), path)
+        return _build(cls, config, dtype, state, path, conv1d_transposed=True)
+    raise ValueError(f"from_pretrained: {path!r} is a PyTorch file but neither a nanoGPT "
+                     "checkpoint (no 'model_args'/'model') nor a Hugging Face state dict with a "
+                     "config.json beside it")
+
+
+def _load_nanogpt(cls, ckpt, path, dtype):
+    args = ckpt["model_args"]
+    if not isinstance(args, dict):
+        raise ValueError(f"{path!r}: model_args is a {type(args).__name__}, not a dict")
+    fields = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")
+    missing = [k for k in fields if k not in args]
+    if missing:
+        raise ValueError(f"{path!r}: model_args lacks {missing}")
+    try:
+        config = GPTConfig(**{k: args[k] for k in fields}, bias=bool(args.get("bias", True)),
+                           gelu="erf", layer_norm_eps=1e-5)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path!r}: {e}") from None
+    model_state = ckpt["model"]
+    if not isinstance(model_state, dict):
+        raise ValueError(f"{path!r}: 'model' is a {type(model_state).__name__}, not a state dict")
+    state = {}
+    for key, value in _to_numpy(model_state, path).items():
+        name = key[len("_orig_mod."):] if key.startswith("_orig_mod.") else key
+        if name.endswith(MASK_SUFFIXES):
+            continue
+        state[name] = value
+    return _build(cls, config, dtype, state, path, conv1d_transposed=False)
+
+
+# ---------------------------------------------------------------- shared
+
+def _build(cls, config, dtype, state, path, conv1d_transposed):
+    """Check names and shapes (as stored), transpose Conv1D weights, build and fill the model."""
+    shapes = parameter_shapes(config)
+
+    def stored_shape(name):
+        shape = tuple(shapes[name])
+        return shape[::-1] if conv1d_transposed and name.endswith(CONV1D_SUFFIXES) else shape
+
+    missing = [n for n in shapes if n not in state]
+    extra = [n for n in state if n not in shapes and n != "lm_head.weight"]
+    if missing:
+        raise ValueError(f"{path!r}: missing weights {missing}")
+    if extra:
+        raise ValueError(f"{path!r}: unexpected keys {extra}")
+    for name, value in state.items():
+        want = stored_shape(name if name != "lm_head.weight" else "transformer.wte.weight")
+        if tuple(value.shape) != want:
+            raise ValueError(f"{path!r}: {name} has shape {tuple(value.shape)}, expected {want}"
+                             f" for the config {config}")
+    if conv1d_transposed:
+        state = {n: (v.T if n.endswith(CONV1D_SUFFIXES) else v) for n, v in state.items()}
+    model = cls(config, dtype=dtype)
+    _load_into(model, state, path)
+    return model
+
+
+def _load_into(model, state, path):
+    try:
+        model.load_state_dict(state)
+    except ValueError as e:
+        raise ValueError(f"{path!r}: {e}") from None

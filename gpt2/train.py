@@ -1,0 +1,236 @@
+"""The training loop behind `python -m gpt2 train`.
+
+One step: sample a batch, forward, backward, clip, AdamW with the warmup + cosine schedule.
+Every `eval_interval` steps the validation loss is measured and a checkpoint is written
+atomically (with the RNG state, so a resumed run draws the same batches as an uninterrupted one).
+A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
+the step with `skip_nonfinite`. Ctrl-C writes a final checkpoint and returns cleanly.
+"""
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gpt2 import data as data_mod
+from gpt2.checkpoints import load_checkpoint, save_checkpoint
+from gpt2.compile import compile as compile_model
+from gpt2.model import GPT, GPTConfig
+from gpt2.optim import AdamW, clip_grad_norm, cosine_lr
+from gpt2.progress import Progress
+from tracer import no_grad
+
+PRESETS = {
+    # name: model shape and a schedule that shows learning on 2 cores in the stated time
+    "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=32, batch_size=8, steps=200,
+                 lr=3e-3, warmup=20),
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, steps=600,
+                  lr=2e-3, warmup=50),
+    "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4,
+                      steps=5000, lr=6e-4, warmup=200),
+}
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainConfig:
+    data_dir: str = "data/stdlib"
+    out_dir: str = "out"
+    preset: str = "small"
+    n_layer: int = None
+    n_head: int = None
+    n_embd: int = None
+    block_size: int = None
+    batch_size: int = None
+    steps: int = None
+    lr: float = None
+    min_lr: float = None
+    warmup: int = None
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    clip: float = 1.0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    seed: int = 1337
+    dtype: str = "float32"
+    vocab_size: int = 50304
+    gelu: str = "tanh"
+    eager: bool = False
+    resume: bool = False
+    skip_nonfinite: bool = False
+    sample_tokens: int = 120
+    quiet: bool = False
+    history: list = field(default_factory=list)
+
+    def resolve(self):
+        """Fill unset fields from the preset; validate."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        for key, value in PRESETS[self.preset].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.min_lr is None:
+            self.min_lr = self.lr / 10
+        for key in ("steps", "eval_interval", "eval_batches", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be at least 1, "
+                                 f"got {getattr(self, key)}")
+        if self.warmup < 0 or self.clip < 0 or self.lr <= 0:
+            raise ValueError(f"need warmup >= 0, clip >= 0, lr > 0; got warmup={self.warmup}, "
+                             f"clip={self.clip}, lr={self.lr}")
+        return self
+
+    def model_config(self):
+        return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                         block_size=self.block_size, vocab_size=self.vocab_size, gelu=self.gelu)
+
+
+def _say(cfg, text):
+    if not cfg.quiet:
+        print(text, flush=True)
+
+
+def estimate_val_loss(run, val, cfg, rng):
+    with no_grad():
+        losses = []
+        for _ in range(cfg.eval_batches):
+            x, y = data_mod.get_batch(val, cfg.batch_size, cfg.block_size, rng)
+            _, loss = run(x, y)
+            losses.append(loss.item())
+    return float(np.mean(losses))
+
+
+def train(cfg):
+    """Run training per cfg (a resolved TrainConfig); returns the history of logged losses."""
+    cfg.resolve()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.bin")
+    train_data = data_mod.load_split(cfg.data_dir, "train")
+    val_data = data_mod.load_split(cfg.data_dir, "val")
+    for name, split in (("train", train_data), ("val", val_data)):
+        if len(split) < cfg.block_size + 1:
+            raise ValueError(f"the {name} split of {cfg.data_dir!r} has {len(split)} tokens, "
+                             f"fewer than block_size + 1 = {cfg.block_size + 1}")
+
+    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
+    opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(cfg.seed)
+    step = 0
+    history = []
+    if cfg.resume:
+        step, extra = load_checkpoint(ckpt_path, model, opt, return_extra=True)
+        rng.bit_generator.state = extra["rng"]
+        history = extra.get("history", [])
+        _say(cfg, f"resumed from {ckpt_path} at step {step}")
+    run = model if cfg.eager else compile_model(model)
+    val_rng = np.random.default_rng(cfg.seed + 1)
+
+    def checkpoint():
+        save_checkpoint(ckpt_path, model, opt, step=step,
+                        extra={"rng": rng.bit_generator.state, "history": history,
+                               "data_dir": cfg.data_dir})
+
+    n_params = model.num_parameters()
+    _say(cfg, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
+              f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
+              f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}; "
+              f"train {len(train_data):,} tokens, val {len(val_data):,}")
+    tokens_per_step = cfg.batch_size * cfg.block_size
+    bar = Progress(total=cfg.steps, desc="train", unit="step", disable=cfg.quiet)
+    bar.n = step
+    t_last, skipped = time.perf_counter(), 0
+    with _InterruptFlag() as interrupt:
+        while step < cfg.steps and not interrupt.raised:
+            opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
+            x, y = data_mod.get_batch(train_data, cfg.batch_size, cfg.block_size, rng)
+            _, loss = run(x, y)
+            loss_value = loss.item()
+            loss.backward()
+            norm = clip_grad_norm(model.parameters(), cfg.clip) if cfg.clip > 0 else \
+                math.sqrt(float(np.dot(model.flat_grad, model.flat_grad)))
+            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+                opt.zero_grad()
+                if not cfg.skip_nonfinite:
+                    bar.close()
+                    raise NonFiniteError(
+                        f"step {step}: loss {loss_value} / gradient norm {norm} is not finite; "
+                        f"stopped, the last good checkpoint {ckpt_path} is untouched "
+                        f"(--skip-nonfinite skips such steps instead)")
+                skipped += 1
+                _say(cfg, f"\nstep {step}: non-finite loss or gradient norm, step skipped")
+                step += 1
+                continue
+            opt.step()
+            opt.zero_grad()
+            step += 1
+            now = time.perf_counter()
+            tok_s = tokens_per_step / max(now - t_last, 1e-9)
+            t_last = now
+            bar.desc = f"train loss {loss_value:.3f} lr {opt.lr:.2e} {tok_s:,.0f} tok/s"
+            bar.update(1)
+            entry = {"step": step, "loss": loss_value}
+            if step % cfg.eval_interval == 0 or step == cfg.steps:
+                entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng)
+                _say(cfg, f"\nstep {step}: train loss {loss_value:.4f}, "
+                          f"val loss {entry['val_loss']:.4f}")
+                history.append(entry)
+                checkpoint()
+            else:
+                history.append(entry)
+    bar.close()
+    if interrupt.raised:
+        checkpoint()
+        _say(cfg, f"interrupted at step {step}: checkpoint written to {ckpt_path}")
+        cfg.history = history
+        return history
+    write_loss_curve(history, os.path.join(cfg.out_dir, "loss.png"))
+    with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
+        json.dump({"history": history, "skipped_steps": skipped}, f)
+    cfg.history = history
+    return history
+
+
+def write_loss_curve(history, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=0.8, label="train")
+    val = [h for h in history if "val_loss" in h]
+    if val:
+        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.set_title("GPT-2 training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _InterruptFlag:
+    """While active, Ctrl-C only raises a flag, checked between steps, so the final checkpoint
+    is taken at a step boundary rather than halfway through an optimiser update."""
+
+    def __init__(self):
+        self.raised = False
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+        return False

@@ -1,0 +1,273 @@
+"""GPT.from_pretrained: Hugging Face directories, nanoGPT ckpt.pt and our own checkpoints.
+
+Every checkpoint here is written by hand from a tiny model's state_dict with torch / safetensors,
+independently of gpt2/loading.py, then loaded back and compared logit for logit.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import save_file
+
+import gpt2
+
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def tiny(gelu="tanh", eps=1e-5, bias=True, seed=0):
+    """A tiny float64 model with every parameter random (biases and LayerNorms included)."""
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97,
+                         bias=bias, gelu=gelu, layer_norm_eps=eps)
+    model = gpt2.GPT(cfg, dtype="float64", seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    for name, p in model.parameters().items():
+        base = 1.0 if name.endswith(".weight") and ".ln_" in name else 0.0
+        p.data[...] = base + rng.normal(0.0, 0.3, p.data.shape)
+    return model
+
+
+IDX = np.random.default_rng(7).integers(0, 97, size=(2, 16))
+
+
+def logits_of(model):
+    return model(IDX)[0].data
+
+
+def hf_state(model, prefix="", masks=True):
+    """Our state dict in Hugging Face layout: Conv1D weights (in, out), optional mask buffers."""
+    out = {}
+    for name, value in model.state_dict().items():
+        short = name[len("transformer."):]
+        if short.endswith(CONV1D):
+            value = value.T
+        out[prefix + short] = np.ascontiguousarray(value)
+    if masks:
+        t = model.config.block_size
+        for i in range(model.config.n_layer):
+            out[f"{prefix}h.{i}.attn.bias"] = np.tril(np.ones((t, t)))[None, None].astype(np.uint8)
+            out[f"{prefix}h.{i}.attn.masked_bias"] = np.array(-1e4, dtype=np.float32)
+    return out
+
+
+def hf_config(model, activation="gelu_new", **overrides):
+    c = model.config
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": c.n_layer,
+           "n_head": c.n_head, "n_embd": c.n_embd, "n_positions": c.block_size, "n_ctx":
+           c.block_size, "vocab_size": c.vocab_size, "activation_function": activation,
+           "layer_norm_epsilon": c.layer_norm_eps, "n_inner": None, "resid_pdrop": 0.1}
+    cfg.update(overrides)
+    return cfg
+
+
+def write_hf_safetensors(directory, model, activation="gelu_new", state=None, **overrides):
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(model, activation, **overrides)))
+    save_file(hf_state(model) if state is None else state, str(directory / "model.safetensors"))
+    return directory
+
+
+def torch_state(arrays):
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
+
+
+def write_hf_bin(directory, model, activation="gelu_new", lm_head=None):
+    directory.mkdir(exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(hf_config(model, activation)))
+    state = hf_state(model, prefix="transformer.", masks=False)
+    state["lm_head.weight"] = model.state_dict()["transformer.wte.weight"] \
+        if lm_head is None else lm_head
+    torch.save(torch_state(state), directory / "pytorch_model.bin")
+    return directory
+
+
+def write_nanogpt(path, model, state=None):
+    c = model.config
+    if state is None:
+        state = model.state_dict()
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+        t = c.block_size
+        for i in range(c.n_layer):
+            state[f"transformer.h.{i}.attn.bias"] = np.tril(np.ones((t, t)))[None, None]
+        state = {"_orig_mod." + k: v for k, v in state.items()}
+    ckpt = {"model": torch_state(state),
+            "model_args": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd,
+                           "block_size": c.block_size, "bias": c.bias,
+                           "vocab_size": c.vocab_size, "dropout": 0.0},
+            "optimizer": {"state": {}, "param_groups": []}, "iter_num": 5,
+            "best_val_loss": torch.tensor(3.25), "config": {"batch_size": 12}}
+    torch.save(ckpt, path)
+    return path
+
+
+# ---------------------------------------------------------------- positive cases
+
+def test_hf_safetensors_unprefixed_with_masks(tmp_path):
+    model = tiny(gelu="tanh", eps=1e-6)
+    d = write_hf_safetensors(tmp_path / "hf", model)
+    loaded = gpt2.GPT.from_pretrained(d, dtype="float64")
+    assert loaded.config == model.config
+    assert loaded.config.gelu == "tanh" and loaded.config.layer_norm_eps == 1e-6
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+
+
+@pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu_fast"])
+def test_hf_tanh_aliases(tmp_path, activation):
+    model = tiny(gelu="tanh")
+    loaded = gpt2.GPT.from_pretrained(write_hf_safetensors(tmp_path / "hf", model, activation),
+                                      dtype="float64")
+    assert loaded.config.gelu == "tanh"
+
+
+def test_hf_bin_prefixed_with_lm_head_and_exact_gelu(tmp_path):
+    model = tiny(gelu="erf", eps=1e-5)
+    d = write_hf_bin(tmp_path / "hfbin", model, activation="gelu")
+    loaded = gpt2.GPT.from_pretrained(d, dtype="float64")
+    assert loaded.config.gelu == "erf" and loaded.config.layer_norm_eps == 1e-5
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+    # The activation named in config.json matters: the tanh form would give other logits.
+    other = tiny(gelu="tanh")
+    assert np.max(np.abs(logits_of(other) - logits_of(loaded))) > 1e-6
+
+
+def test_hf_float32_load(tmp_path):
+    model = tiny()
+    loaded = gpt2.GPT.from_pretrained(write_hf_safetensors(tmp_path / "hf", model),
+                                      dtype="float32")
+    assert loaded.dtype == np.float32
+    np.testing.assert_allclose(logits_of(loaded), logits_of(model), rtol=1e-4, atol=1e-4)
+
+
+def test_nanogpt_ckpt_with_orig_mod_prefix(tmp_path):
+    model = tiny(gelu="erf", eps=1e-5)
+    path = write_nanogpt(tmp_path / "ckpt.pt", model)
+    loaded = gpt2.GPT.from_pretrained(path, dtype="float64")
+    assert loaded.config.gelu == "erf" and loaded.config.layer_norm_eps == 1e-5
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+    # nanoGPT's out_dir works too.
+    again = gpt2.GPT.from_pretrained(tmp_path, dtype="float64")
+    np.testing.assert_array_equal(logits_of(again), logits_of(model))
+
+
+def test_nanogpt_without_bias(tmp_path):
+    model = tiny(gelu="erf", bias=False)
+    loaded = gpt2.GPT.from_pretrained(write_nanogpt(tmp_path / "ckpt.pt", model), "float64")
+    assert loaded.config.bias is False
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+
+
+def test_own_checkpoint(tmp_path):
+    model = tiny(gelu="erf", eps=1e-6)
+    path = tmp_path / "ours.ckpt"
+    gpt2.save_checkpoint(path, model, step=3)
+    loaded = gpt2.GPT.from_pretrained(path, dtype="float64")
+    assert loaded.config == model.config
+    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+
+
+def test_state_dict_round_trip_exact():
+    model, other = tiny(seed=0), tiny(seed=1)
+    state = model.state_dict()
+    other.load_state_dict(state)
+    back = other.state_dict()
+    assert list(back) == list(state)
+    for name in state:
+        assert back[name].dtype == state[name].dtype
+        np.testing.assert_array_equal(back[name], state[name])
+        assert back[name] is not state[name]          # copies, not views
+    np.testing.assert_array_equal(logits_of(other), logits_of(model))
+
+
+# ---------------------------------------------------------------- negative cases
+
+def refused(path, *culprits):
+    with pytest.raises(ValueError) as info:
+        gpt2.GPT.from_pretrained(path, dtype="float64")
+    for culprit in culprits:
+        assert str(culprit) in str(info.value), (culprit, str(info.value))
+    return str(info.value)
+
+
+def test_hf_wrong_shape(tmp_path):
+    model = tiny()
+    state = hf_state(model)
+    state["h.1.mlp.c_fc.bias"] = np.zeros(127)
+    write_hf_safetensors(tmp_path / "hf", model, state=state)
+    refused(tmp_path / "hf", "h.1.mlp.c_fc.bias", "model.safetensors", "(127,)")
+
+
+def test_hf_untransposed_conv1d_refused(tmp_path):
+    model = tiny()
+    state = hf_state(model)
+    state["h.0.mlp.c_fc.weight"] = np.ascontiguousarray(state["h.0.mlp.c_fc.weight"].T)
+    write_hf_safetensors(tmp_path / "hf", model, state=state)
+    refused(tmp_path / "hf", "h.0.mlp.c_fc.weight", "(128, 32)")
+
+
+def test_hf_missing_key(tmp_path):
+    model = tiny()
+    state = hf_state(model)
+    del state["h.0.ln_2.weight"]
+    write_hf_safetensors(tmp_path / "hf", model, state=state)
+    refused(tmp_path / "hf", "h.0.ln_2.weight", "missing", "model.safetensors")
+
+
+def test_hf_extra_key(tmp_path):
+    model = tiny()
+    state = hf_state(model)
+    state["h.0.attn.rotary.weight"] = np.zeros(3)
+    write_hf_safetensors(tmp_path / "hf", model, state=state)
+    refused(tmp_path / "hf", "h.0.attn.rotary.weight", "model.safetensors")
+
+
+def test_hf_lm_head_differs(tmp_path):
+    model = tiny()
+    lm_head = model.state_dict()["transformer.wte.weight"].copy()
+    lm_head[5, 3] += 1e-3
+    d = write_hf_bin(tmp_path / "hfbin", model, lm_head=lm_head)
+    refused(d, "lm_head.weight", "pytorch_model.bin")
+
+
+def test_hf_unknown_activation(tmp_path):
+    d = write_hf_safetensors(tmp_path / "hf", tiny(), activation="relu")
+    refused(d, "'relu'", "config.json")
+
+
+def test_hf_unsupported_attention_option(tmp_path):
+    d = write_hf_safetensors(tmp_path / "hf", tiny(), scale_attn_by_inverse_layer_idx=True)
+    refused(d, "scale_attn_by_inverse_layer_idx")
+
+
+def test_hf_config_without_weights(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(hf_config(tiny())))
+    refused(d, str(d), "no weights")
+
+
+def test_nanogpt_wrong_shape_and_lm_head(tmp_path):
+    model = tiny(gelu="erf")
+    state = model.state_dict()
+    state["transformer.wpe.weight"] = np.zeros((17, 32))
+    write_nanogpt(tmp_path / "a.pt", model, state=state)
+    refused(tmp_path / "a.pt", "transformer.wpe.weight", "a.pt", "(17, 32)")
+    state = model.state_dict()
+    state["lm_head.weight"] = state["transformer.wte.weight"] * 2
+    write_nanogpt(tmp_path / "b.pt", model, state=state)
+    refused(tmp_path / "b.pt", "lm_head.weight", "b.pt")
+
+
+def test_nonexistent_path(tmp_path):
+    refused(tmp_path / "nowhere", "nowhere", "does not exist")
+
+
+def test_unknown_format(tmp_path):
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"definitely not a checkpoint" * 10)
+    refused(junk, "junk.bin")
+    d = tmp_path / "plain_dir"
+    d.mkdir()
+    refused(d, "plain_dir")
