@@ -1,0 +1,160 @@
+"""The product as a user drives it: prepare -> train -> sample -> eval, and training under faults:
+non-finite values, Ctrl-C, exact resume."""
+import os
+import signal
+
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2 import cli
+from gpt2 import train as train_mod
+from gpt2.checkpoints import read_checkpoint
+
+TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
+def add(a, b):
+    return a + b
+""" * 40
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    src = root / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(TEXT + f"document {i}\n")
+    out = root / "data"
+    assert cli.main(["prepare", str(src), "--out", str(out)]) == 0
+    return out
+
+
+def small_train(corpus, out_dir, **kw):
+    options = dict(data_dir=str(corpus), out_dir=str(out_dir), preset="tiny", n_layer=1, n_head=2,
+                   n_embd=16, block_size=16, batch_size=4, steps=6, eval_interval=100,
+                   eval_batches=2, quiet=True, sample_tokens=0, lr=1e-2, warmup=2)
+    options.update(kw)
+    return train_mod.TrainConfig(**options)
+
+
+def test_prepare_train_sample_eval_end_to_end(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["train", "--preset", "tiny", "--data-dir", str(corpus), "--out-dir", str(out),
+                     "--steps", "40", "--eval-interval", "20", "--block-size", "16",
+                     "--batch-size", "8", "--n-embd", "32", "--lr", "1e-2",
+                     "--sample-tokens", "12", "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "--- sample ---" in printed
+    for name in ("ckpt.bin", "loss.png", "history.json"):
+        assert (out / name).is_file()
+    history = read_checkpoint(out / "ckpt.bin")["extra"]["history"]
+    assert len(history) == 40
+    assert history[-1]["loss"] < history[0]["loss"] - 2.0     # it visibly learned
+    assert np.mean([h["loss"] for h in history[-5:]]) < np.log(50304) - 2
+
+    assert cli.main(["sample", "--ckpt", str(out / "ckpt.bin"), "--prompt", "def ",
+                     "--max-new-tokens", "8", "--temperature", "0", "--seed", "1"]) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("def ")
+    cli.main(["sample", "--ckpt", str(out / "ckpt.bin"), "--prompt", "def ",
+              "--max-new-tokens", "8", "--temperature", "0"])
+    assert capsys.readouterr().out == first                   # greedy is deterministic
+
+    assert cli.main(["eval", "--ckpt", str(out / "ckpt.bin"), "--data-dir", str(corpus),
+                     "--block-size", "16", "--stride", "8"]) == 0
+    line = capsys.readouterr().out
+    ppl = float(line.split()[1])
+    assert 1.0 < ppl < 50304
+
+
+def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
+    assert cli.main(["train", "--preset", "huge", "--data-dir", str(corpus)]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+    assert cli.main(["train", "--data-dir", str(tmp_path / "nowhere"), "--quiet",
+                     "--out-dir", str(tmp_path / "o")]) == 2
+    assert "no train split" in capsys.readouterr().err
+    assert cli.main(["sample", "--ckpt", str(tmp_path / "missing.bin")]) == 2
+    assert "missing.bin" in capsys.readouterr().err
+
+
+def test_nonfinite_gradient_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.clip_grad_norm
+
+    def poisoned(params, max_norm):
+        calls["n"] += 1
+        return float("nan") if calls["n"] == 5 else real(params, max_norm)
+
+    monkeypatch.setattr(train_mod, "clip_grad_norm", poisoned)
+    cfg = small_train(corpus, tmp_path, steps=8, eval_interval=3)
+    with pytest.raises(train_mod.NonFiniteError, match="step 4: .*not finite"):
+        train_mod.train(cfg)
+    saved = read_checkpoint(tmp_path / "ckpt.bin")
+    assert saved["step"] == 3
+    assert all(np.all(np.isfinite(a)) for a in saved["params"].values())
+
+
+def test_nonfinite_loss_can_be_skipped(corpus, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train_mod.clip_grad_norm
+
+    def poisoned(params, max_norm):
+        calls["n"] += 1
+        return float("inf") if calls["n"] in (2, 4) else real(params, max_norm)
+
+    monkeypatch.setattr(train_mod, "clip_grad_norm", poisoned)
+    cfg = small_train(corpus, tmp_path, steps=6, skip_nonfinite=True)
+    history = train_mod.train(cfg)
+    assert len(history) == 4 and history[-1]["step"] == 6
+    saved = read_checkpoint(tmp_path / "ckpt.bin")
+    assert saved["step"] == 6 and all(np.all(np.isfinite(a)) for a in saved["params"].values())
+
+
+def interrupt_after(monkeypatch, n_batches):
+    """Deliver SIGINT (Ctrl-C) while the n-th batch is being drawn."""
+    calls = {"n": 0}
+    real = train_mod.data_mod.get_batch
+
+    def get_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == n_batches:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(train_mod.data_mod, "get_batch", get_batch)
+
+
+@pytest.mark.parametrize("eager", [False, True])
+def test_ctrl_c_checkpoints_and_resume_is_exact(corpus, tmp_path, monkeypatch, eager):
+    straight = train_mod.train(small_train(corpus, tmp_path / "a", eager=eager))
+    interrupt_after(monkeypatch, 3)
+    part = train_mod.train(small_train(corpus, tmp_path / "b", eager=eager))
+    monkeypatch.undo()
+    assert [h["step"] for h in part] == [1, 2, 3]                 # stopped at a step boundary
+    assert read_checkpoint(tmp_path / "b" / "ckpt.bin")["step"] == 3
+    resumed = train_mod.train(small_train(corpus, tmp_path / "b", eager=eager, resume=True))
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]   # bit for bit
+    a = read_checkpoint(tmp_path / "a" / "ckpt.bin")
+    b = read_checkpoint(tmp_path / "b" / "ckpt.bin")
+    for name, value in a["params"].items():
+        np.testing.assert_array_equal(b["params"][name], value)
+
+
+def test_two_runs_with_one_seed_are_identical(corpus, tmp_path):
+    one = train_mod.train(small_train(corpus, tmp_path / "one"))
+    two = train_mod.train(small_train(corpus, tmp_path / "two"))
+    assert [h["loss"] for h in one] == [h["loss"] for h in two]
+    a = read_checkpoint(tmp_path / "one" / "ckpt.bin")["params"]
+    b = read_checkpoint(tmp_path / "two" / "ckpt.bin")["params"]
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_trained_checkpoint_loads_with_from_pretrained(corpus, tmp_path):
+    train_mod.train(small_train(corpus, tmp_path))
+    model = gpt2.GPT.from_pretrained(str(tmp_path / "ckpt.bin"), dtype="float32")
+    saved = read_checkpoint(tmp_path / "ckpt.bin")
+    direct = gpt2.GPT(gpt2.GPTConfig(**saved["config"]), dtype="float32")
+    direct.load_state_dict(saved["params"])
+    idx = np.arange(10).reshape(2, 5)
+    np.testing.assert_array_equal(model(idx)[0].data, direct(idx)[0].data)
