@@ -4,6 +4,8 @@ Every node output is a view into one arena at its planned offset; inputs are cop
 the plan owns; parameters are read in place. Building the step list resolves all of that once,
 so a step is just `for fn, args, kw in steps: fn(*args, **kw)`.
 """
+import time
+
 import numpy as np
 
 from tracer.ops import _kernel_attrs
@@ -34,12 +36,13 @@ class Executable:
                 else:
                     arrays[out.id] = np.ndarray(out.shape, out.dtype, buffer=self.arena,
                                                 offset=plan.offset[plan.storage_of[out.id]])
-        self.steps = []
+        self.steps, self.step_nodes = [], []
         for n in plan.order:
             if n.op.is_view:
                 continue
             args = tuple(arrays[o.id] for o in n.outputs) + tuple(arrays[v.id] for v in n.inputs)
             self.steps.append((self.table[n.op.name], args, _kernel_attrs(n.op, n.attrs)))
+            self.step_nodes.append(n)
         self.n_forward_steps = sum(1 for n in plan.order[:plan.n_forward] if not n.op.is_view)
         self.outputs = {k: arrays[v.id] for k, v in self.graph.outputs.items()}
         self._bound_params = [p.data for _, p in self.graph.params]
@@ -58,3 +61,12 @@ class Executable:
     def run_backward(self):
         for fn, args, kw in self.steps[self.n_forward_steps:]:
             fn(*args, **kw)
+
+    def run_profiled(self):
+        """Run forward and backward once, timing every kernel call: [(node, seconds)]."""
+        timings = []
+        for (fn, args, kw), node in zip(self.steps, self.step_nodes):
+            t0 = time.perf_counter()
+            fn(*args, **kw)
+            timings.append((node, time.perf_counter() - t0))
+        return timings
