@@ -16,6 +16,7 @@ import numpy as np
 import kernels
 from tracer import Tensor, is_grad_enabled
 from tracer.autodiff import grad_name, joint_graph
+from tracer.fusion import fuse
 from tracer.graph import prune
 from tracer.runtime import Executable
 from tracer.schedule import plan_buffers
@@ -140,10 +141,10 @@ class CompiledModel:
         else:
             forward = self._forward_graph(shape, has_targets)
             if training:
-                graph = joint_graph(forward)
+                graph = fuse(joint_graph(forward))
                 plan = plan_buffers(graph, forward_only_outputs=("logits",))
             else:
-                graph = prune(forward)
+                graph = fuse(prune(forward))
                 plan = plan_buffers(graph)
             self._plans[key] = (graph, Executable(graph, plan, self.table))
             if len(self._plans) > self.max_plans:

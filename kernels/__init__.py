@@ -10,7 +10,7 @@ OP_NAMES = (
     "matmul", "linear", "linear_backward_x", "linear_backward_w", "linear_backward_b",
     "embedding", "embedding_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
     "softmax", "softmax_backward", "attention", "attention_backward",
-    "cross_entropy", "cross_entropy_backward",
+    "cross_entropy", "cross_entropy_backward", "linear_gelu", "residual_layernorm",
 )
 
 REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}

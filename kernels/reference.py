@@ -84,6 +84,12 @@ def linear(out, x, w, b=None):
         out += b
 
 
+def linear_gelu(out, pre, x, w, b=None, *, form):
+    """Fused linear + GELU: pre (..., O) = x @ w.T + b, kept for the backward; out = gelu(pre)."""
+    linear(pre, x, w, b)
+    gelu(out, pre, form=form)
+
+
 def linear_backward_x(dx, dy, w):
     """dx (..., I) = dy (..., O) @ w (O, I)."""
     np.matmul(_rows(dy), w, out=_rows(dx))
@@ -124,6 +130,13 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
     np.multiply(xc * rstd[..., None], w, out=out)
     if b is not None:
         out += b
+
+
+def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
+    """Fused residual add + layernorm: sum_out = x + r (kept: it is the residual stream), then
+    out, mean, rstd = layernorm(sum_out)."""
+    np.add(x, r, out=sum_out)
+    layernorm(out, mean, rstd, sum_out, w, b, eps=eps)
 
 
 def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):

@@ -194,3 +194,35 @@ def test_per_step_allocation_stays_flat():
     grown = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
     assert grown < 64 * 1024, f"grew {grown} bytes over 20 steps"
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fusion_merges_pairs_and_keeps_results(bias):
+    from tracer.autodiff import joint_graph
+    from tracer.fusion import fuse
+    from tracer.runtime import Executable
+    from tracer.schedule import check_plan, plan_buffers
+    import kernels
+
+    cfg = tiny_config(n_layer=3, bias=bias)
+    model = gpt2.GPT(cfg, dtype="float64", seed=2)
+    cm = gpt2.compile(model)
+    joint = joint_graph(cm._forward_graph((2, 6), True))
+    fused = fuse(joint)
+    before, after = joint.op_counts(), fused.op_counts()
+    assert after["linear_gelu"] == before["gelu"] == 3 and "gelu" not in after
+    # every layernorm follows an add (the embedding sum or a residual)
+    assert after["residual_layernorm"] == before["layernorm"] == 2 * 3 + 1
+    assert len(fused.nodes) == len(joint.nodes) - 3 - 7
+    idx = np.random.default_rng(0).integers(0, 37, (2, 6))
+    results = []
+    for graph in (joint, fused):
+        plan = plan_buffers(graph, forward_only_outputs=("logits",))
+        check_plan(plan)
+        exe = Executable(graph, plan, kernels.REFERENCE)
+        exe.set_inputs(idx=idx, targets=idx)
+        exe.run_forward()
+        exe.run_backward()
+        results.append({k: v.copy() for k, v in exe.outputs.items() if k != "logits"})
+    for name in results[0]:
+        assert rel(results[1][name], results[0][name]) < 1e-12, name

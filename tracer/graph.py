@@ -7,11 +7,11 @@ import numpy as np
 
 
 class Value:
-    __slots__ = ("id", "shape", "dtype", "kind", "name", "const", "producer")
+    __slots__ = ("id", "shape", "dtype", "kind", "name", "const")
 
-    def __init__(self, id, shape, dtype, kind, name=None, const=None, producer=None):
+    def __init__(self, id, shape, dtype, kind, name=None, const=None):
         self.id, self.shape, self.dtype = id, tuple(shape), np.dtype(dtype)
-        self.kind, self.name, self.const, self.producer = kind, name, const, producer
+        self.kind, self.name, self.const = kind, name, const
 
     @property
     def ndim(self):
@@ -25,11 +25,7 @@ class Value:
         return f"%{self.id}"
 
     def label(self):
-        if self.kind == "param":
-            return f"{self.name}"
-        if self.kind == "input":
-            return f"{self.name}"
-        return f"%{self.id}"
+        return self.name if self.kind in ("param", "input") else f"%{self.id}"
 
 
 _SHORT_DTYPE = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32"}

@@ -375,3 +375,18 @@ def _cross_entropy_vjp(gouts, ins, outs, needs):
 defop("cross_entropy", _cross_entropy_rule, _cross_entropy_vjp)
 defop("cross_entropy_backward",
       lambda dloss, logits, targets, lse: [Aval(logits.shape, logits.dtype)], inplace={0: 1})
+
+
+# ---------------------------------------------------------------- fused ops (made by tracer.fusion
+# after autodiff, so they need no VJP rule of their own)
+
+defop("linear_gelu", lambda x, w, b=None, form="tanh": [
+    _linear_rule(x, w, b)[0], _linear_rule(x, w, b)[0]])
+
+
+def _residual_layernorm_rule(x, r, w, b=None, eps=1e-5):
+    s = Aval(_broadcast(x, r), _same_dtype(x, r))
+    return [s] + _layernorm_rule(s, w, b, eps)
+
+
+defop("residual_layernorm", _residual_layernorm_rule)

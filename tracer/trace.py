@@ -38,7 +38,7 @@ class TraceInterpreter:
         ins = [self._lift(x) for x in inputs]
         avals = op.shape_rule(*ins, **attrs)
         node = Node(op, ins, [], dict(attrs), phase=self.phase)
-        node.outputs = [self.graph.new_value(a.shape, a.dtype, "node", producer=node)
+        node.outputs = [self.graph.new_value(a.shape, a.dtype, "node")
                         for a in avals]
         self.graph.nodes.append(node)
         return node.outputs
