@@ -190,6 +190,12 @@ class GPT:
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss
 
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """idx (B, T) -> (B, T + max_new_tokens) int64 with sampled tokens appended (KV cache)."""
+        from gpt2.generate import generate
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        seed=seed)
+
     @classmethod
     def from_pretrained(cls, path, dtype="float32"):
         from gpt2.loading import load_pretrained

@@ -1,0 +1,165 @@
+"""GPT-2's byte-level BPE tokenizer, built offline.
+
+tiktoken's "gpt2" encoding fetches vocab.bpe and encoder.json from the internet on first use. We
+build the same Encoding from a `.tiktoken` ranks file instead (one "base64(token) rank" per line).
+That file ships inside the `openai-whisper` source distribution, which a package registry serves,
+so set-up needs only pip:
+
+    ensure_bpe_ranks()   # once: pip download the sdist, extract one member, check sha256, cache it
+    enc = get_tokenizer()
+
+The cache lives in $GPT2_JIT_CACHE, or ~/.cache/gpt2-jit when that is unset.
+"""
+import base64
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+WHISPER_VERSION = "20250625"
+WHISPER_SDIST = f"openai-whisper=={WHISPER_VERSION}"
+RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
+RANKS_FILENAME = "gpt2.tiktoken"
+RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
+
+ENDOFTEXT = "<|endoftext|>"
+EOT_TOKEN = 50256
+N_VOCAB = 50257
+# A known answer checked every time the encoding is built.
+_PROBE_TEXT, _PROBE_IDS = "Hello world", [15496, 995]
+
+
+class TokenizerSetupError(RuntimeError):
+    """The BPE ranks could not be fetched, verified or turned into the expected encoding."""
+
+
+def cache_dir():
+    """$GPT2_JIT_CACHE, else ~/.cache/gpt2-jit (not created here)."""
+    env = os.environ.get("GPT2_JIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2-jit"
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path, data):
+    """Write to a temporary file in the same directory, then rename over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)      # mkstemp creates 0600; the cache is a plain shared file
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def extract_ranks(sdist_path):
+    """Read whisper/assets/gpt2.tiktoken out of the openai-whisper .tar.gz; verify its sha256.
+
+    Only that one member is read (into memory); nothing else in the archive is extracted.
+    """
+    sdist_path = Path(sdist_path)
+    with tarfile.open(sdist_path, "r:gz") as tar:
+        member = None
+        for m in tar.getmembers():
+            # The sdist wraps everything in a "<name>-<version>/" top-level folder.
+            parts = m.name.split("/", 1)
+            if len(parts) == 2 and parts[1] == RANKS_MEMBER and m.isfile():
+                member = m
+                break
+        if member is None:
+            raise TokenizerSetupError(f"{sdist_path} holds no member */{RANKS_MEMBER}")
+        f = tar.extractfile(member)
+        data = f.read()
+    digest = _sha256(data)
+    if digest != RANKS_SHA256:
+        raise TokenizerSetupError(f"{RANKS_MEMBER} from {sdist_path} has sha256 {digest}, "
+                                  f"expected {RANKS_SHA256}")
+    return data
+
+
+def _pip_download(dest):
+    """Fetch the openai-whisper source distribution (no wheel, no dependencies) into dest."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           WHISPER_SDIST, "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TokenizerSetupError(
+            f"could not download the GPT-2 BPE ranks: `{' '.join(cmd)}` failed with exit code "
+            f"{proc.returncode}:\n{proc.stderr.strip()[-2000:]}")
+    found = sorted(Path(dest).glob("openai_whisper-*.tar.gz")) + \
+        sorted(Path(dest).glob("openai-whisper-*.tar.gz"))
+    if not found:
+        raise TokenizerSetupError(f"pip download of {WHISPER_SDIST} produced no .tar.gz in {dest}: "
+                                  f"{sorted(p.name for p in Path(dest).iterdir())}")
+    return found[0]
+
+
+def ensure_bpe_ranks():
+    """Path of the cached gpt2.tiktoken ranks file, downloading it first if missing or damaged."""
+    path = cache_dir() / RANKS_FILENAME
+    if path.is_file():
+        if _sha256(path.read_bytes()) == RANKS_SHA256:
+            return path
+        # A damaged cache entry: fetch it again rather than fail forever.
+    with tempfile.TemporaryDirectory(prefix="gpt2-jit-bpe-") as tmp:
+        sdist = _pip_download(tmp)
+        data = extract_ranks(sdist)
+    _write_atomic(path, data)
+    return path
+
+
+def parse_ranks(data):
+    """The .tiktoken format -> {token bytes: rank}; a malformed line is a ValueError naming it."""
+    ranks = {}
+    for lineno, line in enumerate(data.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except Exception as e:
+            raise ValueError(f"malformed BPE ranks line {lineno}: {line[:80]!r}") from e
+    return ranks
+
+
+def build_encoding(ranks):
+    """tiktoken's "gpt2" Encoding from mergeable ranks, checked against a known answer."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    if len(ranks) != EOT_TOKEN or set(ranks.values()) != set(range(EOT_TOKEN)):
+        raise TokenizerSetupError(f"expected ranks 0..{EOT_TOKEN - 1} ({EOT_TOKEN} tokens), got "
+                                  f"{len(ranks)} tokens")
+    enc = tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={ENDOFTEXT: EOT_TOKEN},
+        explicit_n_vocab=N_VOCAB,
+    )
+    got = enc.encode_ordinary(_PROBE_TEXT)
+    if got != _PROBE_IDS:
+        raise TokenizerSetupError(f"the built GPT-2 encoding maps {_PROBE_TEXT!r} to {got}, "
+                                  f"expected {_PROBE_IDS}: the ranks file is not GPT-2's")
+    return enc
+
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer():
+    """tiktoken's "gpt2" Encoding (50257 ids, <|endoftext|> = 50256), offline after set-up."""
+    path = ensure_bpe_ranks()
+    return build_encoding(parse_ranks(path.read_bytes()))

@@ -1,0 +1,178 @@
+"""KV-cache generation against full recomputation with the eager forward, token for token."""
+import numpy as np
+import pytest
+
+import gpt2
+from gpt2.generate import KVCacheDecoder, generate, sample_next
+from tracer import no_grad
+
+BLOCK = 12
+VOCAB = 64
+
+
+def tiny_model(dtype="float64", bias=True, gelu="tanh", seed=0):
+    """A small model with large random weights, so its logits are far from uniform."""
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=BLOCK, vocab_size=VOCAB,
+                         bias=bias, gelu=gelu)
+    model = gpt2.GPT(cfg, dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    state = {}
+    for name, value in model.state_dict().items():
+        if ".ln_" in name:
+            base = 1.0 if name.endswith(".weight") else 0.0
+            state[name] = base + 0.1 * rng.standard_normal(value.shape)
+        elif name.endswith(".bias"):
+            state[name] = 0.1 * rng.standard_normal(value.shape)
+        else:
+            state[name] = 0.4 * rng.standard_normal(value.shape)
+    model.load_state_dict(state)
+    return model
+
+
+def eager_last_logits(model, seq):
+    """Full recomputation: the eager forward on the last block_size tokens of seq."""
+    with no_grad():
+        logits, _ = model(seq[:, -model.config.block_size:])
+    return logits.data[:, -1]
+
+
+def reference_generate(model, idx, n_new, temperature, top_k, seed):
+    rng = np.random.default_rng(seed)
+    seq = np.asarray(idx, dtype=np.int64)
+    for _ in range(n_new):
+        nxt = sample_next(eager_last_logits(model, seq), temperature, top_k, rng)
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+    return seq
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def prompts(b, t, seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, (b, t))
+
+
+@pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "erf")])
+def test_cached_logits_match_eager_forward(bias, gelu):
+    model = tiny_model(bias=bias, gelu=gelu)
+    seq = prompts(2, 4)
+    dec = KVCacheDecoder(model, batch_size=2)
+    logits = dec.prefill(seq)
+    for step in range(BLOCK - 4):
+        ref = eager_last_logits(model, seq)
+        assert np.max(np.abs(logits - ref)) <= 1e-10 * np.max(np.abs(ref))
+        nxt = np.argsort(ref, axis=-1)[:, -2 - step % 3]        # vary the path a little
+        seq = np.concatenate([seq, nxt[:, None]], axis=1)
+        if dec.length < BLOCK:
+            logits = dec.step(nxt)
+    assert dec.length == BLOCK
+    with pytest.raises(ValueError, match="full"):
+        dec.step(nxt)
+
+
+def test_greedy_equals_recomputation_beyond_block_size(model):
+    idx = prompts(2, 5)
+    n_new = 3 * BLOCK                   # well past the window: positions re-prefilled
+    out = generate(model, idx, n_new, temperature=0)
+    assert out.shape == (2, 5 + n_new) and out.dtype == np.int64
+    assert np.array_equal(out, reference_generate(model, idx, n_new, 0.0, None, None))
+    assert len(set(out[0, 5:].tolist())) > 3                     # not a degenerate repeat
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, None), (0.7, 5), (2.5, 1), (1.3, 200)])
+def test_sampling_equals_recomputation(model, temperature, top_k):
+    idx = prompts(3, 2, seed=5)
+    n_new = BLOCK + 6
+    out = generate(model, idx, n_new, temperature=temperature, top_k=top_k, seed=1234)
+    ref = reference_generate(model, idx, n_new, temperature, top_k, 1234)
+    assert np.array_equal(out, ref)
+
+
+def test_seed_reproducible_and_matters(model):
+    idx = prompts(1, 3)
+    a = model.generate(idx, 20, temperature=1.0, seed=7)
+    b = model.generate(idx, 20, temperature=1.0, seed=7)
+    c = model.generate(idx, 20, temperature=1.0, seed=8)
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_temperature_zero_is_greedy(model):
+    idx = prompts(2, 6)
+    greedy = model.generate(idx, 8, temperature=0.0, seed=3)
+    assert np.array_equal(greedy, model.generate(idx, 8, temperature=0, seed=99))
+    assert np.array_equal(greedy, model.generate(idx, 8, temperature=1.0, top_k=1, seed=5))
+    seq = idx
+    for _ in range(8):
+        seq = np.concatenate([seq, eager_last_logits(model, seq).argmax(-1)[:, None]], axis=1)
+    assert np.array_equal(greedy, seq)
+
+
+def test_long_prompt_is_cropped(model):
+    idx = prompts(2, 2 * BLOCK + 3, seed=9)
+    out = generate(model, idx, 5, temperature=0.9, top_k=10, seed=11)
+    assert out.shape == (2, 2 * BLOCK + 8)
+    assert np.array_equal(out[:, :idx.shape[1]], idx)
+    cropped = generate(model, idx[:, -BLOCK:], 5, temperature=0.9, top_k=10, seed=11)
+    assert np.array_equal(out[:, idx.shape[1]:], cropped[:, BLOCK:])
+    assert np.array_equal(out, reference_generate(model, idx, 5, 0.9, 10, 11))
+
+
+def test_zero_new_tokens_and_model_untouched(model):
+    before = model.state_dict()
+    idx = [[1, 2, 3]]
+    out = generate(model, idx, 0)
+    assert out.dtype == np.int64 and out.tolist() == idx
+    generate(model, np.array(idx, dtype=np.uint16), 4, seed=0)
+    for name, value in model.state_dict().items():
+        assert np.array_equal(value, before[name])
+
+
+def test_float32_model():
+    model = tiny_model(dtype="float32")
+    idx = prompts(1, 4)
+    dec = KVCacheDecoder(model, 1)
+    logits = dec.prefill(idx)
+    assert logits.dtype == np.float32
+    ref = eager_last_logits(model, idx)
+    assert np.max(np.abs(logits - ref)) <= 1e-4 * np.max(np.abs(ref))
+    out = model.generate(idx, 2 * BLOCK, temperature=0)
+    assert out.shape == (1, 4 + 2 * BLOCK) and out.min() >= 0 and out.max() < VOCAB
+
+
+def test_sample_next_respects_top_k_and_distribution():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    draws = np.array([sample_next(logits, 1.0, None, rng)[0] for _ in range(4000)])
+    freq = np.bincount(draws, minlength=4) / draws.size
+    assert np.allclose(freq, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    draws = np.array([sample_next(logits, 1.0, 2, rng)[0] for _ in range(2000)])
+    assert set(draws.tolist()) == {0, 1}
+    assert abs(np.mean(draws == 0) - 0.5 / 0.8) < 0.04
+    # A zero-probability id is never drawn, whatever the uniform.
+    masked = np.array([[0.0, -np.inf, 0.0, -np.inf]])
+    draws = {int(sample_next(masked, 1.0, None, rng)[0]) for _ in range(200)}
+    assert draws == {0, 2}
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(idx=[[1, VOCAB]]), str(VOCAB)),
+    (dict(idx=[[-1, 2]]), "-1"),
+    (dict(idx=[[1.0, 2.0]]), "float64"),
+    (dict(idx=[1, 2, 3]), r"\(3,\)"),
+    (dict(max_new_tokens=-1), "-1"),
+    (dict(max_new_tokens=2.0), "2.0"),
+    (dict(max_new_tokens=True), "True"),
+    (dict(temperature=-0.5), "-0.5"),
+    (dict(temperature=float("nan")), "nan"),
+    (dict(temperature="1"), "'1'"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_k=2.5), "2.5"),
+    (dict(seed="abc"), "abc"),
+])
+def test_bad_inputs(model, kwargs, match):
+    args = dict(idx=[[1, 2]], max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate(model, args.pop("idx"), **args)
