@@ -160,7 +160,7 @@ _GELU_CUBIC = 0.044715
 def gelu(out, x, *, form):
     """GELU: form="tanh" (GPT-2) or "erf" (exact form, nanoGPT's nn.GELU())."""
     if form == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
         out[...] = 0.5 * x * (1.0 + np.tanh(inner))
     else:
         from scipy.special import erf
@@ -169,7 +169,7 @@ def gelu(out, x, *, form):
 
 def gelu_backward(dx, dy, x, *, form):
     if form == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x ** 3)
+        inner = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
         t = np.tanh(inner)
         dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
         dx[...] = dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)

@@ -30,7 +30,7 @@ def no_grad():
 
 
 class _Node:
-    __slots__ = ("op", "inputs", "outputs", "attrs")
+    __slots__ = ("op", "inputs", "outputs", "attrs", "__weakref__")
 
     def __init__(self, op, inputs, outputs, attrs):
         self.op, self.inputs, self.outputs, self.attrs = op, inputs, outputs, attrs
