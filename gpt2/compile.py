@@ -16,7 +16,7 @@ import numpy as np
 import kernels
 from tracer import Tensor, is_grad_enabled
 from tracer.autodiff import grad_name, joint_graph
-from tracer.fusion import fuse
+from tracer.fusion import accumulate_gradients, fuse
 from tracer.graph import prune
 from tracer.runtime import Executable
 from tracer.schedule import plan_buffers
@@ -141,7 +141,7 @@ class CompiledModel:
         else:
             forward = self._forward_graph(shape, has_targets)
             if training:
-                graph = fuse(joint_graph(forward))
+                graph = accumulate_gradients(fuse(joint_graph(forward)), grad_name)
                 plan = plan_buffers(graph, forward_only_outputs=("logits",))
             else:
                 graph = fuse(prune(forward))
@@ -177,7 +177,9 @@ class CompiledModel:
         self._logits.invalidate("loss.backward() wrote the gradient over them")
         exe.run_backward()
         for name, p in self.model.parameters().items():
-            np.add(p.grad, exe.outputs[grad_name(name)], out=p.grad)
+            g = exe.outputs.get(grad_name(name))
+            if g is not None:        # the others were accumulated into .grad by the plan
+                np.add(p.grad, g, out=p.grad)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)

@@ -11,6 +11,7 @@ OP_NAMES = (
     "embedding", "embedding_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
     "softmax", "softmax_backward", "attention", "attention_backward",
     "cross_entropy", "cross_entropy_backward", "linear_gelu", "residual_layernorm",
+    "linear_backward_w_acc", "embedding_backward_acc",
 )
 
 REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}

@@ -100,6 +100,11 @@ def linear_backward_w(dw, dy, x):
     np.matmul(_rows(dy).T, _rows(x), out=dw)
 
 
+def linear_backward_w_acc(dw, dy, x):
+    """dw (O, I) += dy (N, O).T @ x (N, I): the weight gradient added straight into .grad."""
+    dw += _rows(dy).T @ _rows(x)
+
+
 def linear_backward_b(db, dy):
     """db (O,) = sum of dy (N, O) over rows."""
     np.sum(_rows(dy), axis=0, out=db)
@@ -115,6 +120,11 @@ def embedding(out, weight, idx):
 def embedding_backward(dweight, dout, idx):
     """dweight (V, C): scatter-add of dout (..., C) rows at idx; repeated ids accumulate."""
     dweight[...] = 0
+    np.add.at(dweight, idx.reshape(-1), _rows(dout))
+
+
+def embedding_backward_acc(dweight, dout, idx):
+    """dweight (V, C) += scatter-add of dout (..., C) rows at idx, straight into .grad."""
     np.add.at(dweight, idx.reshape(-1), _rows(dout))
 
 

@@ -46,7 +46,58 @@ def fuse(graph):
         removed.add(j)
     g = Graph()
     g._next_id = graph._next_id
-    g.inputs, g.params, g.consts = graph.inputs, graph.params, graph.consts
+    g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, graph.grads
     g.outputs = graph.outputs
+    g.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
+    return g
+
+
+ACCUMULATING = {"linear_backward_w": "linear_backward_w_acc",
+                "embedding_backward": "embedding_backward_acc"}
+
+
+def accumulate_gradients(graph, grad_output_name):
+    """Let the nodes that produce a parameter's gradient add it straight into Parameter.grad.
+
+    A gradient output made by a weight-gradient GEMM or an embedding scatter (or by an `add` of
+    two such, as for the tied embedding) is no longer a graph output: its producers become
+    accumulating ops whose first input is the .grad buffer. That removes the gradient from the
+    arena and the final pass that added it into .grad. Other gradients stay graph outputs.
+    """
+    users = _consumers(graph)
+    index = {o.id: i for i, n in enumerate(graph.nodes) for o in n.outputs}
+    replaced, removed, outputs, grads = {}, set(), dict(graph.outputs), list(graph.grads)
+
+    def sole_use(v, by):
+        return len(users.get(v.id, [])) == by and \
+            sum(1 for o in graph.outputs.values() if o is v) <= 1
+
+    for pv, param in graph.params:
+        name = grad_output_name(pv.name)
+        g = graph.outputs.get(name)
+        if g is None or g.id not in index:
+            continue
+        node = graph.nodes[index[g.id]]
+        if node.op.name in ACCUMULATING and len(node.outputs) == 1 and sole_use(g, 0):
+            producers = [index[g.id]]
+        elif node.op.name == "add" and sole_use(g, 0) and all(
+                v.id in index and graph.nodes[index[v.id]].op.name in ACCUMULATING
+                and sole_use(v, 1) and v.shape == g.shape for v in node.inputs) \
+                and node.inputs[0] is not node.inputs[1]:
+            producers = [index[v.id] for v in node.inputs]
+            removed.add(index[g.id])
+        else:
+            continue
+        target = graph.new_value(pv.shape, pv.dtype, "grad", name=pv.name)
+        grads.append((target, param))
+        for i in producers:
+            n = graph.nodes[i]
+            replaced[i] = Node(OPS[ACCUMULATING[n.op.name]], [target] + list(n.inputs), [],
+                               {}, phase=n.phase)
+        del outputs[name]
+    g = Graph()
+    g._next_id = graph._next_id
+    g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, grads
+    g.outputs = outputs
     g.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
     return g

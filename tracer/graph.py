@@ -25,6 +25,8 @@ class Value:
         return f"%{self.id}"
 
     def label(self):
+        if self.kind == "grad":
+            return f"{self.name}.grad"
         return self.name if self.kind in ("param", "input") else f"%{self.id}"
 
 
@@ -46,7 +48,8 @@ class Node:
         outs = ", ".join(f"%{o.id}:{type_string(o)}" for o in self.outputs)
         args = " ".join(v.label() for v in self.inputs)
         attrs = "".join(f" {k}={_short(v)}" for k, v in self.attrs.items())
-        return f"{outs} = {self.op.name} {args}{attrs}"
+        return f"{outs} = {self.op.name} {args}{attrs}" if outs else \
+            f"{self.op.name} {args}{attrs}"
 
 
 def _short(v):
@@ -61,6 +64,7 @@ class Graph:
     def __init__(self):
         self.inputs = []      # data inputs, in call order
         self.params = []      # (Value, Parameter) in first-use order
+        self.grads = []       # (Value, Parameter): .grad buffers that nodes accumulate into
         self.consts = []
         self.nodes = []
         self.outputs = {}     # name -> Value
@@ -91,6 +95,8 @@ class Graph:
         lines = ["graph(" + ", ".join(f"{v.name}:{type_string(v)}" for v in self.inputs) + ")"]
         lines.append(f"  params: {len(self.params)} tensors, "
                      f"{sum(int(np.prod(v.shape)) for v, _ in self.params):,} values")
+        if self.grads:
+            lines.append(f"  accumulating into the .grad of {len(self.grads)} of them")
         for c in self.consts:
             lines.append(f"  %{c.id}:{type_string(c)} = const")
         phase = None
@@ -143,6 +149,7 @@ def prune(graph, output_names=None):
     g._next_id = graph._next_id
     g.inputs = [v for v in graph.inputs if v.id in live or v.kind == "input"]
     g.params = [(v, p) for v, p in graph.params if v.id in live]
+    g.grads = [(v, p) for v, p in graph.grads if v.id in live]
     g.consts = [v for v in graph.consts if v.id in live]
     g.nodes = kept[::-1]
     g.outputs = outputs

@@ -390,3 +390,11 @@ def _residual_layernorm_rule(x, r, w, b=None, eps=1e-5):
 
 
 defop("residual_layernorm", _residual_layernorm_rule)
+
+
+# ---------------------------------------------------------------- accumulating gradient ops (made by
+# tracer.fusion.accumulate_gradients): no outputs; they add into their first input, a Parameter's
+# .grad, in place.
+
+defop("linear_backward_w_acc", lambda dw, dy, x: [])
+defop("embedding_backward_acc", lambda dweight, dout, idx: [])

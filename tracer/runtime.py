@@ -28,6 +28,8 @@ class Executable:
             arrays[v.id] = v.const
         for v, p in self.graph.params:
             arrays[v.id] = p.data
+        for v, p in self.graph.grads:
+            arrays[v.id] = p.grad
         plan = self.plan
         for n in plan.order:
             for out in n.outputs:
@@ -45,14 +47,18 @@ class Executable:
             self.step_nodes.append(n)
         self.n_forward_steps = sum(1 for n in plan.order[:plan.n_forward] if not n.op.is_view)
         self.outputs = {k: arrays[v.id] for k, v in self.graph.outputs.items()}
-        self._bound_params = [p.data for _, p in self.graph.params]
+        self._bound_params = self._parameter_arrays()
 
     def set_inputs(self, **values):
         for name, value in values.items():
             np.copyto(self.inputs[name], value)
 
+    def _parameter_arrays(self):
+        return [p.data for _, p in self.graph.params] + [p.grad for _, p in self.graph.grads]
+
     def parameters_moved(self):
-        return any(p.data is not a for (_, p), a in zip(self.graph.params, self._bound_params))
+        """True when a Parameter's .data or .grad array was replaced since the steps were built."""
+        return any(a is not b for a, b in zip(self._parameter_arrays(), self._bound_params))
 
     def run_forward(self):
         for fn, args, kw in self.steps[:self.n_forward_steps]:
