@@ -10,15 +10,19 @@ The float32 GEMM rate is measured in the same run, for model FLOP utilisation:
 FLOP per step = (6 N + 12 L C T) B T, N the parameter count without position embeddings.
 Writes bench/results/compare.md and compare.png.
 """
-import argparse
-import json
 import os
-import resource
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
+
+# Before NumPy loads OpenBLAS: its threads otherwise spin after each GEMM and slow the next kernel.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import resource  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "bench", "results")

@@ -86,7 +86,7 @@ class CompiledModel:
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
-        self.table = dict(kernels.REFERENCE if table is None else table)
+        self.table = dict(kernels.COMPILED if table is None else table)
         self.max_plans = max_plans
         self.trace_count = 0
         self._traces = OrderedDict()     # (shape, has_targets) -> forward Graph

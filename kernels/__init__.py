@@ -1,9 +1,11 @@
 """Numerics only: reference NumPy kernels and Numba kernels behind one calling convention.
 
 `REFERENCE` maps an op name to its NumPy implementation (outputs first, then inputs, then
-attributes). This package imports nothing from `tracer` or `gpt2`.
+attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, with the
+reference ones for the layout ops NumPy already does at its best. This package imports nothing
+from `tracer` or `gpt2`.
 """
-from kernels import reference
+from kernels import numba_kernels, reference
 
 OP_NAMES = (
     "add", "mul", "scale", "sum_to", "copy", "permute", "split", "concat", "causal_mask", "fill",
@@ -15,8 +17,9 @@ OP_NAMES = (
 )
 
 REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
+COMPILED = {**REFERENCE, **numba_kernels.TABLE}
 
-# Optimiser kernels over flat 1-D arrays.
-adamw = reference.adamw
-sum_of_squares = reference.sum_of_squares
-scale_in_place = reference.scale_in_place
+# Optimiser kernels over flat 1-D arrays: one fused pass each.
+adamw = numba_kernels.adamw
+sum_of_squares = numba_kernels.sum_of_squares
+scale_in_place = numba_kernels.scale_in_place

@@ -1,0 +1,381 @@
+"""The Numba kernels against the reference NumPy kernels, in float32 and float64.
+
+Shapes are small and odd (C=13, V=37, T=1, one head, B=1, T past the attention key block) so the
+run stays short; Numba compiles once per dtype, not per shape, so the cases add no compile work.
+"""
+import inspect
+import math
+
+import numba
+import numpy as np
+import pytest
+
+import kernels
+from kernels import numba_kernels as nk
+from kernels import reference as ref
+
+DTYPES = [np.float32, np.float64]
+# (B, T, C, H, V)
+CASES = [(2, 7, 12, 3, 37), (1, 1, 13, 1, 37), (3, 70, 16, 2, 50)]
+TOL = {np.float32: (1e-5, 1e-6), np.float64: (1e-12, 1e-13)}
+
+
+def close(got, want, dt):
+    """Relative rtol per element, atol relative to the largest magnitude of want."""
+    rtol, atol = TOL[dt]
+    want = np.asarray(want)
+    scale = max(1.0, float(np.max(np.abs(want)))) if want.size else 1.0
+    np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale)
+
+
+def both(fn_name, outs, *args, **attrs):
+    """Run the Numba and the reference kernel on fresh copies of the outputs; returns both sets."""
+    got = [np.full_like(o, np.nan) for o in outs]
+    want = [np.full_like(o, np.nan) for o in outs]
+    getattr(nk, fn_name)(*got, *args, **attrs)
+    getattr(ref, fn_name)(*want, *args, **attrs)
+    return got, want
+
+
+@pytest.fixture(autouse=True)
+def kernels_even_when_small(monkeypatch):
+    """Small plain ops normally go to NumPy; here every size runs the Numba kernels."""
+    monkeypatch.setattr(nk, "SMALL_BYTES", 0)
+
+
+@pytest.fixture(params=DTYPES, ids=["f32", "f64"])
+def dt(request):
+    return request.param
+
+
+@pytest.fixture(params=CASES, ids=["B2T7C12H3", "B1T1C13H1", "B3T70C16H2"])
+def case(request):
+    return request.param
+
+
+def data(dt, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng, (lambda *shape, s=1.0: (s * rng.standard_normal(shape)).astype(dt))
+
+
+# ---------------------------------------------------------------- the table itself
+
+def test_table_names_and_signatures():
+    assert set(nk.TABLE) <= set(kernels.OP_NAMES)
+    for name, fn in nk.TABLE.items():
+        assert inspect.signature(fn) == inspect.signature(getattr(ref, name)), name
+    for name in ("adamw", "sum_of_squares", "scale_in_place"):
+        assert inspect.signature(getattr(nk, name)) == inspect.signature(getattr(ref, name))
+
+
+# ---------------------------------------------------------------- elementwise
+
+def test_elementwise(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, y, row = f(b, t, c), f(b, t, c), f(t, c)
+    for name in ("add", "mul"):
+        for other in (y, row, f(c), f(1, c)):
+            got, want = both(name, [x], x, other)
+            close(got[0], want[0], dt)
+            got, want = both(name, [x], other, x)       # broadcast on the left
+            close(got[0], want[0], dt)
+    got, want = both("add", [x], f(b, 1, c), y)         # a broadcast the kernel leaves to NumPy
+    close(got[0], want[0], dt)
+    got, want = both("scale", [x], x, factor=0.37)
+    close(got[0], want[0], dt)
+    for shape in [(t, c), (c,), (1, t, c)]:
+        got, want = both("sum_to", [np.empty(shape, dt)], x)
+        close(got[0], want[0], dt)
+
+
+@pytest.mark.parametrize("small_bytes", [0, 1 << 30], ids=["kernel", "numpy"])
+def test_add_and_scale_in_place(dt, monkeypatch, small_bytes):
+    monkeypatch.setattr(nk, "SMALL_BYTES", small_bytes)
+    _, f = data(dt)
+    a, b, row = f(3, 5, 2100), f(3, 5, 2100), f(5, 2100)   # rows longer than one segment
+    for other in (b, row):
+        want = a + other
+        out = a.copy()
+        nk.add(out, out, other)
+        close(out, want, dt)
+        out = a.copy()
+        nk.mul(out, out, other)
+        close(out, a * other, dt)
+    out = a.copy()
+    nk.scale(out, out, factor=-2.5)
+    close(out, a * dt(-2.5), dt)
+    out = a.copy()
+    nk.scale_in_place(out, 0.25)
+    close(out, a * dt(0.25), dt)
+
+
+# ---------------------------------------------------------------- linear family
+
+def test_linear_family(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    o = 2 * c + 1
+    x, w, bias, dy = f(b, t, c), f(o, c), f(o), f(b, t, o)
+    for bb in (bias, None):
+        got, want = both("linear", [np.empty((b, t, o), dt)], x, w, bb)
+        close(got[0], want[0], dt)
+    got, want = both("linear_backward_x", [np.empty((b, t, c), dt)], dy, w)
+    close(got[0], want[0], dt)
+    got, want = both("linear_backward_w", [np.empty((o, c), dt)], dy, x)
+    close(got[0], want[0], dt)
+    got, want = both("linear_backward_b", [np.empty(o, dt)], dy)
+    close(got[0], want[0], dt)
+
+
+@pytest.mark.parametrize("block_rows", [4096, 5], ids=["one-block", "blocks"])
+def test_linear_backward_w_acc(dt, case, monkeypatch, block_rows):
+    monkeypatch.setattr(nk, "_ACC_ROWS", block_rows)
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    o = 2 * c + 1
+    dy, x, start = f(b, t, o), f(b, t, c), f(o, c)
+    got, want = start.copy(), start.copy()
+    nk.linear_backward_w_acc(got, dy, x)
+    ref.linear_backward_w_acc(want, dy, x)
+    close(got, want, dt)
+
+
+def test_linear_gelu(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, w, bias = f(b, t, c), f(3 * c, c, s=0.5), f(3 * c)
+    for form in ("tanh", "erf"):
+        for bb in (bias, None):
+            out, pre = np.empty((b, t, 3 * c), dt), np.empty((b, t, 3 * c), dt)
+            nk.linear_gelu(out, pre, x, w, bb, form=form)
+            want_pre = np.empty_like(pre)
+            ref.linear(want_pre, x, w, bb)
+            want = np.empty_like(out)
+            ref.gelu(want, want_pre, form=form)
+            close(pre, want_pre, dt)
+            close(out, want, dt)
+
+
+# ---------------------------------------------------------------- embedding
+
+def test_embedding(dt, case):
+    b, t, c, _, v = case
+    rng, f = data(dt)
+    weight = f(v, c)
+    idx = rng.integers(0, v, (b, t))
+    idx.flat[-1] = idx.flat[0]                           # a repeated id
+    got, want = both("embedding", [np.empty((b, t, c), dt)], weight, idx)
+    np.testing.assert_array_equal(got[0], want[0])
+    dout = f(b, t, c)
+    got, want = both("embedding_backward", [np.empty((v, c), dt)], dout, idx)
+    close(got[0], want[0], dt)
+    start = f(v, c)                                       # accumulate into existing gradient
+    got, want = start.copy(), start.copy()
+    nk.embedding_backward_acc(got, dout, idx)
+    ref.embedding_backward_acc(want, dout, idx)
+    close(got, want, dt)
+
+
+def test_embedding_backward_repeated_ids(dt):
+    _, f = data(dt)
+    idx = np.array([[3, 3, 3, 0, 3, 1]])
+    dout = f(1, 6, 70)
+    got, want = both("embedding_backward", [np.empty((5, 70), dt)], dout, idx)
+    close(got[0], want[0], dt)
+    close(got[0][3], dout[0, [0, 1, 2, 4]].sum(axis=0), dt)
+    assert not got[0][[2, 4]].any()
+
+
+# ---------------------------------------------------------------- layernorm
+
+def test_layernorm(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, w, bias = f(b, t, c, s=2.0) + dt(0.5), f(c), f(c)
+    outs = [np.empty((b, t, c), dt), np.empty((b, t), dt), np.empty((b, t), dt)]
+    for bb in (bias, None):
+        got, want = both("layernorm", outs, x, w, bb, eps=1e-5)
+        for g, wt in zip(got, want):
+            close(g, wt, dt)
+    dy = f(b, t, c)
+    mean, rstd = want[1], want[2]
+    got, want = both("layernorm_backward", [np.empty((b, t, c), dt), np.empty(c, dt),
+                                            np.empty(c, dt)], dy, x, w, mean, rstd)
+    for g, wt in zip(got, want):
+        close(g, wt, dt)
+    dx, dw, db = dy.copy(), np.empty(c, dt), np.empty(c, dt)   # dx over dy
+    nk.layernorm_backward(dx, dw, db, dx, x, w, mean, rstd)
+    for g, wt in zip((dx, dw, db), want):
+        close(g, wt, dt)
+
+
+def test_residual_layernorm(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, w, bias = f(b, t, c), f(c), f(c)
+    for r in (f(b, t, c), f(t, c)):
+        for bb in (bias, None):
+            s, out = np.empty((b, t, c), dt), np.empty((b, t, c), dt)
+            mean, rstd = np.empty((b, t), dt), np.empty((b, t), dt)
+            nk.residual_layernorm(s, out, mean, rstd, x, r, w, bb, eps=1e-5)
+            ws, wout = np.empty_like(s), np.empty_like(out)
+            wmean, wrstd = np.empty_like(mean), np.empty_like(rstd)
+            ref.add(ws, x, r)
+            ref.layernorm(wout, wmean, wrstd, ws, w, bb, eps=1e-5)
+            for g, wt in zip((s, out, mean, rstd), (ws, wout, wmean, wrstd)):
+                close(g, wt, dt)
+    s = x.copy()                                          # sum_out over x
+    nk.residual_layernorm(s, out, mean, rstd, s, r, w, bias, eps=1e-5)
+    close(s, x + r, dt)
+
+
+# ---------------------------------------------------------------- GELU and softmax
+
+def test_erf_matches_libm():
+    """The vectorisable erf behind the erf form of GELU: ~1e-16, across both of its pieces."""
+    z = np.concatenate([np.linspace(-7.0, 7.0, 2801), [0.0, 1e-300, -1e-20, 1e-8],
+                        np.nextafter([2.0, 2.0, 6.0, 6.0], [0.0, 9.0, 0.0, 9.0])])
+    for v in z:
+        want = math.erf(v)
+        got = nk._erf(v)
+        assert abs(got - want) <= 1e-15 * abs(want) + 1e-300, (v, got, want)
+
+
+@pytest.mark.parametrize("form", ["tanh", "erf"])
+def test_gelu(dt, case, form):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, dy = f(b, t, c, s=3.0), f(b, t, c)
+    x.flat[:4] = [0.0, -2.0 * math.sqrt(2.0), 2.0 * math.sqrt(2.0), 6.5][:x.size]
+    got, want = both("gelu", [np.empty((b, t, c), dt)], x, form=form)
+    close(got[0], want[0], dt)
+    got, want = both("gelu_backward", [np.empty((b, t, c), dt)], dy, x, form=form)
+    close(got[0], want[0], dt)
+    dx = dy.copy()                                        # dx over dy
+    nk.gelu_backward(dx, dx, x, form=form)
+    close(dx, want[0], dt)
+
+
+def test_softmax(dt, case):
+    b, t, c, _, _ = case
+    _, f = data(dt)
+    x, dy = f(b, t, c, s=3.0), f(b, t, c)
+    x[..., 1] = -np.inf                                   # a masked entry
+    got, want = both("softmax", [np.empty((b, t, c), dt)], x)
+    close(got[0], want[0], dt)
+    y = want[0]
+    got, want = both("softmax_backward", [np.empty((b, t, c), dt)], dy, y)
+    close(got[0], want[0], dt)
+    dx = dy.copy()
+    nk.softmax_backward(dx, dx, y)
+    close(dx, want[0], dt)
+
+
+# ---------------------------------------------------------------- attention
+
+def test_attention(dt, case):
+    b, t, c, h, _ = case
+    _, f = data(dt)
+    qkv, dy = f(b, t, 3 * c, s=1.5), f(b, t, c)
+    got, want = both("attention", [np.empty((b, t, c), dt), np.empty((b, h, t), dt)], qkv,
+                     n_head=h)
+    close(got[0], want[0], dt)
+    close(got[1], want[1], dt)
+    y, lse = want
+    got, want = both("attention_backward", [np.empty((b, t, 3 * c), dt)], dy, qkv, y, lse,
+                     n_head=h)
+    close(got[0], want[0], dt)
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+def test_cross_entropy(dt, case):
+    b, t, _, _, v = case
+    rng, f = data(dt)
+    logits = f(b, t, v, s=3.0)
+    targets = rng.integers(0, v, (b, t))
+    got, want = both("cross_entropy", [np.empty((), dt), np.empty((b, t), dt)], logits, targets)
+    close(got[0], want[0], dt)
+    close(got[1], want[1], dt)
+    lse = want[1]
+    dloss = np.array(0.7, dt)
+    got, want = both("cross_entropy_backward", [np.empty((b, t, v), dt)], dloss, logits,
+                     targets, lse)
+    close(got[0], want[0], dt)
+    inplace = logits.copy()                               # dlogits written over the logits
+    nk.cross_entropy_backward(inplace, dloss, inplace, targets, lse)
+    close(inplace, want[0], dt)
+
+
+# ---------------------------------------------------------------- optimiser
+
+def test_optimiser(dt):
+    _, f = data(dt)
+    for n in (1, 37, 70001):
+        p, g, m = f(n), f(n), f(n, s=0.1)
+        v = np.abs(f(n, s=0.01))
+        got = [a.copy() for a in (p, g, m, v)]
+        want = [a.copy() for a in (p, g, m, v)]
+        kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
+        nk.adamw(*got, **kw)
+        ref.adamw(*want, **kw)
+        for a, b in zip(got, want):
+            close(a, b, dt)
+        s, sr = nk.sum_of_squares(p), ref.sum_of_squares(p)
+        assert isinstance(s, float)
+        np.testing.assert_allclose(s, sr, rtol=TOL[dt][0])
+        x = p.copy()
+        nk.scale_in_place(x, 0.3)
+        close(x, p * dt(0.3), dt)
+
+
+# ---------------------------------------------------------------- determinism
+
+def test_determinism(dt):
+    """Reductions with several chunks, blocks and heads agree bit for bit run to run, and with
+    the thread count changed: every partial sum covers a block fixed by the shape."""
+    rng, f = data(dt)
+    b, t, c, h, v = 4, 33, 96, 4, 300
+    x, dy, w = f(b, t, c), f(b, t, c), f(c)
+    mean, rstd = np.empty((b, t), dt), np.empty((b, t), dt)
+    nk.layernorm(np.empty_like(x), mean, rstd, x, w, w, eps=1e-5)
+    idx = rng.integers(0, 7, (b, t))                      # many repeats
+    qkv = f(b, t, 3 * c)
+    y, lse = np.empty((b, t, c), dt), np.empty((b, h, t), dt)
+    nk.attention(y, lse, qkv, n_head=h)
+    big = f(300001)
+
+    def run():
+        ln = [np.empty_like(x), np.empty(c, dt), np.empty(c, dt)]
+        nk.layernorm_backward(*ln, dy, x, w, mean, rstd)
+        emb = np.empty((v, c), dt)
+        nk.embedding_backward(emb, dy, idx)
+        dqkv = np.empty_like(qkv)
+        nk.attention_backward(dqkv, dy, qkv, y, lse, n_head=h)
+        return ln + [emb, dqkv, np.array(nk.sum_of_squares(big))]
+
+    first = run()
+    for again in (run(), run_with_threads(1, run)):          # same again; and on one thread
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+
+
+def run_with_threads(n, fn):
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        return fn()
+    finally:
+        numba.set_num_threads(before)
+
+
+def test_fallback_non_contiguous(dt):
+    """Arrays the kernels do not take (non-contiguous views) go to the reference path."""
+    _, f = data(dt)
+    x = f(6, 10)[:, ::2]
+    out = np.empty((6, 5), dt)
+    nk.softmax(out, x)
+    want = np.empty_like(out)
+    ref.softmax(want, x)
+    close(out, want, dt)
