@@ -25,6 +25,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)           # run from a checkout, installed or not
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
@@ -77,11 +78,10 @@ def _ours(engine, size, steps):
         step()
         times.append(time.perf_counter() - t)
     return dict(times=times, first_step=first, import_s=imported,
-                n_params=model.num_parameters() - model.parameters()["transformer.wpe.weight"].size)
+                n_params=model.num_parameters() - model.parameters()["transformer.wpe.weight"].data.size)
 
 
 def _torch(size, steps):
-    sys.path.insert(0, ROOT)
     import torch
     from tests.torch_gpt2 import GPT as TorchGPT, configure_adamw
     import gpt2
