@@ -51,6 +51,18 @@ def _batch(size, seed):
         rng.integers(0, spec["model"]["vocab_size"], shape)
 
 
+def _time_steps(step, steps, t0):
+    """Run step once (its time from t0 is the first-step figure), then `steps` timed steps."""
+    step()
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return first, times
+
+
 def _ours(engine, size, steps):
     t_import = time.perf_counter()
     import gpt2
@@ -70,13 +82,7 @@ def _ours(engine, size, steps):
         opt.zero_grad()
         return loss.item()
 
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    first, times = _time_steps(step, steps, t0)
     return dict(times=times, first_step=first, import_s=imported,
                 n_params=model.num_parameters() - model.parameters()["transformer.wpe.weight"].data.size)
 
@@ -99,14 +105,7 @@ def _torch(size, steps):
         opt.zero_grad(set_to_none=True)
         return loss.item()
 
-    t0 = time.perf_counter()
-    step()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    first, times = _time_steps(step, steps, time.perf_counter())
     return dict(times=times, first_step=first)
 
 

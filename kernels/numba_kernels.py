@@ -498,6 +498,23 @@ def _softmax_backward_rows(dx, dy, y):
 _KEY_BLOCK = 64
 
 
+
+@njit(cache=True, inline="always")
+def _head_keys_values(xb, c, qo, d, nkb):
+    """One head's keys and values of xb (T, 3C), transposed into key blocks: kt, vt (nkb, D, 64),
+    zero past T, so a block of scores is a run of contiguous, vectorisable dot products."""
+    t = xb.shape[0]
+    kt = np.zeros((nkb, d, _KEY_BLOCK), xb.dtype)
+    vt = np.zeros((nkb, d, _KEY_BLOCK), xb.dtype)
+    for j in range(t):
+        jb = j // _KEY_BLOCK
+        jj = j % _KEY_BLOCK
+        for e in range(d):
+            kt[jb, e, jj] = xb[j, c + qo + e]
+            vt[jb, e, jj] = xb[j, 2 * c + qo + e]
+    return kt, vt
+
+
 @njit(**_PAR)
 def _attention_forward(out, lse, qkv, n_head, scale):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token.
@@ -513,16 +530,7 @@ def _attention_forward(out, lse, qkv, n_head, scale):
         b = bh // n_head
         qo = (bh % n_head) * d
         xb = qkv[b]
-        kt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
-        vt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
-        for j in range(t):
-            kj = xb[j, c + qo:c + qo + d]
-            vj = xb[j, 2 * c + qo:2 * c + qo + d]
-            jb = j // _KEY_BLOCK
-            jj = j % _KEY_BLOCK
-            for e in range(d):
-                kt[jb, e, jj] = kj[e]
-                vt[jb, e, jj] = vj[e]
+        kt, vt = _head_keys_values(xb, c, qo, d, nkb)
         qs = np.empty(d, qkv.dtype)
         sb = np.empty(_KEY_BLOCK, qkv.dtype)
         acc = np.empty(d, np.float64)
@@ -587,18 +595,9 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale):
         qo = (bh % n_head) * d
         xb = qkv[b]
         gb = dqkv[b]
-        kt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
-        vt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
+        kt, vt = _head_keys_values(xb, c, qo, d, nkb)
         dkt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
         dvt = np.zeros((nkb, d, _KEY_BLOCK), qkv.dtype)
-        for j in range(t):
-            kj = xb[j, c + qo:c + qo + d]
-            vj = xb[j, 2 * c + qo:2 * c + qo + d]
-            jb = j // _KEY_BLOCK
-            jj = j % _KEY_BLOCK
-            for e in range(d):
-                kt[jb, e, jj] = kj[e]
-                vt[jb, e, jj] = vj[e]
         ps = np.empty((nkb, _KEY_BLOCK), qkv.dtype)
         ds = np.empty((nkb, _KEY_BLOCK), qkv.dtype)
         qs = np.empty(d, qkv.dtype)
