@@ -8,7 +8,7 @@ from `tracer` or `gpt2`.
 from kernels import numba_kernels, reference
 
 OP_NAMES = (
-    "add", "mul", "scale", "sum_to", "copy", "permute", "split", "concat", "causal_mask", "fill",
+    "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",
     "matmul", "linear", "linear_backward_x", "linear_backward_w", "linear_backward_b",
     "embedding", "embedding_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
     "softmax", "softmax_backward", "attention", "attention_backward",

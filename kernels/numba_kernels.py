@@ -26,7 +26,7 @@ Choices that hold throughout:
   scores, a running maximum's start). Numba's max() reduction does not vectorise even under full
   fastmath, hence `_row_max`.
 
-`TABLE` maps op names to these wrappers; the ops not in it (copy, permute, split, concat,
+`TABLE` maps op names to these wrappers; the ops not in it (permute, split, concat,
 causal_mask, fill, matmul) are left to the reference kernels, already NumPy at its best.
 """
 import math

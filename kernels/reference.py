@@ -39,10 +39,6 @@ def scale(out, x, *, factor):
     np.multiply(x, factor, out=out)
 
 
-def copy(out, x):
-    out[...] = x
-
-
 def fill(out, *, value):
     out[...] = value
 

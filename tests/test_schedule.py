@@ -8,7 +8,7 @@ import gpt2
 import kernels
 from tracer import functional as F
 from tracer.autodiff import joint_graph
-from tracer.ops import _kernel_attrs
+from tracer.ops import kernel_attrs
 from tracer.runtime import Executable
 from tracer.schedule import check_plan, plan_buffers
 from tracer.trace import trace
@@ -62,7 +62,7 @@ def run_naive(graph, inputs):
             values[n.outputs[0].id] = ins[0].reshape(n.outputs[0].shape)
             continue
         outs = [np.empty(o.shape, o.dtype) for o in n.outputs]
-        kernels.REFERENCE[n.op.name](*outs, *ins, **_kernel_attrs(n.op, n.attrs))
+        kernels.REFERENCE[n.op.name](*outs, *ins, **kernel_attrs(n.op, n.attrs))
         values.update({o.id: a for o, a in zip(n.outputs, outs)})
     return {k: values[v.id] for k, v in graph.outputs.items()}
 

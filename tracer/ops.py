@@ -50,11 +50,11 @@ class ArrayInterpreter:
         if op.is_view:
             return [inputs[0].reshape(avals[0].shape)]
         outs = [np.empty(a.shape, a.dtype) for a in avals]
-        self.table[op.name](*outs, *inputs, **_kernel_attrs(op, attrs))
+        self.table[op.name](*outs, *inputs, **kernel_attrs(op, attrs))
         return outs
 
 
-def _kernel_attrs(op, attrs):
+def kernel_attrs(op, attrs):
     """Attributes the kernel needs; shape-only attributes are already encoded in the outputs."""
     return {k: v for k, v in attrs.items() if k not in ("shape", "dtype", "num_embeddings")}
 
@@ -156,7 +156,6 @@ def _sum_to_rule(x, shape):
 
 defop("sum_to", _sum_to_rule)
 defop("fill", lambda shape, dtype, value: [Aval(tuple(shape), np.dtype(dtype))])
-defop("copy", lambda x: [Aval(x.shape, x.dtype)])
 
 
 def _causal_mask_rule(x, value):
