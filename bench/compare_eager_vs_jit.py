@@ -8,24 +8,21 @@ Every measurement runs in its own process; repetitions are interleaved (jit, eag
 whole training step: forward, backward, gradient clipping, AdamW, zero_grad, in float32.
 The float32 GEMM rate is measured in the same run, for model FLOP utilisation:
 FLOP per step = (6 N + 12 L C T) B T, N the parameter count without position embeddings.
-Writes bench/results/compare.md and compare.png.
+Writes bench/results/compare.md and compare.png (--out names another pair).
 """
+import argparse
+import json
 import os
-
-# Before NumPy loads OpenBLAS: its threads otherwise spin after each GEMM and slow the next kernel.
-os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
+import kernels  # noqa: E402,F401  (its CPU settings, before NumPy loads OpenBLAS)
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
@@ -110,6 +107,9 @@ def _torch(size, steps):
 
 
 def worker(engine, size, steps):
+    if engine == "gemm":
+        print(json.dumps(dict(rate=gemm_rate(), core=kernels.cpu.openblas_core())))
+        return
     result = _torch(size, steps) if engine == "torch" else _ours(engine, size, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["process_to_first_step"] = time.perf_counter() - START
@@ -164,6 +164,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--worker", nargs=2, metavar=("ENGINE", "SIZE"))
     p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--out", default="compare", help="results file name, without .md / .png")
     args = p.parse_args()
     if args.worker:
         engine, size = args.worker
@@ -193,10 +194,24 @@ def main():
                          cold=cold["process_to_first_step"], warm=warm["process_to_first_step"],
                          warm_compile=warm["first_step"]))
         chart[size] = med
-    report(rows, chart)
+    report(rows, chart, blas_note(), args.out)
 
 
-def report(rows, chart):
+def blas_note():
+    """Which OpenBLAS kernels ran, and, when the environment picks them, OpenBLAS's own choice."""
+    core = kernels.cpu.openblas_core()
+    pinned = os.environ.get("OPENBLAS_CORETYPE")
+    if not pinned:
+        return f"BLAS: NumPy's OpenBLAS, {core} kernels (its own choice for this CPU)."
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    own = spawn("gemm", "tiny", 0, env)
+    return (f"BLAS: NumPy's OpenBLAS, {core} kernels, as this machine's environment sets "
+            f"OPENBLAS_CORETYPE={pinned} (for all three engines' processes alike; PyTorch has its "
+            f"own GEMM). Without that setting OpenBLAS picks {own['core']} here, and the same GEMM "
+            f"runs at {own['rate'] / 1e9:.0f} GFLOP/s.")
+
+
+def report(rows, chart, note, out):
     header = ("| size | compiled step | eager step | PyTorch step | compiled tok/s | "
               "eager/compiled | compiled/PyTorch | MFU | GEMM GFLOP/s | peak RSS MiB "
               "(jit / eager / torch) | start to 1st step, cold / warm (compile + 1st step) |")
@@ -208,10 +223,10 @@ def report(rows, chart):
             f"{r['vs_torch']:.2f} | {r['mfu']:.2f} | {r['gemm']:.0f} | "
             f"{r['rss_jit']:.0f} / {r['rss_eager']:.0f} / {r['rss_torch']:.0f} | "
             f"{r['cold']:.1f} s / {r['warm']:.1f} s ({r['warm_compile']:.1f} s) |")
-    table = "\n".join(lines)
+    table = "\n".join(lines) + "\n\n" + note
     print(table)
     os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "compare.md"), "w") as f:
+    with open(os.path.join(RESULTS, out + ".md"), "w") as f:
         f.write("Training step (forward, backward, clip, AdamW), float32, medians of interleaved "
                 "runs in separate processes on one machine.\n\n" + table + "\n")
     import matplotlib
@@ -231,7 +246,7 @@ def report(rows, chart):
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "compare.png"), dpi=110)
+    fig.savefig(os.path.join(RESULTS, out + ".png"), dpi=110)
 
 
 if __name__ == "__main__":

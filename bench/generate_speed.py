@@ -12,11 +12,10 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpt2                                                    # noqa: E402
+import numpy as np                                            # noqa: E402
 from gpt2.generate import KVCacheDecoder, generate             # noqa: E402
 from tracer import no_grad                                     # noqa: E402
 

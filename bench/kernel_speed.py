@@ -11,12 +11,11 @@ import os
 import sys
 import time
 
-import numpy as np
-
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels import numba_kernels as nk  # noqa: E402
+from kernels import numba_kernels as nk  # noqa: E402  (before NumPy: see kernels/cpu.py)
 from kernels import reference as ref  # noqa: E402
+import numpy as np  # noqa: E402
 
 
 def best_pair(fast, slow, repeat):

@@ -13,12 +13,11 @@ import statistics
 import sys
 import time
 
-import numpy as np
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gpt2  # noqa: E402
+import gpt2  # noqa: E402  (before NumPy: see kernels/cpu.py)
+import numpy as np  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 
 

@@ -3,9 +3,13 @@
 `REFERENCE` maps an op name to its NumPy implementation (outputs first, then inputs, then
 attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, with the
 reference ones for the layout ops NumPy already does at its best. This package imports nothing
-from `tracer` or `gpt2`.
+from `tracer` or `gpt2`; it applies `cpu.configure()` before anything loads NumPy.
 """
-from kernels import numba_kernels, reference
+from kernels import cpu
+
+cpu.configure()
+
+from kernels import numba_kernels, reference  # noqa: E402
 
 OP_NAMES = (
     "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",

@@ -48,10 +48,9 @@ from kernels import reference
 #   1-thread speed for hundreds of calls in a row);
 # - OpenMP with OMP_WAIT_POLICY=PASSIVE: threads sleep between kernels (~40 us per launch), GEMMs
 #   unharmed, kernels consistently on both cores. That is what we ask for, unless the user chose a
-#   layer (NUMBA_THREADING_LAYER) or a wait policy. It must be set before the first parallel call
-#   loads libgomp, which is why it is done at import.
+#   layer (NUMBA_THREADING_LAYER) or a wait policy; `kernels.cpu` sets the policy before libgomp
+#   loads.
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 _FM = {"nsz", "arcp", "contract", "reassoc"}

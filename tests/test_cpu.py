@@ -1,0 +1,51 @@
+"""CPU settings: applied before NumPy loads OpenBLAS, whichever of our packages is imported first."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kernels import cpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Records the environment at the moment NumPy's import starts, then imports the package named.
+PROBE = """
+import importlib, os, sys
+seen = {}
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "numpy" and not seen:
+            seen.update({k: os.environ.get(k) for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")})
+sys.meta_path.insert(0, Spy())
+importlib.import_module(sys.argv[1])
+print(seen)
+"""
+
+
+def _run(code, *args, env=None):
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         cwd=ROOT, env={**base, **(env or {})}, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("package", ["gpt2", "tracer", "kernels"])
+def test_settings_precede_numpy(package):
+    seen = _run(PROBE, package)
+    assert seen == "{'OPENBLAS_THREAD_TIMEOUT': '4', 'OMP_WAIT_POLICY': 'PASSIVE'}"
+
+
+def test_user_settings_win():
+    seen = _run(PROBE, "gpt2", env={"OPENBLAS_THREAD_TIMEOUT": "1", "OMP_WAIT_POLICY": "ACTIVE"})
+    assert seen == "{'OPENBLAS_THREAD_TIMEOUT': '1', 'OMP_WAIT_POLICY': 'ACTIVE'}"
+
+
+@pytest.mark.parametrize("core", ["Haswell", "Sandybridge"])
+def test_openblas_core_reports_the_kernels_in_use(core):
+    if cpu.openblas_core() is None:
+        pytest.fail("NumPy's OpenBLAS was not found; the benchmark could not name its kernels")
+    code = "from kernels import cpu; print(cpu.openblas_core())"
+    assert _run(code, env={"OPENBLAS_CORETYPE": core}) == core
