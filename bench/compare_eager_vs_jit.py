@@ -5,7 +5,9 @@
 
 Every measurement runs in its own process; repetitions are interleaved (jit, eager, torch, jit,
 ...) so drift on a shared machine hits all three alike, and medians are reported. A step is the
-whole training step: forward, backward, gradient clipping, AdamW, zero_grad, in float32.
+whole training step: forward, backward, gradient clipping, AdamW, zero_grad, in float32; each
+engine's fastest way to take it (ours: the fused `opt.step(max_grad_norm=1.0, zero_grad=True)`;
+PyTorch: `clip_grad_norm_`, AdamW with `fused=True`, `zero_grad(set_to_none=True)`).
 The float32 GEMM rate is measured in the same run, for model FLOP utilisation:
 FLOP per step = (6 N + 12 L C T) B T, N the parameter count without position embeddings.
 Writes bench/results/compare.md and compare.png (--out names another pair).
@@ -74,9 +76,7 @@ def _ours(engine, size, steps):
     def step():
         _, loss = run(x, y)
         loss.backward()
-        gpt2.clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        opt.step(max_grad_norm=1.0, zero_grad=True)
         return loss.item()
 
     first, times = _time_steps(step, steps, t0)
@@ -91,7 +91,10 @@ def _torch(size, steps):
     spec = SIZES[size]
     torch.manual_seed(0)
     model = TorchGPT(gpt2.GPTConfig(**spec["model"]), dtype=torch.float32)
-    opt = configure_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    # torch's fastest AdamW on a CPU: fused is 5x faster than the default for-loop at 124M
+    # (100 vs 530 ms with clipping), and a slow baseline would prove nothing.
+    opt = configure_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                          fused=True)
     x, y = (torch.from_numpy(a) for a in _batch(size, 0))
 
     def step():

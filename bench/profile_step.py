@@ -40,9 +40,7 @@ def main():
         for node, seconds in exe.run_profiled():
             per_node.setdefault(id(node), (node, []))[1].append(seconds)
         t = time.perf_counter()
-        gpt2.clip_grad_norm(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
+        opt.step(max_grad_norm=1.0, zero_grad=True)
         opt_times.append(time.perf_counter() - t)
     nodes = [(node, statistics.median(ts)) for node, ts in per_node.values()]
     by_kind = {}

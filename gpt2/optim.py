@@ -4,6 +4,7 @@ Parameters that sit next to each other in one flat buffer (as GPT's do) are merg
 segment, so a step is one fused pass per decay group rather than one per tensor.
 """
 import math
+import numbers
 
 import numpy as np
 
@@ -66,13 +67,29 @@ class AdamW:
         self.exp_avg_sq = [np.zeros_like(d) for (d, _, _), _ in self.groups]
         self.step_count = 0
 
-    def step(self):
+    def step(self, *, max_grad_norm=None, zero_grad=False):
+        """One AdamW step over every parameter.
+
+        max_grad_norm: clip first, as clip_grad_norm(params, max_grad_norm) would, but inside the
+        step's pass (each gradient is read scaled rather than rewritten); returns the gradient
+        norm before clipping. If that norm is not finite, nothing changes (no update, gradients
+        kept) and the norm is returned for the caller to decide. math.inf measures without
+        clipping. zero_grad: zero the gradients in the same pass, as zero_grad() would after.
+        """
+        scale, norm = 1.0, None
+        if max_grad_norm is not None:
+            _check_max_norm("max_grad_norm", max_grad_norm)
+            norm = _global_norm(grad for (_, grad, _), _ in self.groups)
+            if not math.isfinite(norm):
+                return norm
+            scale = min(1.0, max_grad_norm / (norm + 1e-6))
         self.step_count += 1
         b1, b2 = self.betas
         for ((data, grad, _), decays), m, v in zip(self.groups, self.exp_avg, self.exp_avg_sq):
             kernels.adamw(data, grad, m, v, lr=self.lr, beta1=b1, beta2=b2, eps=self.eps,
                           weight_decay=self.weight_decay if decays else 0.0,
-                          step=self.step_count)
+                          step=self.step_count, grad_scale=scale, zero_grad=zero_grad)
+        return norm
 
     def zero_grad(self):
         for (_, grad, _), _ in self.groups:
@@ -117,10 +134,20 @@ class AdamW:
         return out
 
 
+def _check_max_norm(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0 (math.inf for no clipping), got {value!r}")
+
+
+def _global_norm(grads):
+    return math.sqrt(sum(kernels.sum_of_squares(g) for g in grads))
+
+
 def clip_grad_norm(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
+    _check_max_norm("max_norm", max_norm)
     segments = _segments(_named(params))
-    total = math.sqrt(sum(kernels.sum_of_squares(g) for _, g, _ in segments))
+    total = _global_norm(g for _, g, _ in segments)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for _, g, _ in segments:

@@ -19,7 +19,7 @@ from gpt2 import data as data_mod
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
-from gpt2.optim import AdamW, clip_grad_norm, cosine_lr
+from gpt2.optim import AdamW, cosine_lr
 from gpt2.progress import Progress
 from tracer import no_grad
 
@@ -154,22 +154,22 @@ def train(cfg):
             _, loss = run(x, y)
             loss_value = loss.item()
             loss.backward()
-            norm = clip_grad_norm(model.parameters(), cfg.clip) if cfg.clip > 0 else \
-                math.sqrt(float(np.dot(model.flat_grad, model.flat_grad)))
-            if not (math.isfinite(loss_value) and math.isfinite(norm)):
+            # Clipping, AdamW and zero_grad in one pass; a non-finite norm updates nothing.
+            norm = opt.step(max_grad_norm=cfg.clip if cfg.clip > 0 else math.inf,
+                            zero_grad=True) if math.isfinite(loss_value) else None
+            if norm is None or not math.isfinite(norm):
                 opt.zero_grad()
+                what = f"loss {loss_value}" if norm is None else f"gradient norm {norm}"
                 if not cfg.skip_nonfinite:
                     bar.close()
                     raise NonFiniteError(
-                        f"step {step}: loss {loss_value} / gradient norm {norm} is not finite; "
+                        f"step {step}: {what} is not finite; "
                         f"stopped, the last good checkpoint {ckpt_path} is untouched "
                         f"(--skip-nonfinite skips such steps instead)")
                 skipped += 1
-                _say(cfg, f"\nstep {step}: non-finite loss or gradient norm, step skipped")
+                _say(cfg, f"\nstep {step}: {what} is not finite, step skipped")
                 step += 1
                 continue
-            opt.step()
-            opt.zero_grad()
             step += 1
             now = time.perf_counter()
             tok_s = tokens_per_step / max(now - t_last, 1e-9)

@@ -272,17 +272,22 @@ def cross_entropy_backward(dlogits, dloss, logits, targets, lse):
 
 # ---------------------------------------------------------------- optimiser
 
-def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
-    """One AdamW step in place over flat arrays, in torch.optim.AdamW's order of operations."""
+def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
+          zero_grad=False):
+    """One AdamW step in place over flat arrays, in torch.optim.AdamW's order of operations, with
+    the gradient read times grad_scale (clipping) and zeroed afterwards if zero_grad."""
+    g = grad if grad_scale == 1.0 else grad.astype(np.float64) * grad_scale
     param *= 1.0 - lr * weight_decay
     m *= beta1
-    m += (1.0 - beta1) * grad
+    m += (1.0 - beta1) * g
     v *= beta2
-    v += (1.0 - beta2) * grad * grad
+    v += (1.0 - beta2) * g * g
     bias1 = 1.0 - beta1 ** step
     bias2 = 1.0 - beta2 ** step
     denom = np.sqrt(v) / math.sqrt(bias2) + eps
     param -= (lr / bias1) * (m / denom)
+    if zero_grad:
+        grad[...] = 0
 
 
 def sum_of_squares(x):

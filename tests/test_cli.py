@@ -78,15 +78,22 @@ def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
     assert "missing.bin" in capsys.readouterr().err
 
 
+def poison_gradients(monkeypatch, calls, value):
+    """Put `value` into one gradient element before the optimiser's step number in `calls`."""
+    real, seen = train_mod.AdamW.step, {"n": 0}
+
+    def step(self, **kw):
+        seen["n"] += 1
+        if seen["n"] in calls:
+            (_, grad, _), _ = self.groups[0]
+            grad[0] = value
+        return real(self, **kw)
+
+    monkeypatch.setattr(train_mod.AdamW, "step", step)
+
+
 def test_nonfinite_gradient_stops_and_keeps_last_good_checkpoint(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = train_mod.clip_grad_norm
-
-    def poisoned(params, max_norm):
-        calls["n"] += 1
-        return float("nan") if calls["n"] == 5 else real(params, max_norm)
-
-    monkeypatch.setattr(train_mod, "clip_grad_norm", poisoned)
+    poison_gradients(monkeypatch, {5}, float("nan"))
     cfg = small_train(corpus, tmp_path, steps=8, eval_interval=3)
     with pytest.raises(train_mod.NonFiniteError, match="step 4: .*not finite"):
         train_mod.train(cfg)
@@ -95,15 +102,8 @@ def test_nonfinite_gradient_stops_and_keeps_last_good_checkpoint(corpus, tmp_pat
     assert all(np.all(np.isfinite(a)) for a in saved["params"].values())
 
 
-def test_nonfinite_loss_can_be_skipped(corpus, tmp_path, monkeypatch):
-    calls = {"n": 0}
-    real = train_mod.clip_grad_norm
-
-    def poisoned(params, max_norm):
-        calls["n"] += 1
-        return float("inf") if calls["n"] in (2, 4) else real(params, max_norm)
-
-    monkeypatch.setattr(train_mod, "clip_grad_norm", poisoned)
+def test_nonfinite_gradient_can_be_skipped(corpus, tmp_path, monkeypatch):
+    poison_gradients(monkeypatch, {2, 4}, float("inf"))
     cfg = small_train(corpus, tmp_path, steps=6, skip_nonfinite=True)
     history = train_mod.train(cfg)
     assert len(history) == 4 and history[-1]["step"] == 6

@@ -322,6 +322,12 @@ def test_optimiser(dt):
         ref.adamw(*want, **kw)
         for a, b in zip(got, want):
             close(a, b, dt)
+        clipped = dict(kw, grad_scale=0.37, zero_grad=True)     # clipping and zero_grad fused
+        nk.adamw(*got, **clipped)
+        ref.adamw(*want, **clipped)
+        for a, b in zip(got, want):
+            close(a, b, dt)
+        assert not np.any(got[1]) and not np.any(want[1])
         s, sr = nk.sum_of_squares(p), ref.sum_of_squares(p)
         assert isinstance(s, float)
         np.testing.assert_allclose(s, sr, rtol=TOL[dt][0])

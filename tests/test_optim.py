@@ -140,6 +140,63 @@ def test_clip_grad_norm_matches_torch(grad_scale, max_norm):
         assert rel_err(after, expected_norm) < 1e-15            # left alone
 
 
+@pytest.mark.parametrize("grad_scale, max_norm", [(1.0, 1.0), (1e-3, 1.0), (5.0, math.inf)])
+def test_fused_step_matches_clip_step_zero_grad_and_torch(grad_scale, max_norm):
+    """opt.step(max_grad_norm=..., zero_grad=True) == clip_grad_norm; step(); zero_grad(), 3 steps,
+    and torch's clip_grad_norm_ + AdamW."""
+    fused, theirs = _models()
+    separate, _ = _models()
+    hyper = HYPER[0]
+    opt_f, opt_s = gpt2.AdamW(fused.parameters(), **hyper), gpt2.AdamW(separate.parameters(), **hyper)
+    topt = torch_gpt2.configure_adamw(theirs, **hyper)
+    rng = np.random.default_rng(6)
+    for _ in range(3):
+        _set_grads(fused, theirs, rng, scale=grad_scale)
+        for name, p in separate.parameters().items():
+            p.grad[...] = fused.parameters()[name].grad
+        norm = opt_f.step(max_grad_norm=max_norm, zero_grad=True)
+        assert rel_err(norm, gpt2.clip_grad_norm(separate.parameters(), max_norm)) < 1e-14
+        opt_s.step()
+        opt_s.zero_grad()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+        topt.step()
+        for name, p in fused.parameters().items():
+            assert not np.any(p.grad), name
+            assert rel_err(p.data, separate.parameters()[name].data) < 1e-14, name
+    assert grad_scale < 1 or max_norm == math.inf or norm > 10 * max_norm   # clipping did act
+    assert _max_param_err(fused, theirs) < 1e-12
+
+
+def test_fused_step_with_non_finite_norm_changes_nothing():
+    ours, theirs = _models()
+    opt = gpt2.AdamW(ours.parameters(), lr=1e-3)
+    _set_grads(ours, theirs, np.random.default_rng(7))
+    opt.step(max_grad_norm=1.0)
+    ours.parameters()["transformer.h.1.mlp.c_fc.weight"].grad[2, 3] = np.nan
+    before = ours.state_dict()
+    grads = {n: p.grad.copy() for n, p in ours.parameters().items()}
+    moments = [m.copy() for m in opt.exp_avg + opt.exp_avg_sq]
+    assert math.isnan(opt.step(max_grad_norm=1.0, zero_grad=True))
+    assert opt.step_count == 1
+    for name, p in ours.parameters().items():
+        np.testing.assert_array_equal(p.data, before[name])
+        np.testing.assert_array_equal(p.grad, grads[name])
+    for got, want in zip(opt.exp_avg + opt.exp_avg_sq, moments):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), "1", True, None])
+def test_bad_max_norm_is_refused(bad):
+    ours, _ = _models()
+    opt = gpt2.AdamW(ours.parameters(), lr=1e-3)
+    if bad is not None:
+        with pytest.raises(ValueError, match=f"max_grad_norm must be .* got {bad!r}"):
+            opt.step(max_grad_norm=bad)
+    with pytest.raises(ValueError, match="max_norm must be"):
+        gpt2.clip_grad_norm(ours.parameters(), bad)
+    assert opt.step_count == 0
+
+
 # ---------------------------------------------------------------- schedule
 
 def nanogpt_lr(it, learning_rate, warmup_iters, lr_decay_iters, min_lr):

@@ -140,14 +140,15 @@ def from_model(ours, dtype=None):
     return from_state_dict(ours.config, ours.state_dict(), ours.dtype if dtype is None else dtype)
 
 
-def configure_adamw(model, lr, betas, eps, weight_decay):
-    """torch.optim.AdamW with nanoGPT's grouping: decay tensors of 2+ dims, not the others."""
+def configure_adamw(model, lr, betas, eps, weight_decay, fused=None):
+    """torch.optim.AdamW with nanoGPT's grouping: decay tensors of 2+ dims, not the others.
+    fused=True picks torch's one-kernel AdamW (nanoGPT asks for it on CUDA only)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 def rel_err(a, b, tiny=1e-300):
