@@ -13,7 +13,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from kernels import numba_kernels as nk  # noqa: E402  (before NumPy: see kernels/cpu.py)
+import kernels  # noqa: E402  (before NumPy: see kernels/cpu.py)
 from kernels import reference as ref  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -70,13 +70,13 @@ def cases(dt, n_params):
     dloss = np.array(1.0, dt)
 
     def both(name, outs, *args, **kw):
-        return (name, lambda: getattr(nk, name)(*outs, *args, **kw),
+        return (name, lambda: kernels.NUMBA[name](*outs, *args, **kw),
                 lambda: getattr(ref, name)(*outs, *args, **kw))
 
     yield both("add", [out2], x, r)
-    yield ("add (B,T,C)+(T,C)", lambda: nk.add(out2, x, wpe), lambda: ref.add(out2, x, wpe))
+    yield ("add (B,T,C)+(T,C)", lambda: kernels.NUMBA["add"](out2, x, wpe), lambda: ref.add(out2, x, wpe))
     yield both("scale", [out2], x, factor=0.5)
-    yield ("sum_to (B,T,C)->(T,C)", lambda: nk.sum_to(out2[0], x),
+    yield ("sum_to (B,T,C)->(T,C)", lambda: kernels.NUMBA["sum_to"](out2[0], x),
            lambda: ref.sum_to(out2[0], x))
     yield both("linear", [e(B, T, 3 * C)], x, w_attn, b_attn)
     yield both("linear_backward_x", [out2], dh, w_fc)
@@ -107,11 +107,11 @@ def cases(dt, n_params):
     m[...] = 0.0
     v[...] = 0.0
     kw = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
-    yield (f"adamw (n={n_params})", lambda: nk.adamw(p, g, m, v, **kw),
+    yield (f"adamw (n={n_params})", lambda: kernels.adamw(p, g, m, v, **kw),
            lambda: ref.adamw(p, g, m, v, **kw))
-    yield (f"sum_of_squares (n={n_params})", lambda: nk.sum_of_squares(g),
+    yield (f"sum_of_squares (n={n_params})", lambda: kernels.sum_of_squares(g),
            lambda: ref.sum_of_squares(g))
-    yield (f"scale_in_place (n={n_params})", lambda: nk.scale_in_place(g, 1.0),
+    yield (f"scale_in_place (n={n_params})", lambda: kernels.scale_in_place(g, 1.0),
            lambda: ref.scale_in_place(g, 1.0))
 
 

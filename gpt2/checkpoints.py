@@ -25,7 +25,7 @@ import tempfile
 
 import numpy as np
 
-from gpt2.model import DTYPES, GPTConfig, parameter_shapes
+from gpt2.config import DTYPES, GPTConfig, parameter_shapes
 
 MAGIC = b"GPT2CKPT"
 FORMAT_VERSION = 1

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt2.model import _as_ids
+from gpt2.config import check_ids
 from tracer import no_grad
 
 
@@ -73,7 +73,7 @@ def perplexity(model, token_ids, block_size, stride):
         raise ValueError(f"token_ids must be 1-D, got shape {arr.shape}")
     if arr.size < 2:
         raise ValueError(f"token_ids has {arr.size} token(s): perplexity needs at least 2")
-    ids = _as_ids(arr.reshape(1, -1), "token_ids", cfg.vocab_size)[0]
+    ids = check_ids(arr.reshape(1, -1), "token_ids", cfg.vocab_size)[0]
 
     total_nll, count = 0.0, 0
     with no_grad():

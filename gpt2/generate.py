@@ -20,7 +20,7 @@ import numbers
 
 import numpy as np
 
-from gpt2.model import _as_ids
+from gpt2.config import check_ids
 from kernels import reference as K
 
 
@@ -185,6 +185,15 @@ class KVCacheDecoder:
 
 # ---------------------------------------------------------------- the public entry point
 
+class Generation:
+    """Mixin for GPT: `model.generate(idx, max_new_tokens, temperature, top_k, seed)`."""
+
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
+        """idx (B, T) -> (B, T + max_new_tokens) int64 with sampled tokens appended."""
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        seed=seed)
+
+
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
     """idx (B, T) int -> int64 (B, T + max_new_tokens): idx with the sampled tokens appended.
 
@@ -193,7 +202,7 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None)
     The model is only read, never changed.
     """
     cfg = model.config
-    idx = _as_ids(idx, "idx", cfg.vocab_size)
+    idx = check_ids(idx, "idx", cfg.vocab_size)
     max_new_tokens = _check_count(max_new_tokens, "max_new_tokens")
     temperature = _check_temperature(temperature)
     top_k = _check_top_k(top_k)

@@ -17,7 +17,7 @@ import json
 import os
 
 from gpt2.checkpoints import MAGIC, read_checkpoint
-from gpt2.model import GPTConfig, parameter_shapes
+from gpt2.config import GPTConfig, parameter_shapes
 
 # Hugging Face activation_function -> our GPTConfig.gelu
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
@@ -30,6 +30,15 @@ MASK_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+
+
+class Pretrained:
+    """Mixin for GPT: build a model from weights saved by us, Hugging Face or nanoGPT."""
+
+    @classmethod
+    def from_pretrained(cls, path, dtype="float32"):
+        """A model of `dtype` from a checkpoint at `path` (see the module docstring)."""
+        return load_pretrained(cls, path, dtype)
 
 
 def load_pretrained(cls, path, dtype):

@@ -8,64 +8,16 @@ All parameters live in one flat array and all gradients in another, decayed (2+ 
 first: AdamW then makes one pass per decay group and zero_grad is one memset.
 """
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tracer import Parameter, Tensor
+from gpt2.config import DTYPES, GPTConfig, check_ids, parameter_shapes
+from gpt2.generate import Generation
+from gpt2.loading import Pretrained
+from tracer import Parameter
 from tracer import functional as F
 
-DTYPES = ("float32", "float64")
-
-
-@dataclass
-class GPTConfig:
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    block_size: int = 1024
-    vocab_size: int = 50304
-    bias: bool = True
-    gelu: str = "tanh"          # "tanh": GPT-2 / Hugging Face gelu_new; "erf": nanoGPT's nn.GELU()
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.gelu not in ("tanh", "erf"):
-            raise ValueError(f"GPTConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
-        if not self.layer_norm_eps > 0:
-            raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
-
-    def to_dict(self):
-        return asdict(self)
-
-
-def parameter_shapes(cfg):
-    """nanoGPT's state_dict names and shapes, in its order (lm_head excluded: it is tied)."""
-    c, shapes = cfg.n_embd, {}
-    shapes["transformer.wte.weight"] = (cfg.vocab_size, c)
-    shapes["transformer.wpe.weight"] = (cfg.block_size, c)
-
-    def layer(prefix, n_in, n_out, norm=False):
-        shapes[prefix + ".weight"] = (n_out,) if norm else (n_out, n_in)
-        if cfg.bias:
-            shapes[prefix + ".bias"] = (n_out,)
-
-    for i in range(cfg.n_layer):
-        h = f"transformer.h.{i}"
-        layer(h + ".ln_1", c, c, norm=True)
-        layer(h + ".attn.c_attn", c, 3 * c)
-        layer(h + ".attn.c_proj", c, c)
-        layer(h + ".ln_2", c, c, norm=True)
-        layer(h + ".mlp.c_fc", c, 4 * c)
-        layer(h + ".mlp.c_proj", 4 * c, c)
-    layer("transformer.ln_f", c, c, norm=True)
-    return shapes
+__all__ = ["GPT", "GPTConfig"]
 
 
 def _check_dtype(dtype):
@@ -74,7 +26,10 @@ def _check_dtype(dtype):
     return np.dtype(dtype)
 
 
-class GPT:
+class GPT(Pretrained, Generation):
+    """GPT-2: the network and its parameters. Loading (`from_pretrained`) and decoding
+    (`generate`) come from the two mixins, which know a GPT only through this interface."""
+
     def __init__(self, config, dtype="float32", seed=0):
         self.config = config
         self.dtype = _check_dtype(dtype)
@@ -150,12 +105,12 @@ class GPT:
 
     def check_inputs(self, idx, targets=None):
         """Validate ids before any kernel sees them; returns them as int64 arrays."""
-        idx = _as_ids(idx, "idx", self.config.vocab_size)
+        idx = check_ids(idx, "idx", self.config.vocab_size)
         if idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size "
                              f"{self.config.block_size}")
         if targets is not None:
-            targets = _as_ids(targets, "targets", self.config.vocab_size)
+            targets = check_ids(targets, "targets", self.config.vocab_size)
             if targets.shape != idx.shape:
                 raise ValueError(f"targets shape {targets.shape} does not match idx shape "
                                  f"{idx.shape}")
@@ -189,32 +144,3 @@ class GPT:
         logits = F.linear(x, p["transformer.wte.weight"])
         loss = None if targets is None else F.cross_entropy(logits, targets)
         return logits, loss
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
-        """idx (B, T) -> (B, T + max_new_tokens) int64 with sampled tokens appended (KV cache)."""
-        from gpt2.generate import generate
-        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        seed=seed)
-
-    @classmethod
-    def from_pretrained(cls, path, dtype="float32"):
-        from gpt2.loading import load_pretrained
-        return load_pretrained(cls, path, dtype)
-
-
-def _as_ids(ids, what, vocab_size):
-    if isinstance(ids, Tensor):
-        ids = ids.data
-    arr = np.asarray(ids)
-    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
-        raise ValueError(f"{what} must hold integer token ids, got dtype {arr.dtype}")
-    if arr.ndim != 2:
-        raise ValueError(f"{what} must have shape (B, T), got shape {arr.shape}")
-    if arr.shape[0] < 1 or arr.shape[1] < 1:
-        raise ValueError(f"{what} must have at least one row and one position, got {arr.shape}")
-    bad = np.flatnonzero((arr < 0) | (arr >= vocab_size))
-    if bad.size:
-        pos = np.unravel_index(bad[0], arr.shape)
-        raise ValueError(f"{what} holds id {arr[pos]} at position {tuple(int(i) for i in pos)}, "
-                         f"outside [0, {vocab_size})")
-    return arr.astype(np.int64, copy=False)

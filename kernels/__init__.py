@@ -1,15 +1,18 @@
 """Numerics only: reference NumPy kernels and Numba kernels behind one calling convention.
 
 `REFERENCE` maps an op name to its NumPy implementation (outputs first, then inputs, then
-attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, with the
-reference ones for the layout ops NumPy already does at its best. This package imports nothing
-from `tracer` or `gpt2`; it applies `cpu.configure()` before anything loads NumPy.
+attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, one file per
+family (elementwise, gemm, embedding, normalisation, attention, loss, optimiser), with the reference
+ones for the layout ops NumPy already does at its best (permute, split, concat, causal_mask, fill,
+matmul). This package imports nothing from `tracer` or `gpt2`; it applies `cpu.configure()` before
+anything loads NumPy.
 """
 from kernels import cpu
 
 cpu.configure()
 
-from kernels import numba_kernels, reference  # noqa: E402
+from kernels import (attention, elementwise, embedding, gemm, loss, normalisation,  # noqa: E402
+                     optimiser, reference)
 
 OP_NAMES = (
     "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",
@@ -21,9 +24,11 @@ OP_NAMES = (
 )
 
 REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
-COMPILED = {**REFERENCE, **numba_kernels.TABLE}
+NUMBA = {**elementwise.TABLE, **gemm.TABLE, **embedding.TABLE, **normalisation.TABLE,
+         **attention.TABLE, **loss.TABLE}
+COMPILED = {**REFERENCE, **NUMBA}
 
 # Optimiser kernels over flat 1-D arrays: one fused pass each.
-adamw = numba_kernels.adamw
-sum_of_squares = numba_kernels.sum_of_squares
-scale_in_place = numba_kernels.scale_in_place
+adamw = optimiser.adamw
+sum_of_squares = optimiser.sum_of_squares
+scale_in_place = optimiser.scale_in_place

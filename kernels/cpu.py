@@ -7,7 +7,7 @@ default: a value already in the environment wins.
 
 - OPENBLAS_THREAD_TIMEOUT=4: OpenBLAS's threads otherwise spin for a while after each GEMM and take
   the cores from the Numba kernel that follows.
-- OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP threads: see `numba_kernels`, where the layer is set.
+- OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP threads: see `kernels.common`, where the layer is set.
 """
 import ctypes
 import os

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import numba_kernels as nk
+from kernels import common, gemm, optimiser, scalar
 from kernels import reference as ref
+
+NUMBA = kernels.NUMBA
 
 DTYPES = [np.float32, np.float64]
 # (B, T, C, H, V)
@@ -32,7 +34,7 @@ def both(fn_name, outs, *args, **attrs):
     """Run the Numba and the reference kernel on fresh copies of the outputs; returns both sets."""
     got = [np.full_like(o, np.nan) for o in outs]
     want = [np.full_like(o, np.nan) for o in outs]
-    getattr(nk, fn_name)(*got, *args, **attrs)
+    NUMBA[fn_name](*got, *args, **attrs)
     getattr(ref, fn_name)(*want, *args, **attrs)
     return got, want
 
@@ -40,7 +42,7 @@ def both(fn_name, outs, *args, **attrs):
 @pytest.fixture(autouse=True)
 def kernels_even_when_small(monkeypatch):
     """Small plain ops normally go to NumPy; here every size runs the Numba kernels."""
-    monkeypatch.setattr(nk, "SMALL_BYTES", 0)
+    monkeypatch.setattr(common, "SMALL_BYTES", 0)
 
 
 @pytest.fixture(params=DTYPES, ids=["f32", "f64"])
@@ -61,11 +63,11 @@ def data(dt, seed=0):
 # ---------------------------------------------------------------- the table itself
 
 def test_table_names_and_signatures():
-    assert set(nk.TABLE) <= set(kernels.OP_NAMES)
-    for name, fn in nk.TABLE.items():
+    assert set(NUMBA) <= set(kernels.OP_NAMES)
+    for name, fn in NUMBA.items():
         assert inspect.signature(fn) == inspect.signature(getattr(ref, name)), name
     for name in ("adamw", "sum_of_squares", "scale_in_place"):
-        assert inspect.signature(getattr(nk, name)) == inspect.signature(getattr(ref, name))
+        assert inspect.signature(getattr(optimiser, name)) == inspect.signature(getattr(ref, name))
 
 
 # ---------------------------------------------------------------- elementwise
@@ -91,22 +93,22 @@ def test_elementwise(dt, case):
 
 @pytest.mark.parametrize("small_bytes", [0, 1 << 30], ids=["kernel", "numpy"])
 def test_add_and_scale_in_place(dt, monkeypatch, small_bytes):
-    monkeypatch.setattr(nk, "SMALL_BYTES", small_bytes)
+    monkeypatch.setattr(common, "SMALL_BYTES", small_bytes)
     _, f = data(dt)
     a, b, row = f(3, 5, 2100), f(3, 5, 2100), f(5, 2100)   # rows longer than one segment
     for other in (b, row):
         want = a + other
         out = a.copy()
-        nk.add(out, out, other)
+        NUMBA["add"](out, out, other)
         close(out, want, dt)
         out = a.copy()
-        nk.mul(out, out, other)
+        NUMBA["mul"](out, out, other)
         close(out, a * other, dt)
     out = a.copy()
-    nk.scale(out, out, factor=-2.5)
+    NUMBA["scale"](out, out, factor=-2.5)
     close(out, a * dt(-2.5), dt)
     out = a.copy()
-    nk.scale_in_place(out, 0.25)
+    optimiser.scale_in_place(out, 0.25)
     close(out, a * dt(0.25), dt)
 
 
@@ -130,13 +132,13 @@ def test_linear_family(dt, case):
 
 @pytest.mark.parametrize("block_rows", [4096, 5], ids=["one-block", "blocks"])
 def test_linear_backward_w_acc(dt, case, monkeypatch, block_rows):
-    monkeypatch.setattr(nk, "_ACC_ROWS", block_rows)
+    monkeypatch.setattr(gemm, "_ACC_ROWS", block_rows)
     b, t, c, _, _ = case
     _, f = data(dt)
     o = 2 * c + 1
     dy, x, start = f(b, t, o), f(b, t, c), f(o, c)
     got, want = start.copy(), start.copy()
-    nk.linear_backward_w_acc(got, dy, x)
+    NUMBA["linear_backward_w_acc"](got, dy, x)
     ref.linear_backward_w_acc(want, dy, x)
     close(got, want, dt)
 
@@ -148,7 +150,7 @@ def test_linear_gelu(dt, case):
     for form in ("tanh", "erf"):
         for bb in (bias, None):
             out, pre = np.empty((b, t, 3 * c), dt), np.empty((b, t, 3 * c), dt)
-            nk.linear_gelu(out, pre, x, w, bb, form=form)
+            NUMBA["linear_gelu"](out, pre, x, w, bb, form=form)
             want_pre = np.empty_like(pre)
             ref.linear(want_pre, x, w, bb)
             want = np.empty_like(out)
@@ -172,7 +174,7 @@ def test_embedding(dt, case):
     close(got[0], want[0], dt)
     start = f(v, c)                                       # accumulate into existing gradient
     got, want = start.copy(), start.copy()
-    nk.embedding_backward_acc(got, dout, idx)
+    NUMBA["embedding_backward_acc"](got, dout, idx)
     ref.embedding_backward_acc(want, dout, idx)
     close(got, want, dt)
 
@@ -205,7 +207,7 @@ def test_layernorm(dt, case):
     for g, wt in zip(got, want):
         close(g, wt, dt)
     dx, dw, db = dy.copy(), np.empty(c, dt), np.empty(c, dt)   # dx over dy
-    nk.layernorm_backward(dx, dw, db, dx, x, w, mean, rstd)
+    NUMBA["layernorm_backward"](dx, dw, db, dx, x, w, mean, rstd)
     for g, wt in zip((dx, dw, db), want):
         close(g, wt, dt)
 
@@ -218,7 +220,7 @@ def test_residual_layernorm(dt, case):
         for bb in (bias, None):
             s, out = np.empty((b, t, c), dt), np.empty((b, t, c), dt)
             mean, rstd = np.empty((b, t), dt), np.empty((b, t), dt)
-            nk.residual_layernorm(s, out, mean, rstd, x, r, w, bb, eps=1e-5)
+            NUMBA["residual_layernorm"](s, out, mean, rstd, x, r, w, bb, eps=1e-5)
             ws, wout = np.empty_like(s), np.empty_like(out)
             wmean, wrstd = np.empty_like(mean), np.empty_like(rstd)
             ref.add(ws, x, r)
@@ -226,7 +228,7 @@ def test_residual_layernorm(dt, case):
             for g, wt in zip((s, out, mean, rstd), (ws, wout, wmean, wrstd)):
                 close(g, wt, dt)
     s = x.copy()                                          # sum_out over x
-    nk.residual_layernorm(s, out, mean, rstd, s, r, w, bias, eps=1e-5)
+    NUMBA["residual_layernorm"](s, out, mean, rstd, s, r, w, bias, eps=1e-5)
     close(s, x + r, dt)
 
 
@@ -238,7 +240,7 @@ def test_erf_matches_libm():
                         np.nextafter([2.0, 2.0, 6.0, 6.0], [0.0, 9.0, 0.0, 9.0])])
     for v in z:
         want = math.erf(v)
-        got = nk._erf(v)
+        got = scalar.erf(v)
         assert abs(got - want) <= 1e-15 * abs(want) + 1e-300, (v, got, want)
 
 
@@ -253,7 +255,7 @@ def test_gelu(dt, case, form):
     got, want = both("gelu_backward", [np.empty((b, t, c), dt)], dy, x, form=form)
     close(got[0], want[0], dt)
     dx = dy.copy()                                        # dx over dy
-    nk.gelu_backward(dx, dx, x, form=form)
+    NUMBA["gelu_backward"](dx, dx, x, form=form)
     close(dx, want[0], dt)
 
 
@@ -268,7 +270,7 @@ def test_softmax(dt, case):
     got, want = both("softmax_backward", [np.empty((b, t, c), dt)], dy, y)
     close(got[0], want[0], dt)
     dx = dy.copy()
-    nk.softmax_backward(dx, dx, y)
+    NUMBA["softmax_backward"](dx, dx, y)
     close(dx, want[0], dt)
 
 
@@ -304,7 +306,7 @@ def test_cross_entropy(dt, case):
                      targets, lse)
     close(got[0], want[0], dt)
     inplace = logits.copy()                               # dlogits written over the logits
-    nk.cross_entropy_backward(inplace, dloss, inplace, targets, lse)
+    NUMBA["cross_entropy_backward"](inplace, dloss, inplace, targets, lse)
     close(inplace, want[0], dt)
 
 
@@ -318,21 +320,21 @@ def test_optimiser(dt):
         got = [a.copy() for a in (p, g, m, v)]
         want = [a.copy() for a in (p, g, m, v)]
         kw = dict(lr=3e-3, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=3)
-        nk.adamw(*got, **kw)
+        optimiser.adamw(*got, **kw)
         ref.adamw(*want, **kw)
         for a, b in zip(got, want):
             close(a, b, dt)
         clipped = dict(kw, grad_scale=0.37, zero_grad=True)     # clipping and zero_grad fused
-        nk.adamw(*got, **clipped)
+        optimiser.adamw(*got, **clipped)
         ref.adamw(*want, **clipped)
         for a, b in zip(got, want):
             close(a, b, dt)
         assert not np.any(got[1]) and not np.any(want[1])
-        s, sr = nk.sum_of_squares(p), ref.sum_of_squares(p)
+        s, sr = optimiser.sum_of_squares(p), ref.sum_of_squares(p)
         assert isinstance(s, float)
         np.testing.assert_allclose(s, sr, rtol=TOL[dt][0])
         x = p.copy()
-        nk.scale_in_place(x, 0.3)
+        optimiser.scale_in_place(x, 0.3)
         close(x, p * dt(0.3), dt)
 
 
@@ -345,21 +347,21 @@ def test_determinism(dt):
     b, t, c, h, v = 4, 33, 96, 4, 300
     x, dy, w = f(b, t, c), f(b, t, c), f(c)
     mean, rstd = np.empty((b, t), dt), np.empty((b, t), dt)
-    nk.layernorm(np.empty_like(x), mean, rstd, x, w, w, eps=1e-5)
+    NUMBA["layernorm"](np.empty_like(x), mean, rstd, x, w, w, eps=1e-5)
     idx = rng.integers(0, 7, (b, t))                      # many repeats
     qkv = f(b, t, 3 * c)
     y, lse = np.empty((b, t, c), dt), np.empty((b, h, t), dt)
-    nk.attention(y, lse, qkv, n_head=h)
+    NUMBA["attention"](y, lse, qkv, n_head=h)
     big = f(300001)
 
     def run():
         ln = [np.empty_like(x), np.empty(c, dt), np.empty(c, dt)]
-        nk.layernorm_backward(*ln, dy, x, w, mean, rstd)
+        NUMBA["layernorm_backward"](*ln, dy, x, w, mean, rstd)
         emb = np.empty((v, c), dt)
-        nk.embedding_backward(emb, dy, idx)
+        NUMBA["embedding_backward"](emb, dy, idx)
         dqkv = np.empty_like(qkv)
-        nk.attention_backward(dqkv, dy, qkv, y, lse, n_head=h)
-        return ln + [emb, dqkv, np.array(nk.sum_of_squares(big))]
+        NUMBA["attention_backward"](dqkv, dy, qkv, y, lse, n_head=h)
+        return ln + [emb, dqkv, np.array(optimiser.sum_of_squares(big))]
 
     first = run()
     for again in (run(), run_with_threads(1, run)):          # same again; and on one thread
@@ -381,7 +383,7 @@ def test_fallback_non_contiguous(dt):
     _, f = data(dt)
     x = f(6, 10)[:, ::2]
     out = np.empty((6, 5), dt)
-    nk.softmax(out, x)
+    NUMBA["softmax"](out, x)
     want = np.empty_like(out)
     ref.softmax(want, x)
     close(out, want, dt)

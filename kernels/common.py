@@ -1,0 +1,93 @@
+"""What every Numba kernel shares: jit options, the threading layer, and the wrappers' calling
+convention.
+
+Each op kernel (in `elementwise`, `gemm`, `embedding`, `normalisation`, `attention`, `loss`,
+`optimiser`) is a thin Python wrapper with the signature of its counterpart in `kernels.reference`:
+outputs first, then inputs, then attributes. It checks that the arrays are float32/float64 of one
+dtype and C-contiguous (`is_fast`), views (..., C) as (N, C) rows without copying (`rows`), and
+calls a jitted kernel. Anything else (a mixed dtype, a non-contiguous output, a broadcast the
+kernels do not cover) falls back to the reference implementation, so every wrapper accepts what
+the reference accepts.
+
+Choices that hold throughout:
+- One jitted kernel serves both dtypes; every kernel sees 2-D (or 1-D) C-contiguous arrays only, so
+  each compiles exactly twice (float32, float64). `cache=True`: a second start compiles nothing.
+- Sums accumulate in float64 whatever the dtype. Reductions across rows (dw, db, column sums, the
+  loss, sum_of_squares) are deterministic: each partial sum covers a block fixed by the array's
+  shape (never by the thread count) and the partials are added in block order.
+- Inner loops index from 0 over slices (a[j0:j1] then s[j]): an offset index a[j0 + j] carries
+  Numba's negative-index wraparound and the loop does not vectorise (measured 7x).
+- fastmath flags: reassociation (vectorised sums), contraction (FMA), reciprocal and no-signed-zero
+  only. No `nnan` (a NaN loss must stay NaN) and no `ninf`: -inf is a legitimate value (masked
+  scores, a running maximum's start).
+"""
+import os
+
+import numba
+import numpy as np
+
+# Threads. NumPy's OpenBLAS and Numba each keep a pool of threads on this 2-core machine, and they
+# take turns: a GEMM, a kernel, a GEMM. Measured, 256x768 @ 768x768 GEMMs alternating with kernels:
+# - OpenMP layer, default wait policy: its threads spin after every kernel and the next GEMM runs
+#   up to 7x slower (1.3 ms -> 9 ms);
+# - workqueue layer: no such clash, but the work was often not split (a 2-thread kernel running at
+#   1-thread speed for hundreds of calls in a row);
+# - OpenMP with OMP_WAIT_POLICY=PASSIVE: threads sleep between kernels (~40 us per launch), GEMMs
+#   unharmed, kernels consistently on both cores. That is what we ask for, unless the user chose a
+#   layer (NUMBA_THREADING_LAYER) or a wait policy; `kernels.cpu` sets the policy before libgomp
+#   loads.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
+PARALLEL = dict(cache=True, fastmath=FASTMATH, parallel=True)
+
+# In-place calls (out is a, dx is dy, dlogits is logits) would defeat vectorisation: LLVM guards a
+# vector loop with an overlap check between the arrays, and an output that *is* an input fails it,
+# so the loop runs scalar (measured 7x slower). Kernels that may run in place therefore compute a
+# segment of at most SEG elements into a scratch row, then copy it out: two unit-stride loops over
+# L1-resident data, both vectorised. The scratch is (chunks, SEG), allocated once per call outside
+# the parallel loop, one row per chunk of the work.
+CHUNKS = 64
+SEG = 2048
+
+
+def is_fast(*arrays):
+    """True when every argument is a non-empty C-contiguous float32 or float64 array, one dtype."""
+    dt = getattr(arrays[0], "dtype", None)
+    if dt != np.float32 and dt != np.float64:
+        return False
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.dtype != dt or not a.flags.c_contiguous \
+                or a.size == 0:
+            return False
+    return True
+
+
+# A parallel launch costs ~40 us here (threads asleep between kernels, see the top): below this
+# size NumPy's single-threaded loop is faster for the plain memory-bound ops (add, mul, scale,
+# column sums, the embedding gather, the bias add), which then take the NumPy path. Measured
+# crossover for add: ~3 MB; for column sums, whose NumPy loop is faster still, past 12 MB.
+# Tests set it to 0 to run the kernels on small arrays.
+SMALL_BYTES = 4 << 20
+
+
+def is_small(a, times=1):
+    return a.nbytes < times * SMALL_BYTES
+
+
+def rows(a):
+    """View (..., C) as (N, C), a 0-d array as (1, 1); no copy for a C-contiguous array."""
+    return a.reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+
+
+def ids(idx):
+    return np.ascontiguousarray(idx, dtype=np.int64).reshape(-1)
+
+
+def is_suffix(small, big):
+    """True when shape small (leading 1s dropped, at least 1-D) is a trailing part of shape big."""
+    small = tuple(small)
+    while len(small) > 1 and small[0] == 1:
+        small = small[1:]
+    return 0 < len(small) <= len(big) and tuple(big[len(big) - len(small):]) == small

@@ -1,0 +1,186 @@
+"""Elementwise kernels: add and multiply with row broadcasting, scale, column sums (the
+backward of a broadcast), and GELU forward and backward in both forms.
+"""
+import numpy as np
+from numba import njit, prange
+
+from kernels import reference
+from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_small, is_suffix, rows
+from kernels.scalar import gelu_erf, gelu_erf_grad, gelu_tanh, gelu_tanh_grad
+
+
+@njit(**PARALLEL)
+def binary_rows(out, a, b, op):
+    """out (N, C) = a (N, C) op b (M, C) with b's row i % M (M divides N); op 0 add, 1 multiply.
+    Covers equal shapes (M = N), (B, T, C) with (T, C) and a bias (1, C). out may alias a or b."""
+    n, c = out.shape
+    m = b.shape[0]
+    nch = min(n, CHUNKS)
+    scratch = np.empty((nch, SEG), out.dtype)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        for i in range(ch * n // nch, (ch + 1) * n // nch):
+            for j0 in range(0, c, SEG):
+                w = min(c - j0, SEG)
+                aseg = a[i, j0:j0 + w]
+                bseg = b[i % m, j0:j0 + w]
+                if op == 0:
+                    for j in range(w):
+                        tmp[j] = aseg[j] + bseg[j]
+                else:
+                    for j in range(w):
+                        tmp[j] = aseg[j] * bseg[j]
+                oseg = out[i, j0:j0 + w]
+                for j in range(w):
+                    oseg[j] = tmp[j]
+
+
+@njit(**PARALLEL)
+def scale_flat(out, x, factor):
+    """out (n,) = x (n,) * factor (a scalar of the arrays' dtype); out may alias x."""
+    n = x.shape[0]
+    nch = min(CHUNKS, (n + SEG - 1) // SEG)
+    scratch = np.empty((nch, SEG), x.dtype)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        hi = (ch + 1) * n // nch
+        for j0 in range(ch * n // nch, hi, SEG):
+            w = min(hi - j0, SEG)
+            xseg = x[j0:j0 + w]
+            for j in range(w):
+                tmp[j] = xseg[j] * factor
+            oseg = out[j0:j0 + w]
+            for j in range(w):
+                oseg[j] = tmp[j]
+
+
+_COL_BLOCK = 128
+
+
+@njit(**PARALLEL)
+def colsum(out, x):
+    """out (M,) = sum of x (K, M) over its rows: parallel over blocks of columns, each column summed
+    in row order in float64 (deterministic for any thread count)."""
+    k, m = x.shape
+    for blk in prange((m + _COL_BLOCK - 1) // _COL_BLOCK):
+        j0 = blk * _COL_BLOCK
+        w = min(m - j0, _COL_BLOCK)
+        acc = np.zeros(w, np.float64)
+        for i in range(k):
+            xs = x[i, j0:j0 + w]
+            for j in range(w):
+                acc[j] += xs[j]
+        os_ = out[j0:j0 + w]
+        for j in range(w):
+            os_[j] = acc[j]
+
+
+@njit(**PARALLEL)
+def bias_gelu_rows(out, pre, b, has_bias, form):
+    """pre (N, C) += b (C,) when has_bias; then out (N, C) = gelu(pre). form 0 tanh, 1 erf.
+    out may alias pre."""
+    n, c = pre.shape
+    for i in prange(n):
+        pi = pre[i]
+        oi = out[i]
+        if has_bias:
+            for j in range(c):
+                pi[j] += b[j]
+        if form == 0:
+            for j in range(c):
+                oi[j] = gelu_tanh(np.float64(pi[j]))
+        else:
+            for j in range(c):
+                oi[j] = gelu_erf(np.float64(pi[j]))
+
+
+@njit(**PARALLEL)
+def _gelu_backward_rows(dx, dy, x, form):
+    """dx (N, C) = dy (N, C) * gelu'(x (N, C)); form 0 tanh, 1 erf. dx may alias dy."""
+    n, c = x.shape
+    nch = min(n, CHUNKS)
+    scratch = np.empty((nch, SEG), dx.dtype)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        for i in range(ch * n // nch, (ch + 1) * n // nch):
+            for j0 in range(0, c, SEG):
+                w = min(c - j0, SEG)
+                xseg = x[i, j0:j0 + w]
+                gseg = dy[i, j0:j0 + w]
+                if form == 0:
+                    for j in range(w):
+                        tmp[j] = gseg[j] * gelu_tanh_grad(np.float64(xseg[j]))
+                else:
+                    for j in range(w):
+                        tmp[j] = gseg[j] * gelu_erf_grad(np.float64(xseg[j]))
+                dseg = dx[i, j0:j0 + w]
+                for j in range(w):
+                    dseg[j] = tmp[j]
+
+
+def _binary(out, a, b, op, fallback):
+    if is_fast(out, a, b) and out.ndim >= 1 and not is_small(out):
+        if a.shape == out.shape and is_suffix(b.shape, out.shape):
+            binary_rows(rows(out), rows(a), b.reshape(-1, out.shape[-1]), op)
+            return
+        if b.shape == out.shape and is_suffix(a.shape, out.shape):
+            binary_rows(rows(out), rows(b), a.reshape(-1, out.shape[-1]), op)
+            return
+    fallback(out, a, b)
+
+
+def add(out, a, b):
+    """out = a + b (out may alias a or b); b's shape a trailing part of a's, (B,T,C) + (T,C), or
+    the other way round; any other broadcast goes to NumPy."""
+    _binary(out, a, b, 0, reference.add)
+
+
+def mul(out, a, b):
+    """out = a * b, broadcasting as in add."""
+    _binary(out, a, b, 1, reference.mul)
+
+
+def scale(out, x, *, factor):
+    """out (...) = x (...) * factor; out may alias x."""
+    if is_fast(out, x) and out.shape == x.shape and not is_small(out):
+        scale_flat(out.reshape(-1), x.reshape(-1), x.dtype.type(factor))
+    else:
+        reference.scale(out, x, factor=factor)
+
+
+def sum_to(out, x):
+    """out = x summed over the axes broadcasting added or stretched. When those are all leading
+    axes ((B, T, C) -> (T, C) or (C,)), a deterministic parallel column sum; otherwise NumPy."""
+    if is_fast(out, x) and out.ndim >= 1 and is_suffix(out.shape, x.shape) and out.size < x.size \
+            and not is_small(x, 4):
+        colsum(out.reshape(-1), x.reshape(-1, out.size))
+    else:
+        reference.sum_to(out, x)
+
+
+def gelu_form(form):
+    if form == "tanh":
+        return 0
+    if form == "erf":
+        return 1
+    raise ValueError(f"GELU form must be 'tanh' or 'erf', got {form!r}")
+
+
+def gelu(out, x, *, form):
+    """out (...) = gelu(x (...)), form "tanh" or "erf"."""
+    if is_fast(out, x) and out.shape == x.shape:
+        x2 = rows(x)
+        bias_gelu_rows(rows(out), x2, x2[0], False, gelu_form(form))
+    else:
+        reference.gelu(out, x, form=form)
+
+
+def gelu_backward(dx, dy, x, *, form):
+    """dx (...) = dy (...) * gelu'(x (...)); dx may alias dy."""
+    if is_fast(dx, dy, x) and dx.shape == dy.shape == x.shape:
+        _gelu_backward_rows(rows(dx), rows(dy), rows(x), gelu_form(form))
+    else:
+        reference.gelu_backward(dx, dy, x, form=form)
+
+
+TABLE = {"add": add, "mul": mul, "scale": scale, "sum_to": sum_to, "gelu": gelu, "gelu_backward": gelu_backward}

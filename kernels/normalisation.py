@@ -1,0 +1,199 @@
+"""Row normalisations: LayerNorm (alone or fused with the residual add) and softmax, forward and
+backward.
+"""
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from kernels import reference
+from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_suffix, rows
+from kernels.scalar import exp, row_max
+
+
+@njit(**PARALLEL)
+def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps):
+    """out (N, C) = layernorm of the rows of s, mean and rstd (N,) saved; s = x (N, C) when has_res
+    is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
+    b (C,) is not read when has_bias is False. sum_out may alias x."""
+    n, c = x.shape
+    nr = r.shape[0]
+    nch = min(n, CHUNKS)
+    scratch = np.empty((nch, c), x.dtype)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        for i in range(ch * n // nch, (ch + 1) * n // nch):
+            xi = x[i]
+            if has_res:
+                ri = r[i % nr]
+                for j in range(c):
+                    tmp[j] = xi[j] + ri[j]
+                si = sum_out[i]
+                for j in range(c):
+                    si[j] = tmp[j]
+                xi = tmp
+            acc = 0.0
+            for j in range(c):
+                acc += xi[j]
+            mu = acc / c
+            acc = 0.0
+            for j in range(c):
+                dev = xi[j] - mu
+                acc += dev * dev
+            rs = 1.0 / math.sqrt(acc / c + eps)
+            mean[i] = mu
+            rstd[i] = rs
+            oi = out[i]
+            if has_bias:
+                for j in range(c):
+                    oi[j] = (xi[j] - mu) * rs * w[j] + b[j]
+            else:
+                for j in range(c):
+                    oi[j] = (xi[j] - mu) * rs * w[j]
+
+
+_LN_CHUNKS = 32
+
+
+@njit(**PARALLEL)
+def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
+    """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,). Rows are cut into
+    min(N, 32) fixed chunks, each with its own float64 partial dw/db, added up in chunk order.
+    dx may alias dy (a row of dx goes through scratch)."""
+    n, c = x.shape
+    nch = min(n, _LN_CHUNKS)
+    pdw = np.zeros((nch, c), np.float64)
+    pdb = np.zeros((nch, c), np.float64)
+    scratch = np.empty((nch, c), dx.dtype)
+    for ch in prange(nch):
+        pw = pdw[ch]
+        pb = pdb[ch]
+        tmp = scratch[ch]
+        for i in range(ch * n // nch, (ch + 1) * n // nch):
+            mu = np.float64(mean[i])
+            rs = np.float64(rstd[i])
+            xi = x[i]
+            gi = dy[i]
+            s1 = 0.0
+            s2 = 0.0
+            for j in range(c):
+                xh = (xi[j] - mu) * rs
+                g = gi[j] * w[j]
+                s1 += g
+                s2 += g * xh
+                pw[j] += gi[j] * xh
+                pb[j] += gi[j]
+            s1 /= c
+            s2 /= c
+            for j in range(c):
+                xh = (xi[j] - mu) * rs
+                tmp[j] = rs * (gi[j] * w[j] - s1 - xh * s2)
+            di = dx[i]
+            for j in range(c):
+                di[j] = tmp[j]
+    accw = np.zeros(c, np.float64)
+    accb = np.zeros(c, np.float64)
+    for ch in range(nch):
+        for j in range(c):
+            accw[j] += pdw[ch, j]
+            accb[j] += pdb[ch, j]
+    for j in range(c):
+        dw[j] = accw[j]
+        db[j] = accb[j]
+
+
+@njit(**PARALLEL)
+def _softmax_rows(out, x):
+    """out (N, C) = softmax of each row of x (N, C); out may alias x."""
+    n, c = x.shape
+    for i in prange(n):
+        xi = x[i]
+        oi = out[i]
+        m = row_max(xi)
+        s = 0.0
+        for j in range(c):
+            e = exp(xi[j] - m)
+            oi[j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(c):
+            oi[j] = oi[j] * inv
+
+
+@njit(**PARALLEL)
+def _softmax_backward_rows(dx, dy, y):
+    """dx (N, C) = y * (dy - sum(dy * y)) per row; dx may alias dy."""
+    n, c = y.shape
+    nch = min(n, CHUNKS)
+    scratch = np.empty((nch, SEG), dx.dtype)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        for i in range(ch * n // nch, (ch + 1) * n // nch):
+            yi = y[i]
+            gi = dy[i]
+            dot = 0.0
+            for j in range(c):
+                dot += np.float64(gi[j]) * yi[j]
+            for j0 in range(0, c, SEG):
+                w = min(c - j0, SEG)
+                yseg = y[i, j0:j0 + w]
+                gseg = dy[i, j0:j0 + w]
+                for j in range(w):
+                    tmp[j] = yseg[j] * (gseg[j] - dot)
+                dseg = dx[i, j0:j0 + w]
+                for j in range(w):
+                    dseg[j] = tmp[j]
+
+
+def layernorm(out, mean, rstd, x, w, b=None, *, eps):
+    """out (..., C) normalised over C, times w (C,) plus b (C,); mean, rstd (...) kept."""
+    if is_fast(out, mean, rstd, x, w) and (b is None or is_fast(b, w)):
+        x2 = rows(x)
+        _layernorm_rows(x2, rows(out), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
+                        w if b is None else b, False, b is not None, float(eps))
+    else:
+        reference.layernorm(out, mean, rstd, x, w, b, eps=eps)
+
+
+def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
+    """Fused residual add + layernorm: sum_out (..., C) = x (..., C) + r (same shape, or a trailing
+    part of it such as (T, C)), then out, mean, rstd = layernorm(sum_out, w, b); sum_out may
+    alias x.
+    Equals reference add(sum_out, x, r); layernorm(out, mean, rstd, sum_out, w, b, eps=eps)."""
+    c = x.shape[-1]
+    if is_fast(sum_out, out, mean, rstd, x, r, w) and (b is None or is_fast(b, w)) \
+            and sum_out.shape == x.shape and is_suffix(r.shape, x.shape):
+        _layernorm_rows(rows(sum_out), rows(out), mean.reshape(-1), rstd.reshape(-1), rows(x),
+                        r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps))
+    else:
+        reference.add(sum_out, x, r)
+        reference.layernorm(out, mean, rstd, sum_out, w, b, eps=eps)
+
+
+def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
+    """dx (..., C), dw (C,), db (C,) from dy (..., C) and the saved row statistics; dw and db
+    deterministic (fixed row chunks, added in order); dx may alias dy."""
+    if is_fast(dx, dw, db, dy, x, w, mean, rstd):
+        _layernorm_backward_rows(rows(dx), dw, db, rows(dy), rows(x), w, mean.reshape(-1),
+                                 rstd.reshape(-1))
+    else:
+        reference.layernorm_backward(dx, dw, db, dy, x, w, mean, rstd)
+
+
+def softmax(out, x):
+    """Softmax over the last axis of x (..., C)."""
+    if is_fast(out, x) and out.shape == x.shape:
+        _softmax_rows(rows(out), rows(x))
+    else:
+        reference.softmax(out, x)
+
+
+def softmax_backward(dx, dy, y):
+    """dx (..., C) = y * (dy - sum(dy * y)) over the last axis; dx may alias dy."""
+    if is_fast(dx, dy, y) and dx.shape == dy.shape == y.shape:
+        _softmax_backward_rows(rows(dx), rows(dy), rows(y))
+    else:
+        reference.softmax_backward(dx, dy, y)
+
+
+TABLE = {"layernorm": layernorm, "residual_layernorm": residual_layernorm, "layernorm_backward": layernorm_backward, "softmax": softmax, "softmax_backward": softmax_backward}

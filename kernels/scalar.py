@@ -1,0 +1,197 @@
+"""Scalar math for the Numba kernels, float64 in and out, inlined and vectorised by LLVM.
+
+exp and erf have no vectorised libm here (no SVML), and a scalar `math.exp` / `math.tanh` /
+`math.erf` call per element is 5x / 80x / 20x slower than a vectorised loop, so `exp` and `erf`
+below are our own, accurate to float64 round-off (1 ulp; 4.4e-16 relative). The tanh form of GELU
+is written through exp (0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u))). Helpers called inside a hot loop
+are either `exp` (called directly, so LLVM inlines it) or `inline="always"`: a chain of two
+ordinary calls was left un-inlined and scalar (7x). Numba's max() reduction does not vectorise
+even under full fastmath, hence `row_max`.
+"""
+import math
+import struct
+from decimal import Decimal, getcontext
+
+import numpy as np
+from numba import njit
+
+from kernels.common import FASTMATH
+
+def _ln2_split():
+    """ln 2 as hi + lo: hi keeps 21 significant bits so n * hi is exact for |n| < 2**31."""
+    bits = struct.unpack("<Q", struct.pack("<d", math.log(2.0)))[0] & ~((1 << 32) - 1)
+    hi = struct.unpack("<d", struct.pack("<Q", bits))[0]
+    getcontext().prec = 40
+    return hi, float(Decimal(2).ln() - Decimal(hi))
+
+
+_LN2_HI, _LN2_LO = _ln2_split()
+_LOG2E = 1.0 / math.log(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+_SQRT2 = math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+# Compiled with contraction only: reassociation would fold the two-step reduction below.
+@njit(cache=True, fastmath={"contract"})
+def exp(y):
+    """exp(y) for a float64 y without a libm call: y = n ln2 + r with |r| <= ln2 / 2, e**r by its
+    Taylor polynomial of degree 13 (truncation under 1e-17), 2**n built from the exponent bits.
+    1 ulp; 0 below -708 and inf above 709 (subnormal results flush to 0); NaN stays NaN."""
+    n = np.floor(y * _LOG2E + 0.5)
+    n = min(max(n, -1022.0), 1023.0)
+    r = (y - n * _LN2_HI) - n * _LN2_LO
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    res = p * np.int64((np.int64(n) + 1023) << 52).view(np.float64)
+    if y < -708.0:
+        res = 0.0
+    if y > 709.0:
+        res = np.inf
+    return res
+
+
+# erf without a libm call. Chebyshev interpolants, values from mpmath at 50 digits:
+# erf(z) / z as a function of w = z^2 on [0, 4] (18 terms), and erfcx(t) = exp(t^2) erfc(t) on
+# t in [2, 6] (25 terms); beyond |z| = 6 erf is +-1 to double precision (erfc(6) = 2e-17).
+# Coefficient k multiplies T_k(s), s the interval mapped onto [-1, 1]; the first is halved.
+# Measured over [-7, 7] against mpmath: 4.4e-16 relative at worst, as scipy.special.erf (4.5e-16)
+# and the reference kernel, and 4x faster than math.erf in a loop since it vectorises.
+_ERF_SMALL = (
+    0.7415552820424018, -0.30107107338659495, 0.06899483068983156, -0.013916271264722188,
+    0.0024207995224334636, -0.0003658639685848086, 4.862098443231905e-05, -5.749256558035685e-06,
+    6.113243578434765e-07, -5.8991015312958435e-08, 5.2070090920686485e-09,
+    -4.2329758799655433e-10, 3.188113506649174e-11, -2.2361550188324e-12, 1.4673298479224414e-13,
+    -9.044001826437103e-15, 5.25477848983282e-16, -2.8799688330028507e-17,
+)
+_ERFCX_MID = (
+    0.15454893254411423, -0.07674006034821483, 0.01849487416970198, -0.004337233595514166,
+    0.0009916839077238056, -0.00022144890703087983, 4.836760032122529e-05, -1.034609832664543e-05,
+    2.1698719431920526e-06, -4.4664937548784355e-07, 9.031674382673662e-08,
+    -1.7955339488870227e-08, 3.5120800624763815e-09, -6.763532420163472e-10,
+    1.2831846446281685e-10, -2.3997023709710495e-11, 4.425938010116778e-12, -8.05458382717957e-13,
+    1.4469907391153018e-13, -2.56717117805375e-14, 4.499661122153122e-15, -7.794693798871283e-16,
+    1.33491391133828e-16, -2.2593626401979632e-17, 3.6854174580144056e-18,
+)
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def erf(z):
+    """erf(z) for a float64 z: both pieces are evaluated (Clenshaw) and one is selected, so a loop
+    of it has no branch and vectorises."""
+    t = abs(z)
+    s2 = min(z * z, 4.0) - 2.0                  # 2s for w in [0, 4]
+    b1, b2 = _ERF_SMALL[17], 0.0
+    b1, b2 = _ERF_SMALL[16] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[15] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[14] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[13] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[12] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[11] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[10] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[9] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[8] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[7] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[6] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[5] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[4] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[3] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[2] + s2 * b1 - b2, b1
+    b1, b2 = _ERF_SMALL[1] + s2 * b1 - b2, b1
+    small = z * (_ERF_SMALL[0] + 0.5 * s2 * b1 - b2)
+    tb = min(max(t, 2.0), 6.0)
+    s2 = tb - 4.0                               # 2s for t in [2, 6]
+    b1, b2 = _ERFCX_MID[24], 0.0
+    b1, b2 = _ERFCX_MID[23] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[22] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[21] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[20] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[19] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[18] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[17] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[16] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[15] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[14] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[13] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[12] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[11] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[10] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[9] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[8] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[7] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[6] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[5] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[4] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[3] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[2] + s2 * b1 - b2, b1
+    b1, b2 = _ERFCX_MID[1] + s2 * b1 - b2, b1
+    big = 1.0 - exp(-tb * tb) * (_ERFCX_MID[0] + 0.5 * s2 * b1 - b2)
+    if t >= 6.0:
+        big = 1.0
+    if z < 0.0:
+        big = -big
+    return small if t < 2.0 else big
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def gelu_tanh(x):
+    """0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + exp(-2u))."""
+    u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
+    return x / (1.0 + exp(min(-2.0 * u, 700.0)))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def gelu_tanh_grad(x):
+    """d/dx of the tanh form: s + 2 x s (1 - s) u', s = 1 / (1 + e), 1 - s = e s, e = exp(-2u)."""
+    u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
+    du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * x * x)
+    e = exp(min(-2.0 * u, 700.0))
+    s = 1.0 / (1.0 + e)
+    return s + 2.0 * x * s * (e * s) * du
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def gelu_erf(x):
+    return 0.5 * x * (1.0 + erf(x / _SQRT2))
+
+
+@njit(cache=True, fastmath=FASTMATH, inline="always")
+def gelu_erf_grad(x):
+    cdf = 0.5 * (1.0 + erf(x / _SQRT2))
+    return cdf + x * exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def row_max(x):
+    """max of a 1-D contiguous array, as float64. Numba's max() reduction does not vectorise, so
+    long rows keep 16 running maxima (one vector), folded at the end: 3x faster."""
+    n = x.shape[0]
+    m = -np.inf
+    n16 = (n // 16) * 16 if n >= 256 else 0
+    if n16 > 0:
+        lanes = np.empty(16, x.dtype)
+        for k in range(16):
+            lanes[k] = x[k]
+        x16 = x[:n16].reshape(n16 // 16, 16)
+        for a in range(n16 // 16):
+            for k in range(16):
+                v = x16[a, k]
+                lanes[k] = v if v > lanes[k] else lanes[k]
+        for k in range(16):
+            m = max(m, np.float64(lanes[k]))
+    for j in range(n - n16):
+        m = max(m, np.float64(x[n16 + j]))
+    return m
