@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import common, gemm, optimiser, scalar
+from kernels import attention, common, gemm, optimiser, scalar
 from kernels import reference as ref
 
 NUMBA = kernels.NUMBA
@@ -276,9 +276,9 @@ def test_softmax(dt, case):
 
 # ---------------------------------------------------------------- attention
 
-def test_attention(dt, case):
-    b, t, c, h, _ = case
-    _, f = data(dt)
+def check_attention(dt, b, t, h, d, seed=0):
+    _, f = data(dt, seed)
+    c = h * d
     qkv, dy = f(b, t, 3 * c, s=1.5), f(b, t, c)
     got, want = both("attention", [np.empty((b, t, c), dt), np.empty((b, h, t), dt)], qkv,
                      n_head=h)
@@ -288,6 +288,20 @@ def test_attention(dt, case):
     got, want = both("attention_backward", [np.empty((b, t, 3 * c), dt)], dy, qkv, y, lse,
                      n_head=h)
     close(got[0], want[0], dt)
+
+
+def test_attention(dt, case):
+    b, t, c, h, _ = case
+    check_attention(dt, b, t, h, c // h)
+
+
+# T on both sides of a query block and of the old key block (64), past several blocks, and GPT-2's
+# context; one head and twelve, one sequence and three.
+@pytest.mark.parametrize("t", [1, 63, 64, 65, attention.Q_BLOCK - 1, attention.Q_BLOCK,
+                               attention.Q_BLOCK + 1, 200, 1024])
+@pytest.mark.parametrize("b,h", [(1, 1), (3, 1), (1, 12), (3, 12)])
+def test_attention_blocks(dt, t, b, h):
+    check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -344,14 +358,12 @@ def test_determinism(dt):
     """Reductions with several chunks, blocks and heads agree bit for bit run to run, and with
     the thread count changed: every partial sum covers a block fixed by the shape."""
     rng, f = data(dt)
-    b, t, c, h, v = 4, 33, 96, 4, 300
+    b, t, c, h, v = 4, 2 * attention.Q_BLOCK + 45, 96, 4, 300
     x, dy, w = f(b, t, c), f(b, t, c), f(c)
     mean, rstd = np.empty((b, t), dt), np.empty((b, t), dt)
     NUMBA["layernorm"](np.empty_like(x), mean, rstd, x, w, w, eps=1e-5)
     idx = rng.integers(0, 7, (b, t))                      # many repeats
     qkv = f(b, t, 3 * c)
-    y, lse = np.empty((b, t, c), dt), np.empty((b, h, t), dt)
-    NUMBA["attention"](y, lse, qkv, n_head=h)
     big = f(300001)
 
     def run():
@@ -359,9 +371,10 @@ def test_determinism(dt):
         NUMBA["layernorm_backward"](*ln, dy, x, w, mean, rstd)
         emb = np.empty((v, c), dt)
         NUMBA["embedding_backward"](emb, dy, idx)
-        dqkv = np.empty_like(qkv)
+        y, lse, dqkv = np.empty((b, t, c), dt), np.empty((b, h, t), dt), np.empty_like(qkv)
+        NUMBA["attention"](y, lse, qkv, n_head=h)
         NUMBA["attention_backward"](dqkv, dy, qkv, y, lse, n_head=h)
-        return ln + [emb, dqkv, np.array(optimiser.sum_of_squares(big))]
+        return ln + [emb, y, lse, dqkv, np.array(optimiser.sum_of_squares(big))]
 
     first = run()
     for again in (run(), run_with_threads(1, run)):          # same again; and on one thread
