@@ -28,13 +28,15 @@ import kernels  # noqa: E402,F401  (its CPU settings, before NumPy loads OpenBLA
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
+GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
 SIZES = {
     "tiny": dict(model=dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=50304),
                  batch=8, seq=32, steps=6),
     "small": dict(model=dict(n_layer=4, n_head=4, n_embd=128, block_size=64, vocab_size=50304),
                   batch=12, seq=64, steps=5),
-    "124M": dict(model=dict(n_layer=12, n_head=12, n_embd=768, block_size=1024,
-                            vocab_size=50304), batch=4, seq=64, steps=3),
+    "124M": dict(model=GPT2_124M, batch=4, seq=64, steps=3),
+    "124M-T256": dict(model=GPT2_124M, batch=4, seq=256, steps=3),
+    "124M-T1024": dict(model=GPT2_124M, batch=1, seq=1024, steps=3),
 }
 ENGINES = ("jit", "eager", "torch")
 

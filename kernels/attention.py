@@ -119,8 +119,7 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm, q_block):
                   scale, 0.0, ints, floats)
             for r in range(i1 - i0):
                 keys = p[r, :i0 + r + 1]
-                inv_l[r] = row_max(keys)
-                m = inv_l[r]
+                m = row_max(keys)
                 total = zero
                 for j in range(keys.shape[0]):
                     e = exp_native(keys[j] - m)

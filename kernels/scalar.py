@@ -6,7 +6,9 @@ below are our own, accurate to float64 round-off (1 ulp; 4.4e-16 relative). The 
 is written through exp (0.5 * (1 + tanh(u)) = 1 / (1 + exp(-2u))). Helpers called inside a hot loop
 are either `exp` (called directly, so LLVM inlines it) or `inline="always"`: a chain of two
 ordinary calls was left un-inlined and scalar (7x). Numba's max() reduction does not vectorise
-even under full fastmath, hence `row_max`.
+even under full fastmath, hence `row_max`. Where float32 math measured accurate enough, the
+`*_native` functions run it for float32 arrays (twice the vector lanes) and float64 math for
+float64 ones.
 """
 import math
 import struct
@@ -99,17 +101,24 @@ def exp32(y):
     return res
 
 
-def exp_native(y):
-    """exp(y) in y's own precision: `exp32` for float32, `exp` for float64 (chosen at compile
-    time; for kernels whose float32 math measured accurate enough, see where it is used)."""
-    raise NotImplementedError("exp_native runs inside jitted kernels only")
+def _in_own_precision(name, for_float32, for_float64):
+    """A function for jitted kernels that runs for_float32 on a float32 argument and for_float64
+    on any other, chosen when the kernel compiles. Used where float32 math measured accurate
+    enough: it runs on twice the vector lanes."""
+    def stub(x):
+        raise NotImplementedError(f"{name} runs inside jitted kernels only")
+
+    stub.__name__ = stub.__qualname__ = name
+
+    @overload(stub, inline="always")
+    def _choose(x):
+        impl = for_float32 if x == types.float32 else for_float64
+        return lambda x: impl(x)
+
+    return stub
 
 
-@overload(exp_native, inline="always")
-def _exp_native(y):
-    if y == types.float32:
-        return lambda y: exp32(y)
-    return lambda y: exp(y)
+exp_native = _in_own_precision("exp_native", exp32, exp)
 
 
 # erf without a libm call. Chebyshev interpolants, values from mpmath at 50 digits:
@@ -136,7 +145,7 @@ _ERFCX_MID = (
 )
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def erf(z):
     """erf(z) for a float64 z: both pieces are evaluated (Clenshaw) and one is selected, so a loop
     of it has no branch and vectorises."""
@@ -194,14 +203,14 @@ def erf(z):
     return small if t < 2.0 else big
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def gelu_tanh(x):
     """0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), written as x / (1 + exp(-2u))."""
     u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
     return x / (1.0 + exp(min(-2.0 * u, 700.0)))
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def gelu_tanh_grad(x):
     """d/dx of the tanh form: s + 2 x s (1 - s) u', s = 1 / (1 + e), 1 - s = e s, e = exp(-2u)."""
     u = _SQRT_2_OVER_PI * (x + _GELU_CUBIC * x * x * x)
@@ -211,35 +220,66 @@ def gelu_tanh_grad(x):
     return s + 2.0 * x * s * (e * s) * du
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+_F32 = np.float32
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def gelu_tanh32(x):
+    """`gelu_tanh` in float32 arithmetic. Its largest errors (~30 ulp) fall where gelu(x) is tiny
+    (x < -3): exp amplifies the rounding of u; in absolute terms they stay under 1e-8."""
+    u = _F32(_SQRT_2_OVER_PI) * (x + _F32(_GELU_CUBIC) * x * x * x)
+    return x / (_F32(1.0) + exp32(min(_F32(-2.0) * u, _F32(80.0))))
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def gelu_tanh_grad32(x):
+    """`gelu_tanh_grad` in float32 arithmetic."""
+    u = _F32(_SQRT_2_OVER_PI) * (x + _F32(_GELU_CUBIC) * x * x * x)
+    du = _F32(_SQRT_2_OVER_PI) * (_F32(1.0) + _F32(3.0 * _GELU_CUBIC) * x * x)
+    e = exp32(min(_F32(-2.0) * u, _F32(80.0)))
+    s = _F32(1.0) / (_F32(1.0) + e)
+    return s + _F32(2.0) * x * s * (e * s) * du
+
+
+gelu_tanh_native = _in_own_precision("gelu_tanh_native", gelu_tanh32, gelu_tanh)
+gelu_tanh_grad_native = _in_own_precision("gelu_tanh_grad_native", gelu_tanh_grad32,
+                                          gelu_tanh_grad)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def gelu_erf(x):
     return 0.5 * x * (1.0 + erf(x / _SQRT2))
 
 
-@njit(cache=True, fastmath=FASTMATH, inline="always")
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def gelu_erf_grad(x):
     cdf = 0.5 * (1.0 + erf(x / _SQRT2))
     return cdf + x * exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-@njit(cache=True, fastmath=FASTMATH)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def row_max(x):
-    """max of a 1-D contiguous array, as float64. Numba's max() reduction does not vectorise, so
-    long rows keep 16 running maxima (one vector), folded at the end: 3x faster."""
-    n = x.shape[0]
-    m = -np.inf
-    n16 = (n // 16) * 16 if n >= 256 else 0
-    if n16 > 0:
-        lanes = np.empty(16, x.dtype)
-        for k in range(16):
-            lanes[k] = x[k]
-        x16 = x[:n16].reshape(n16 // 16, 16)
-        for a in range(n16 // 16):
-            for k in range(16):
-                v = x16[a, k]
-                lanes[k] = v if v > lanes[k] else lanes[k]
-        for k in range(16):
-            m = max(m, np.float64(lanes[k]))
-    for j in range(n - n16):
-        m = max(m, np.float64(x[n16 + j]))
-    return m
+    """max of a 1-D contiguous float array, in its dtype (NaN entries are not seen). A float max
+    reduction does not vectorise in Numba, even under full fastmath, so the bits are mapped to
+    integers of the same width that order as the floats do (negatives get their magnitude bits
+    flipped), and an integer max, which vectorises, runs over those: 2x the speed of 16 running
+    float maxima."""
+    if x.itemsize == 4:
+        bits32 = x.view(np.int32)
+        key32 = np.int32(-2147483648)
+        for j in range(bits32.shape[0]):
+            b = bits32[j]
+            k = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
+            key32 = k if k > key32 else key32
+        out32 = np.empty(1, np.int32)
+        out32[0] = key32 ^ ((key32 >> 31) & np.int32(0x7FFFFFFF))
+        return out32.view(x.dtype)[0]
+    bits64 = x.view(np.int64)
+    key64 = np.int64(-9223372036854775808)
+    for j in range(bits64.shape[0]):
+        b = bits64[j]
+        k = b ^ ((b >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+        key64 = k if k > key64 else key64
+    out64 = np.empty(1, np.int64)
+    out64[0] = key64 ^ ((key64 >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    return out64.view(x.dtype)[0]
