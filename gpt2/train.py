@@ -2,7 +2,8 @@
 
 One step: sample a batch, forward, backward, clip, AdamW with the warmup + cosine schedule.
 Every `eval_interval` steps the validation loss is measured and a checkpoint is written
-atomically (with the RNG state, so a resumed run draws the same batches as an uninterrupted one).
+atomically (with the states of the training and validation batch RNGs, so a resumed run draws the
+same batches and logs the same losses as an uninterrupted one).
 A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
 the step with `skip_nonfinite`. Ctrl-C writes a final checkpoint and returns cleanly.
 """
@@ -122,20 +123,28 @@ def train(cfg):
     model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
     opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
+    # Two streams: training batches, and the validation batches, so that how often the run
+    # evaluates does not change which training batches it draws.
     rng = np.random.default_rng(cfg.seed)
+    val_rng = np.random.default_rng(cfg.seed + 1)
     step = 0
     history = []
     if cfg.resume:
         step, extra = load_checkpoint(ckpt_path, model, opt, return_extra=True)
+        missing = [key for key in ("rng", "val_rng") if key not in extra]
+        if missing:
+            raise ValueError(f"checkpoint {ckpt_path!r} lacks the RNG state {missing} needed to "
+                             "resume exactly (not written by this training loop?)")
         rng.bit_generator.state = extra["rng"]
+        val_rng.bit_generator.state = extra["val_rng"]
         history = extra.get("history", [])
         _say(cfg, f"resumed from {ckpt_path} at step {step}")
     run = model if cfg.eager else compile_model(model)
-    val_rng = np.random.default_rng(cfg.seed + 1)
 
     def checkpoint():
         save_checkpoint(ckpt_path, model, opt, step=step,
-                        extra={"rng": rng.bit_generator.state, "history": history,
+                        extra={"rng": rng.bit_generator.state,
+                               "val_rng": val_rng.bit_generator.state, "history": history,
                                "data_dir": cfg.data_dir})
 
     n_params = model.num_parameters()
