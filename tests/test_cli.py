@@ -2,6 +2,7 @@
 non-finite values, Ctrl-C, exact resume."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,19 @@ def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
     assert "no train split" in capsys.readouterr().err
     assert cli.main(["sample", "--ckpt", str(tmp_path / "missing.bin")]) == 2
     assert "missing.bin" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_rate_eta_and_loss(corpus, tmp_path, capsys):
+    history = train_mod.train(small_train(corpus, tmp_path / "loud", quiet=False,
+                                          eval_interval=3))
+    printed = capsys.readouterr()
+    final = printed.err.split("\r")[-1]
+    # tqdm's bar over the run's 6 * 4 * 16 tokens: elapsed<remaining, tok/s, then ours.
+    assert re.match(r"train: 100%\|.+\| 384/384 \[\d\d:\d\d<00:00, +[\d.]+[kM]?tok/s, "
+                    rf"step 6/6, loss {history[-1]['loss']:.3f}, lr \d\.\d\de-0\d\]", final), final
+    assert "step 3: train loss" in printed.out and "val loss" in printed.out
+    train_mod.train(small_train(corpus, tmp_path / "quiet"))
+    assert capsys.readouterr() == ("", "")
 
 
 def poison_gradients(monkeypatch, calls, value):
