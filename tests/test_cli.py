@@ -14,6 +14,7 @@ import gpt2
 from gpt2 import cli
 from gpt2 import train as train_mod
 from gpt2.checkpoints import read_checkpoint
+from test_evaluate import direct_perplexity
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
@@ -71,10 +72,15 @@ def test_prepare_train_sample_eval_end_to_end(corpus, tmp_path, capsys):
     assert capsys.readouterr().out == first                   # greedy is deterministic
 
     assert cli.main(["eval", "--ckpt", str(out / "ckpt.bin"), "--data-dir", str(corpus),
-                     "--block-size", "16", "--stride", "8"]) == 0
-    line = capsys.readouterr().out
-    ppl = float(line.split()[1])
-    assert 1.0 < ppl < 50304
+                     "--block-size", "16", "--stride", "8", "--max-tokens", "150"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[0] == "perplexity" and words[2:4] == ["over", "150"]
+    # exp(mean NLL) target by target, with the context the protocol gives each (the compiled
+    # float32 run of the command differs from the eager one by round-off only).
+    val = np.fromfile(corpus / "val.bin", dtype=np.uint16)[:150].astype(np.int64)
+    model = gpt2.GPT.from_pretrained(out / "ckpt.bin", dtype="float32")
+    want = direct_perplexity(model, val, 16, 8)
+    assert abs(float(words[1]) - want) <= 1e-4 * want + 5e-4, (words[1], want)
 
 
 def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
