@@ -1,4 +1,4 @@
-"""`python -m gpt2 {prepare,train,sample,eval}`.
+"""`python -m gpt2 {prepare,train,sample,eval,export}`.
 
 With no command at all, `python -m gpt2` is `train` on the built-in corpus: the Python standard
 library's own source files, prepared on first use.
@@ -102,9 +102,16 @@ def cmd_eval(args):
         raise ValueError("eval needs --text FILE, --data-dir DIR or --lambada JSONL")
 
 
+def cmd_export(args):
+    model = _load(args.ckpt, args.dtype)
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out}: config.json and model.safetensors ({args.dtype}), a Hugging Face "
+          "GPT-2 directory (transformers.GPT2LMHeadModel.from_pretrained reads it)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="python -m gpt2",
-                                description="Train, sample and evaluate GPT-2 on the CPU.")
+                                description="Train, sample, evaluate and export GPT-2 on the CPU.")
     sub = p.add_subparsers(dest="command")
 
     pp = sub.add_parser("prepare", help="tokenise text files or folders into train.bin/val.bin")
@@ -153,6 +160,13 @@ def build_parser():
     pe.add_argument("--stride", type=int, default=None)
     pe.add_argument("--lambada", help="JSONL of {\"text\": passage} for last-word accuracy")
     pe.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+
+    px = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
+    px.add_argument("--ckpt", required=True,
+                    help="our checkpoint, a Hugging Face GPT-2 directory or a nanoGPT ckpt.pt")
+    px.add_argument("--out", required=True, help="the directory to write (created if need be)")
+    px.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the dtype of the weights written (Hugging Face GPT-2 ships float32)")
     return p
 
 
@@ -162,7 +176,7 @@ def main(argv=None):
     if args.command is None:
         args = parser.parse_args(["train"] + list(argv or []))
     handler = {"prepare": cmd_prepare, "train": cmd_train, "sample": cmd_sample,
-               "eval": cmd_eval}[args.command]
+               "eval": cmd_eval, "export": cmd_export}[args.command]
     try:
         return handler(args) or 0
     except (ValueError, FileNotFoundError) as e:

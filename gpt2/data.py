@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from gpt2.progress import Progress
 from gpt2.tokenizer import EOT_TOKEN, N_VOCAB, get_tokenizer
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
@@ -177,7 +177,8 @@ def prepare(sources, out_dir, val_fraction=0.1, seed=0, extensions=DEFAULT_EXTEN
     try:
         for split in SPLITS:
             handles[split] = _atomic_target(out_dir, split + ".bin")
-        with Progress(total=sum(sizes), desc="tokenising", unit="B", disable=not progress) as bar:
+        with tqdm(total=sum(sizes), desc="tokenising", unit="B", unit_scale=True,
+                  disable=not progress) as bar:
             for batch in _batches(docs, sizes):
                 texts = [_read_text(docs[i]) for i in batch]
                 encoded = enc.encode_ordinary_batch(texts)

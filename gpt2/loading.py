@@ -1,4 +1,5 @@
-"""`GPT.from_pretrained`: weights from Hugging Face GPT-2, nanoGPT, or our own checkpoints.
+"""`GPT.from_pretrained`: weights from Hugging Face GPT-2, nanoGPT, or our own checkpoints;
+`model.save_pretrained`: a Hugging Face GPT-2 directory.
 
 Three formats are recognised:
 
@@ -12,16 +13,26 @@ Three formats are recognised:
 
 Anything else, a path that does not exist, or weights that do not fit the config is a ValueError
 naming the path and the culprit.
+
+`save_pretrained` writes what `transformers.GPT2LMHeadModel.from_pretrained` reads: `config.json`
+and `model.safetensors` under GPT2LMHeadModel's names, the four Conv1D weights (in, out), the tied
+lm_head left out (transformers ties it to wte on loading), each file written atomically.
 """
 import json
 import os
+import tempfile
+
+import numpy as np
 
 from gpt2.checkpoints import MAGIC, read_checkpoint
-from gpt2.config import GPTConfig, parameter_shapes
+from gpt2.config import DTYPES, GPTConfig, parameter_shapes
+from gpt2.tokenizer import EOT_TOKEN
 
 # Hugging Face activation_function -> our GPTConfig.gelu
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
                   "gelu": "erf"}
+# Our GPTConfig.gelu -> the activation_function save_pretrained writes ("gelu" is exact erf GELU).
+HF_ACTIVATION_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
 # Linear layers Hugging Face stores as Conv1D, i.e. weight of shape (in, out).
 CONV1D_SUFFIXES = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight",
                    ".mlp.c_proj.weight")
@@ -39,6 +50,11 @@ class Pretrained:
     def from_pretrained(cls, path, dtype="float32"):
         """A model of `dtype` from a checkpoint at `path` (see the module docstring)."""
         return load_pretrained(cls, path, dtype)
+
+    def save_pretrained(self, path, dtype=None):
+        """Write this model as a Hugging Face GPT-2 directory at `path` (created if need be):
+        config.json and model.safetensors, in `dtype` (default: the model's). Returns `path`."""
+        return save_pretrained(self, path, dtype)
 
 
 def load_pretrained(cls, path, dtype):
@@ -63,6 +79,81 @@ def load_pretrained(cls, path, dtype):
             raise ValueError(f"from_pretrained: {path!r} has no config.json beside it")
         return _load_hf(cls, os.path.dirname(os.path.abspath(path)), dtype, weights=path)
     return _load_torch_file(cls, path, dtype)
+
+
+# ---------------------------------------------------------------- writing Hugging Face GPT-2
+
+def save_pretrained(model, path, dtype=None):
+    """Write `model` (a GPT) as a Hugging Face GPT-2 directory; see `Pretrained.save_pretrained`."""
+    path = os.fspath(path)
+    cfg = model.config
+    if not cfg.bias:
+        raise ValueError("save_pretrained: a model with bias=False cannot be written as Hugging "
+                         "Face GPT-2, whose layers all have biases")
+    dtype = str(model.dtype) if dtype is None else str(dtype)
+    if dtype not in DTYPES:
+        raise ValueError(f"save_pretrained: dtype must be one of {DTYPES}, got {dtype!r}")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"save_pretrained: {path!r} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    # The end-of-text id only where the vocabulary has it (a small test vocabulary may not).
+    eot = EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None
+    config = {
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
+        "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
+        "activation_function": HF_ACTIVATION_NAMES[cfg.gelu],
+        "layer_norm_epsilon": cfg.layer_norm_eps,
+        # Trained here without dropout; transformers applies these only in train mode.
+        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        "initializer_range": 0.02, "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
+        "use_cache": True,
+        # transformers 5 reads "dtype", earlier versions "torch_dtype".
+        "dtype": dtype, "torch_dtype": dtype,
+    }
+    tensors = {name: np.ascontiguousarray(p.data.T if name.endswith(CONV1D_SUFFIXES) else p.data,
+                                          dtype=dtype)
+               for name, p in model.parameters().items()}
+
+    def write_weights(tmp):
+        from safetensors.numpy import save_file
+        save_file(tensors, tmp, metadata={"format": "pt"})   # transformers wants format "pt"
+
+    def write_config(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    _write_atomically(os.path.join(path, "model.safetensors"), write_weights)
+    _write_atomically(os.path.join(path, "config.json"), write_config)
+    return path
+
+
+def _write_atomically(path, write):
+    """write(temporary path) in path's directory, fsync, then rename over path: a reader sees the
+    old file or the whole new one, never a part."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass                                  # some file systems cannot fsync a directory
 
 
 # ---------------------------------------------------------------- our own checkpoints

@@ -2,7 +2,8 @@
 
 One step: sample a batch, forward, backward, clip, AdamW with the warmup + cosine schedule.
 Every `eval_interval` steps the validation loss is measured and a checkpoint is written
-atomically (with the RNG state, so a resumed run draws the same batches as an uninterrupted one).
+atomically (with the states of the training and validation batch RNGs, so a resumed run draws the
+same batches and logs the same losses as an uninterrupted one).
 A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
 the step with `skip_nonfinite`. Ctrl-C writes a final checkpoint and returns cleanly.
 """
@@ -10,17 +11,16 @@ import json
 import math
 import os
 import signal
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from tqdm import tqdm
 
 from gpt2 import data as data_mod
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
-from gpt2.progress import Progress
 from tracer import no_grad
 
 PRESETS = {
@@ -94,7 +94,8 @@ class TrainConfig:
 
 def _say(cfg, text):
     if not cfg.quiet:
-        print(text, flush=True)
+        with tqdm.external_write_mode():       # lifts the progress bar off its line, then back
+            print(text, flush=True)
 
 
 def estimate_val_loss(run, val, cfg, rng):
@@ -122,20 +123,28 @@ def train(cfg):
     model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
     opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
+    # Two streams: training batches, and the validation batches, so that how often the run
+    # evaluates does not change which training batches it draws.
     rng = np.random.default_rng(cfg.seed)
+    val_rng = np.random.default_rng(cfg.seed + 1)
     step = 0
     history = []
     if cfg.resume:
         step, extra = load_checkpoint(ckpt_path, model, opt, return_extra=True)
+        missing = [key for key in ("rng", "val_rng") if key not in extra]
+        if missing:
+            raise ValueError(f"checkpoint {ckpt_path!r} lacks the RNG state {missing} needed to "
+                             "resume exactly (not written by this training loop?)")
         rng.bit_generator.state = extra["rng"]
+        val_rng.bit_generator.state = extra["val_rng"]
         history = extra.get("history", [])
         _say(cfg, f"resumed from {ckpt_path} at step {step}")
     run = model if cfg.eager else compile_model(model)
-    val_rng = np.random.default_rng(cfg.seed + 1)
 
     def checkpoint():
         save_checkpoint(ckpt_path, model, opt, step=step,
-                        extra={"rng": rng.bit_generator.state, "history": history,
+                        extra={"rng": rng.bit_generator.state,
+                               "val_rng": val_rng.bit_generator.state, "history": history,
                                "data_dir": cfg.data_dir})
 
     n_params = model.num_parameters()
@@ -144,10 +153,11 @@ def train(cfg):
               f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}; "
               f"train {len(train_data):,} tokens, val {len(val_data):,}")
     tokens_per_step = cfg.batch_size * cfg.block_size
-    bar = Progress(total=cfg.steps, desc="train", unit="step", disable=cfg.quiet)
-    bar.n = step
-    t_last, skipped = time.perf_counter(), 0
-    with _InterruptFlag() as interrupt:
+    # Counted in tokens, so tqdm's own rate is tok/s and its ETA follows from it.
+    bar = tqdm(total=cfg.steps * tokens_per_step, initial=step * tokens_per_step, desc="train",
+               unit="tok", unit_scale=True, disable=cfg.quiet)
+    skipped = 0
+    with _InterruptFlag() as interrupt, bar:
         while step < cfg.steps and not interrupt.raised:
             opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
             x, y = data_mod.get_batch(train_data, cfg.batch_size, cfg.block_size, rng)
@@ -161,31 +171,28 @@ def train(cfg):
                 opt.zero_grad()
                 what = f"loss {loss_value}" if norm is None else f"gradient norm {norm}"
                 if not cfg.skip_nonfinite:
-                    bar.close()
                     raise NonFiniteError(
                         f"step {step}: {what} is not finite; "
                         f"stopped, the last good checkpoint {ckpt_path} is untouched "
                         f"(--skip-nonfinite skips such steps instead)")
                 skipped += 1
-                _say(cfg, f"\nstep {step}: {what} is not finite, step skipped")
+                _say(cfg, f"step {step}: {what} is not finite, step skipped")
                 step += 1
+                bar.update(tokens_per_step)
                 continue
             step += 1
-            now = time.perf_counter()
-            tok_s = tokens_per_step / max(now - t_last, 1e-9)
-            t_last = now
-            bar.desc = f"train loss {loss_value:.3f} lr {opt.lr:.2e} {tok_s:,.0f} tok/s"
-            bar.update(1)
+            bar.set_postfix_str(f"step {step}/{cfg.steps}, loss {loss_value:.3f}, "
+                                f"lr {opt.lr:.2e}", refresh=False)
+            bar.update(tokens_per_step)
             entry = {"step": step, "loss": loss_value}
             if step % cfg.eval_interval == 0 or step == cfg.steps:
                 entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng)
-                _say(cfg, f"\nstep {step}: train loss {loss_value:.4f}, "
+                _say(cfg, f"step {step}: train loss {loss_value:.4f}, "
                           f"val loss {entry['val_loss']:.4f}")
                 history.append(entry)
                 checkpoint()
             else:
                 history.append(entry)
-    bar.close()
     if interrupt.raised:
         checkpoint()
         _say(cfg, f"interrupted at step {step}: checkpoint written to {ckpt_path}")

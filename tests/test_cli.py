@@ -1,7 +1,11 @@
 """The product as a user drives it: prepare -> train -> sample -> eval, and training under faults:
 non-finite values, Ctrl-C, exact resume."""
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +14,9 @@ import gpt2
 from gpt2 import cli
 from gpt2 import train as train_mod
 from gpt2.checkpoints import read_checkpoint
+from test_evaluate import direct_perplexity
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXT = """The quick brown fox jumps over the lazy dog. A stitch in time saves nine.
 def add(a, b):
     return a + b
@@ -29,12 +35,16 @@ def corpus(tmp_path_factory):
     return out
 
 
-def small_train(corpus, out_dir, **kw):
+def small_options(corpus, out_dir, **kw):
     options = dict(data_dir=str(corpus), out_dir=str(out_dir), preset="tiny", n_layer=1, n_head=2,
                    n_embd=16, block_size=16, batch_size=4, steps=6, eval_interval=100,
                    eval_batches=2, quiet=True, sample_tokens=0, lr=1e-2, warmup=2)
     options.update(kw)
-    return train_mod.TrainConfig(**options)
+    return options
+
+
+def small_train(corpus, out_dir, **kw):
+    return train_mod.TrainConfig(**small_options(corpus, out_dir, **kw))
 
 
 def test_prepare_train_sample_eval_end_to_end(corpus, tmp_path, capsys):
@@ -62,10 +72,15 @@ def test_prepare_train_sample_eval_end_to_end(corpus, tmp_path, capsys):
     assert capsys.readouterr().out == first                   # greedy is deterministic
 
     assert cli.main(["eval", "--ckpt", str(out / "ckpt.bin"), "--data-dir", str(corpus),
-                     "--block-size", "16", "--stride", "8"]) == 0
-    line = capsys.readouterr().out
-    ppl = float(line.split()[1])
-    assert 1.0 < ppl < 50304
+                     "--block-size", "16", "--stride", "8", "--max-tokens", "150"]) == 0
+    words = capsys.readouterr().out.split()
+    assert words[0] == "perplexity" and words[2:4] == ["over", "150"]
+    # exp(mean NLL) target by target, with the context the protocol gives each (the compiled
+    # float32 run of the command differs from the eager one by round-off only).
+    val = np.fromfile(corpus / "val.bin", dtype=np.uint16)[:150].astype(np.int64)
+    model = gpt2.GPT.from_pretrained(out / "ckpt.bin", dtype="float32")
+    want = direct_perplexity(model, val, 16, 8)
+    assert abs(float(words[1]) - want) <= 1e-4 * want + 5e-4, (words[1], want)
 
 
 def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
@@ -76,6 +91,19 @@ def test_bad_arguments_give_clear_errors(corpus, tmp_path, capsys):
     assert "no train split" in capsys.readouterr().err
     assert cli.main(["sample", "--ckpt", str(tmp_path / "missing.bin")]) == 2
     assert "missing.bin" in capsys.readouterr().err
+
+
+def test_progress_bar_shows_rate_eta_and_loss(corpus, tmp_path, capsys):
+    history = train_mod.train(small_train(corpus, tmp_path / "loud", quiet=False,
+                                          eval_interval=3))
+    printed = capsys.readouterr()
+    final = printed.err.split("\r")[-1]
+    # tqdm's bar over the run's 6 * 4 * 16 tokens: elapsed<remaining, tok/s, then ours.
+    assert re.match(r"train: 100%\|.+\| 384/384 \[\d\d:\d\d<00:00, +[\d.]+[kM]?tok/s, "
+                    rf"step 6/6, loss {history[-1]['loss']:.3f}, lr \d\.\d\de-0\d\]", final), final
+    assert "step 3: train loss" in printed.out and "val loss" in printed.out
+    train_mod.train(small_train(corpus, tmp_path / "quiet"))
+    assert capsys.readouterr() == ("", "")
 
 
 def poison_gradients(monkeypatch, calls, value):
@@ -111,34 +139,62 @@ def test_nonfinite_gradient_can_be_skipped(corpus, tmp_path, monkeypatch):
     assert saved["step"] == 6 and all(np.all(np.isfinite(a)) for a in saved["params"].values())
 
 
-def interrupt_after(monkeypatch, n_batches):
-    """Deliver SIGINT (Ctrl-C) while the n-th batch is being drawn."""
-    calls = {"n": 0}
-    real = train_mod.data_mod.get_batch
+def interrupt_during_step(monkeypatch, step_index):
+    """Deliver SIGINT (Ctrl-C) while training step `step_index` (0-based) is being taken."""
+    real = train_mod.cosine_lr
 
-    def get_batch(*args):
-        calls["n"] += 1
-        if calls["n"] == n_batches:
+    def cosine_lr(step, *args):
+        if step == step_index:
             os.kill(os.getpid(), signal.SIGINT)
-        return real(*args)
+        return real(step, *args)
 
-    monkeypatch.setattr(train_mod.data_mod, "get_batch", get_batch)
+    monkeypatch.setattr(train_mod, "cosine_lr", cosine_lr)
+
+
+def cli_flags(options):
+    """The `python -m gpt2 train` flags for TrainConfig options."""
+    flags = []
+    for name, value in options.items():
+        if value is not False:
+            flags.append("--" + name.replace("_", "-"))
+        if not isinstance(value, bool):
+            flags.append(str(value))
+    return flags
 
 
 @pytest.mark.parametrize("eager", [False, True])
-def test_ctrl_c_checkpoints_and_resume_is_exact(corpus, tmp_path, monkeypatch, eager):
-    straight = train_mod.train(small_train(corpus, tmp_path / "a", eager=eager))
-    interrupt_after(monkeypatch, 3)
-    part = train_mod.train(small_train(corpus, tmp_path / "b", eager=eager))
+def test_ctrl_c_checkpoints_and_resume_in_fresh_process_is_exact(corpus, tmp_path, monkeypatch,
+                                                                 eager):
+    """Interrupted after its first evaluation and resumed by `python -m gpt2 train --resume` in a
+    new process, a run logs the training and validation losses of an uninterrupted one."""
+    run = dict(steps=8, eval_interval=3, eager=eager)
+    straight = train_mod.train(small_train(corpus, tmp_path / "a", **run))
+    assert [h["step"] for h in straight if "val_loss" in h] == [3, 6, 8]
+    interrupt_during_step(monkeypatch, 4)
+    part = train_mod.train(small_train(corpus, tmp_path / "b", **run))
     monkeypatch.undo()
-    assert [h["step"] for h in part] == [1, 2, 3]                 # stopped at a step boundary
-    assert read_checkpoint(tmp_path / "b" / "ckpt.bin")["step"] == 3
-    resumed = train_mod.train(small_train(corpus, tmp_path / "b", eager=eager, resume=True))
-    assert [h["loss"] for h in resumed] == [h["loss"] for h in straight]   # bit for bit
+    assert [h["step"] for h in part] == [1, 2, 3, 4, 5]            # stopped at a step boundary
+    assert read_checkpoint(tmp_path / "b" / "ckpt.bin")["step"] == 5
+    flags = cli_flags(small_options(corpus, tmp_path / "b", resume=True, **run))
+    result = subprocess.run([sys.executable, "-m", "gpt2", "train"] + flags, cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    resumed = json.loads((tmp_path / "b" / "history.json").read_text())["history"]
+    # Evaluations before (step 3) and after (6, 8) the interruption, all equal bit for bit.
+    assert resumed == straight
     a = read_checkpoint(tmp_path / "a" / "ckpt.bin")
     b = read_checkpoint(tmp_path / "b" / "ckpt.bin")
     for name, value in a["params"].items():
         np.testing.assert_array_equal(b["params"][name], value)
+
+
+def test_resume_needs_the_rng_states(corpus, tmp_path):
+    cfg = small_train(corpus, tmp_path, resume=True).resolve()
+    model = gpt2.GPT(cfg.model_config())
+    gpt2.save_checkpoint(tmp_path / "ckpt.bin", model, gpt2.AdamW(model.parameters()), step=2,
+                         extra={"rng": np.random.default_rng(0).bit_generator.state})
+    with pytest.raises(ValueError, match="'val_rng'"):
+        train_mod.train(cfg)
 
 
 def test_two_runs_with_one_seed_are_identical(corpus, tmp_path):

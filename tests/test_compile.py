@@ -1,10 +1,15 @@
 """gpt2.compile(model): compiled vs eager, trace caching, forward-only plans, memory."""
+import sys
 import tracemalloc
+from collections import Counter
 
 import numpy as np
 import pytest
+from numba.core.dispatcher import Dispatcher
 
 import gpt2
+import kernels
+from kernels import common, gemm, reference
 
 
 def tiny_config(**kw):
@@ -51,6 +56,139 @@ def test_compiled_matches_eager_float64(kw, shape):
     assert abs(closs - eloss) / abs(eloss) < 1e-10
     for name in eg:
         assert rel(cg[name], eg[name]) < 1e-10, name
+
+
+# ---------------------------------------------------------------- float32 through the Numba kernels
+
+F32_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, block_size=80, vocab_size=2500)
+# Passed over by the count below: one BLAS GEMM each, no Numba path to prove (and so is a linear
+# layer without bias).
+GEMM_ONLY = {"linear_backward_x", "linear_backward_w"}
+
+
+def moved_float32_model(bias=True, gelu="tanh"):
+    """A float32 model after a few eager AdamW steps, so no weight, bias or LayerNorm gain is at
+    its initial value, and a batch with repeated ids; T = 80 spans two of the attention kernel's
+    64-key blocks, V = 2500 more than one 2048-wide segment of the row kernels."""
+    model = gpt2.GPT(tiny_config(**F32_CONFIG, bias=bias, gelu=gelu), dtype="float32", seed=4)
+    initial = model.state_dict()
+    rng = np.random.default_rng(5)
+    opt = gpt2.AdamW(model.parameters(), lr=2e-2, weight_decay=0.1)
+    for _ in range(3):
+        x = rng.integers(0, 2500, (2, 80))
+        _, loss = model(x, np.roll(x, -1, axis=1))
+        loss.backward()
+        opt.step(max_grad_norm=1.0, zero_grad=True)
+    for name, value in model.state_dict().items():
+        assert np.all(value != initial[name]), name
+    idx = rng.integers(0, 300, (2, 80))                 # 160 draws of 300 ids: repeats
+    return model, idx, np.roll(idx, -1, axis=1)
+
+
+def float32_mismatches(got, want, tol=1e-5):
+    """The outputs of a compiled step farther than `tol` (relative, max-norm) from the eager
+    step's: logits, loss, each gradient. Both run in float32 and differ in the order of their
+    sums only: measured up to 1.1e-6. A GELU of the other form moves the logits 6e-5 and the
+    gradients 2e-4."""
+    (gl, gloss, gg), (wl, wloss, wg) = got, want
+    bad = []
+    if rel(gl, wl) > tol:
+        bad.append(f"logits {rel(gl, wl):.1e}")
+    if abs(gloss - wloss) > tol * abs(wloss):
+        bad.append(f"loss {gloss} vs {wloss}")
+    bad += [f"{name} {rel(gg[name], wg[name]):.1e}" for name in wg
+            if rel(gg[name], wg[name]) > tol]
+    return bad
+
+
+@pytest.fixture
+def no_small_array_fallbacks(monkeypatch):
+    """Every wrapper takes its Numba path whatever the size, and the blocked accumulation of
+    dw runs over several blocks (the last one partial) of the 2500 rows of the lm_head."""
+    monkeypatch.setattr(common, "SMALL_BYTES", 0)
+    monkeypatch.setattr(gemm, "_ACC_ROWS", 1000)
+
+
+class KernelCalls:
+    """Counts, per op of the table, the calls into jitted Numba functions and into the NumPy
+    reference (a fallback) made while that op's kernel runs."""
+
+    def __init__(self, monkeypatch, table):
+        self.op = None
+        self.numba, self.fallbacks = Counter(), Counter()
+        for name in [m for m in sys.modules if m.startswith("kernels.")]:
+            module = sys.modules[name]
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, Dispatcher):
+                    monkeypatch.setattr(module, attr, self._counted(value, self.numba))
+        for attr, value in list(vars(reference).items()):
+            if callable(value) and getattr(value, "__module__", None) == reference.__name__:
+                monkeypatch.setattr(reference, attr, self._counted(value, self.fallbacks))
+        self.table = {op: self._entered(op, fn) for op, fn in table.items()}
+
+    def _counted(self, fn, counter):
+        def counted(*args, **kwargs):
+            counter[self.op] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    def _entered(self, op, fn):
+        def entered(*args, **kwargs):
+            outer, self.op = self.op, op
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.op = outer
+        return entered
+
+
+@pytest.mark.parametrize("bias, gelu", [(True, "tanh"), (False, "erf")])
+def test_compiled_matches_eager_float32_through_numba(monkeypatch, no_small_array_fallbacks,
+                                                      bias, gelu):
+    model, idx, targets = moved_float32_model(bias, gelu)
+    want = eager_step(model, idx, targets)
+    # A first run compiles every kernel specialisation, before the jitted functions are wrapped.
+    compiled_step(gpt2.compile(model), model, idx, targets)
+    calls = KernelCalls(monkeypatch, kernels.COMPILED)
+    cm = gpt2.compile(model, table=calls.table)
+    got = compiled_step(cm, model, idx, targets)
+    assert float32_mismatches(got, want) == []
+    ran = {node.op.name for node in cm.graph.nodes}
+    numba_ops = (ran & set(kernels.NUMBA)) - GEMM_ONLY - (set() if bias else {"linear"})
+    assert {"attention_backward", "linear_backward_w_acc", "embedding_backward_acc"} <= numba_ops
+    assert {op: calls.numba[op] for op in numba_ops if calls.numba[op] == 0} == {}
+    assert {op: n for op, n in calls.fallbacks.items() if op in kernels.NUMBA} == {}
+
+
+def gelu_of_the_other_form(out, pre, x, w, b=None, *, form):
+    kernels.COMPILED["linear_gelu"](out, pre, x, w, b, form="erf" if form == "tanh" else "tanh")
+
+
+def embedding_backward_overwriting(dweight, dout, idx):
+    """Assigns each id's gradient row instead of adding it: repeated ids and what the lm_head
+    already put into .grad are lost."""
+    dweight[np.asarray(idx).reshape(-1)] = dout.reshape(-1, dout.shape[-1])
+
+
+def attention_backward_dropping_the_last_key_block(dqkv, dy, qkv, out, lse, *, n_head):
+    """Correct for the first 64 positions, none of the keys' and values' gradient beyond."""
+    kernels.COMPILED["attention_backward"](dqkv, dy, qkv, out, lse, n_head=n_head)
+    c = qkv.shape[-1] // 3
+    dqkv[:, 64:, c:] = 0.0
+
+
+@pytest.mark.parametrize("op, wrong", [
+    ("linear_gelu", gelu_of_the_other_form),
+    ("embedding_backward_acc", embedding_backward_overwriting),
+    ("attention_backward", attention_backward_dropping_the_last_key_block),
+])
+def test_negative_control_wrong_kernel_fails_the_float32_comparison(no_small_array_fallbacks,
+                                                                    op, wrong):
+    """A check that cannot fail proves nothing: one wrong kernel in the table must be caught."""
+    model, idx, targets = moved_float32_model()
+    want = eager_step(model, idx, targets)
+    cm = gpt2.compile(model, table={**kernels.COMPILED, op: wrong})
+    assert float32_mismatches(compiled_step(cm, model, idx, targets), want) != []
 
 
 def test_backward_accumulates_into_grad():

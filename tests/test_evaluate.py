@@ -63,11 +63,7 @@ def test_disjoint_windows_equal_mean_chunk_loss(model, tokens):
 
 
 def test_perplexity_of_compiled_model(model, tokens):
-    try:
-        from gpt2.compile import compile as compile_model
-    except ImportError:
-        pytest.skip("gpt2.compile is not available")
-    compiled = compile_model(model)
+    compiled = gpt2.compile(model)
     for block, stride in [(8, 8), (8, 3)]:
         want = perplexity(model, tokens, block, stride)
         assert abs(perplexity(compiled, tokens, block, stride) - want) <= 1e-9 * want

@@ -1,14 +1,21 @@
 """GPT.from_pretrained: Hugging Face directories, nanoGPT ckpt.pt and our own checkpoints.
 
-Every checkpoint here is written by hand from a tiny model's state_dict with torch / safetensors,
-independently of gpt2/loading.py, then loaded back and compared logit for logit.
+Hugging Face directories are the ones transformers writes, in every form it reads (safetensors,
+pytorch_model.bin, sharded, GPT2Model names with mask buffers), and our logits are held to
+transformers' own. The nanoGPT files, our checkpoints and the damaged Hugging Face directories of
+the negative cases are written by hand with torch / safetensors, independently of
+gpt2/loading.py.
 """
 import json
+import os
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch_file
 
 import gpt2
 
@@ -71,12 +78,11 @@ def torch_state(arrays):
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()}
 
 
-def write_hf_bin(directory, model, activation="gelu_new", lm_head=None):
+def write_hf_bin(directory, model, lm_head):
     directory.mkdir(exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(hf_config(model, activation)))
+    (directory / "config.json").write_text(json.dumps(hf_config(model)))
     state = hf_state(model, prefix="transformer.", masks=False)
-    state["lm_head.weight"] = model.state_dict()["transformer.wte.weight"] \
-        if lm_head is None else lm_head
+    state["lm_head.weight"] = lm_head
     torch.save(torch_state(state), directory / "pytorch_model.bin")
     return directory
 
@@ -100,45 +106,99 @@ def write_nanogpt(path, model, state=None):
     return path
 
 
-# ---------------------------------------------------------------- positive cases
+# ---------------------------------------------------------------- what transformers writes
 
-def test_hf_safetensors_unprefixed_with_masks(tmp_path):
-    model = tiny(gelu="tanh", eps=1e-6)
-    d = write_hf_safetensors(tmp_path / "hf", model)
-    loaded = gpt2.GPT.from_pretrained(d, dtype="float64")
-    assert loaded.config == model.config
-    assert loaded.config.gelu == "tanh" and loaded.config.layer_norm_eps == 1e-6
-    for name, value in model.state_dict().items():
-        np.testing.assert_array_equal(loaded.state_dict()[name], value, err_msg=name)
-    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
+def transformers_model(activation, eps=1e-6, seed=0):
+    """transformers' own GPT-2 in float64, every parameter random (biases and LayerNorms too)."""
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=16,
+                                     vocab_size=97, activation_function=activation,
+                                     layer_norm_epsilon=eps, bos_token_id=None, eos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(config).to(torch.float64).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if ".ln_" in name and name.endswith(".weight") else 0.0, 0.3)
+    return model
+
+
+def transformers_logits(model):
+    with torch.no_grad():
+        return model(torch.from_numpy(IDX)).logits.numpy()
+
+
+def write_with_transformers(directory, model, form):
+    """The directory transformers (or, for the pytorch_model.bin forms transformers 5 no longer
+    writes, huggingface_hub's writer that transformers 4 used) makes of `model`."""
+    if form == "safetensors":
+        model.save_pretrained(directory)
+    elif form == "sharded safetensors":
+        model.save_pretrained(directory, max_shard_size="20KB")
+    elif form in ("pytorch_model.bin", "sharded pytorch_model.bin"):
+        model.config.save_pretrained(directory)
+        huggingface_hub.save_torch_state_dict(
+            model.state_dict(), directory, safe_serialization=False,
+            max_shard_size="20KB" if form.startswith("sharded") else "5GB")
+    else:                   # GPT2Model names (no "transformer."), causal-mask buffers saved
+        model.config.save_pretrained(directory)
+        t = model.config.n_positions
+        state = {name[len("transformer."):]: value
+                 for name, value in model.state_dict().items() if name != "lm_head.weight"}
+        for i in range(model.config.n_layer):
+            state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(t, t, dtype=torch.uint8))[None, None]
+        save_torch_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+FORMS = ["safetensors", "sharded safetensors", "pytorch_model.bin", "sharded pytorch_model.bin",
+         "unprefixed with masks"]
+
+
+@pytest.mark.parametrize("activation, gelu", [("gelu_new", "tanh"), ("gelu", "erf")])
+@pytest.mark.parametrize("form", FORMS)
+def test_reads_what_transformers_writes(tmp_path, form, activation, gelu):
+    theirs = transformers_model(activation)
+    directory = write_with_transformers(tmp_path / "hf", theirs, form)
+    if form.startswith("sharded"):
+        assert len([n for n in os.listdir(directory) if "-of-" in n]) >= 3
+    # The directory is one transformers itself reads back whole.
+    _, info = transformers.GPT2LMHeadModel.from_pretrained(directory, dtype=torch.float64,
+                                                           output_loading_info=True)
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
+    ours = gpt2.GPT.from_pretrained(directory, dtype="float64")
+    assert ours.config == gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16,
+                                         vocab_size=97, bias=True, gelu=gelu, layer_norm_eps=1e-6)
+    want = transformers_logits(theirs)
+    assert np.max(np.abs(logits_of(ours) - want)) <= 1e-10 * np.max(np.abs(want))
 
 
 @pytest.mark.parametrize("activation", ["gelu_pytorch_tanh", "gelu_fast"])
-def test_hf_tanh_aliases(tmp_path, activation):
-    model = tiny(gelu="tanh")
-    loaded = gpt2.GPT.from_pretrained(write_hf_safetensors(tmp_path / "hf", model, activation),
-                                      dtype="float64")
-    assert loaded.config.gelu == "tanh"
+def test_tanh_gelu_aliases(tmp_path, activation):
+    theirs = transformers_model(activation)
+    ours = gpt2.GPT.from_pretrained(write_with_transformers(tmp_path / "hf", theirs,
+                                                            "safetensors"), dtype="float64")
+    assert ours.config.gelu == "tanh"
+    want = transformers_logits(theirs)
+    assert np.max(np.abs(logits_of(ours) - want)) <= 1e-10 * np.max(np.abs(want))
 
 
-def test_hf_bin_prefixed_with_lm_head_and_exact_gelu(tmp_path):
-    model = tiny(gelu="erf", eps=1e-5)
-    d = write_hf_bin(tmp_path / "hfbin", model, activation="gelu")
-    loaded = gpt2.GPT.from_pretrained(d, dtype="float64")
-    assert loaded.config.gelu == "erf" and loaded.config.layer_norm_eps == 1e-5
-    np.testing.assert_array_equal(logits_of(loaded), logits_of(model))
-    # The activation named in config.json matters: the tanh form would give other logits.
-    other = tiny(gelu="tanh")
-    assert np.max(np.abs(logits_of(other) - logits_of(loaded))) > 1e-6
+def test_the_tolerance_tells_the_gelu_forms_and_epsilons_apart():
+    """What the 1e-10 comparisons above rest on: a wrong GELU form or LayerNorm epsilon moves
+    transformers' own logits far past it."""
+    want = transformers_logits(transformers_model("gelu_new"))
+    for other in (transformers_model("gelu"), transformers_model("gelu_new", eps=1e-5)):
+        assert np.max(np.abs(transformers_logits(other) - want)) > 1e-6 * np.max(np.abs(want))
 
 
-def test_hf_float32_load(tmp_path):
-    model = tiny()
-    loaded = gpt2.GPT.from_pretrained(write_hf_safetensors(tmp_path / "hf", model),
-                                      dtype="float32")
-    assert loaded.dtype == np.float32
-    np.testing.assert_allclose(logits_of(loaded), logits_of(model), rtol=1e-4, atol=1e-4)
+def test_float32_load(tmp_path):
+    theirs = transformers_model("gelu_new")
+    ours = gpt2.GPT.from_pretrained(write_with_transformers(tmp_path / "hf", theirs,
+                                                            "safetensors"), dtype="float32")
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(logits_of(ours), transformers_logits(theirs), rtol=1e-4,
+                               atol=1e-4)
 
+
+# ---------------------------------------------------------------- nanoGPT and our own
 
 def test_nanogpt_ckpt_with_orig_mod_prefix(tmp_path):
     model = tiny(gelu="erf", eps=1e-5)
