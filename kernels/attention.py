@@ -21,20 +21,17 @@ block n-1-k so every task does the same causal work. The backward runs one task 
 that task alone adds into its head's dK and dV, in block order, so the sums are race-free and the
 same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1).
 
-The GEMMs are scipy's BLAS (`scipy.linalg.cython_blas`), called from inside the jitted kernels.
-Each task's GEMM must run on its task's thread: a threaded BLAS called from two kernel threads at
-once ran 2.5-6x slower (measured at 128x1024x64). So every BLAS library in the process is held to
-one thread for the length of an attention call (threadpoolctl, ~14 us), then restored.
+The GEMMs are BLAS calls from inside the jitted kernels (`kernels.blas`). Each task's GEMM must
+run on its task's thread: a threaded BLAS called from two kernel threads at once ran 2.5-6x slower
+(measured at 128x1024x64), so BLAS is held to one thread for the length of an attention call.
 """
 import math
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.extending import get_cython_function_address, intrinsic
-from threadpoolctl import ThreadpoolController
+from numba import njit, prange
 
 from kernels import reference
+from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import PARALLEL, is_fast
 from kernels.scalar import exp_native, row_max
 
@@ -43,58 +40,8 @@ from kernels.scalar import exp_native, row_max
 # inner dimension being the head size (64).
 Q_BLOCK = 128
 
-# Addresses of BLAS's Fortran ?gemm, handed to the kernels as plain integers: a kernel that held a
-# ctypes function as a global could not be cached.
-_GEMM_ADDRESS = {np.dtype(np.float32): get_cython_function_address("scipy.linalg.cython_blas",
-                                                                   "sgemm"),
-                 np.dtype(np.float64): get_cython_function_address("scipy.linalg.cython_blas",
-                                                                   "dgemm")}
-_blas_threads = ThreadpoolController()       # after the lookups above: it sees scipy's BLAS too
-
-_N, _T = 78, 84                               # "N" and "T", as BLAS reads its trans flags
-
-
-@intrinsic
-def _call_gemm(typingctx, address, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
-    """Call the Fortran ?gemm at `address`; every argument is an address, as BLAS takes all of
-    them by pointer."""
-    args = (transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-
-    def codegen(context, builder, signature, values):
-        byte_ptr = ir.IntType(8).as_pointer()
-        fn = builder.inttoptr(values[0], ir.FunctionType(ir.VoidType(), [byte_ptr] * 13)
-                              .as_pointer())
-        builder.call(fn, [builder.inttoptr(v, byte_ptr) for v in values[1:]])
-        return context.get_dummy_value()
-
-    return types.void(address, *args), codegen
-
-
-@njit(cache=True)
-def _gemm(gemm, c, a, b, trans_a, trans_b, alpha, beta, ints, floats):
-    """c (m, n) = alpha op(a) op(b) + beta c, for row-major 2-D views with unit stride along a row
-    (any row stride); op transposes when asked. gemm: the address of BLAS's ?gemm for the arrays'
-    dtype. Column-major BLAS computes c^T = op(b)^T op(a)^T. ints (8,) int32 and floats (2,) of
-    c's dtype are scratch for the scalars BLAS takes by pointer."""
-    m, n = c.shape
-    ints[0] = n
-    ints[1] = m
-    ints[2] = a.shape[0] if trans_a else a.shape[1]
-    ints[3] = b.strides[0] // b.itemsize
-    ints[4] = a.strides[0] // a.itemsize
-    ints[5] = c.strides[0] // c.itemsize
-    ints[6] = _T if trans_b else _N
-    ints[7] = _T if trans_a else _N
-    floats[0] = alpha
-    floats[1] = beta
-    i = ints.ctypes.data
-    f = floats.ctypes.data
-    _call_gemm(gemm, i + 24, i + 28, i, i + 4, i + 8, f, b.ctypes.data, i + 12, a.ctypes.data,
-               i + 16, f + floats.itemsize, c.ctypes.data, i + 20)
-
-
 @njit(**PARALLEL)
-def _attention_forward(out, lse, qkv, n_head, scale, gemm, q_block):
+def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
@@ -115,7 +62,7 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm, q_block):
             i0 = qb * q_block
             i1 = min(t, i0 + q_block)
             p = scores[:(i1 - i0) * i1].reshape(i1 - i0, i1)
-            _gemm(gemm, p, qkv[b, i0:i1, h0:h0 + d], qkv[b, :i1, c + h0:c + h0 + d], False, True,
+            gemm(gemm_address, p, qkv[b, i0:i1, h0:h0 + d], qkv[b, :i1, c + h0:c + h0 + d], False, True,
                   scale, 0.0, ints, floats)
             for r in range(i1 - i0):
                 keys = p[r, :i0 + r + 1]
@@ -131,7 +78,7 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm, q_block):
                 lse[bh, i0 + r] = m + math.log(total)
                 inv_l[r] = 1.0 / total
             y = out[b, i0:i1, h0:h0 + d]
-            _gemm(gemm, y, p, qkv[b, :i1, 2 * c + h0:2 * c + h0 + d], False, False, 1.0, 0.0,
+            gemm(gemm_address, y, p, qkv[b, :i1, 2 * c + h0:2 * c + h0 + d], False, False, 1.0, 0.0,
                   ints, floats)
             for r in range(i1 - i0):
                 yr = y[r]
@@ -140,7 +87,7 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm, q_block):
 
 
 @njit(**PARALLEL)
-def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, gemm, q_block):
+def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, gemm_address, q_block):
     """dqkv (B, T, 3C) from dy, out (B, T, C), qkv (B, T, 3C) and lse (B*H, T)."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
@@ -170,8 +117,8 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, gemm, q_block):
             p = p_scratch[:(i1 - i0) * i1].reshape(i1 - i0, i1)
             ds = ds_scratch[:(i1 - i0) * i1].reshape(i1 - i0, i1)
             g = dy[b, i0:i1, h0:h0 + d]
-            _gemm(gemm, p, q[i0:i1], k[:i1], False, True, scale, 0.0, ints, floats)
-            _gemm(gemm, ds, g, v[:i1], False, True, 1.0, 0.0, ints, floats)
+            gemm(gemm_address, p, q[i0:i1], k[:i1], False, True, scale, 0.0, ints, floats)
+            gemm(gemm_address, ds, g, v[:i1], False, True, 1.0, 0.0, ints, floats)
             for r in range(i1 - i0):
                 gr = g[r]
                 yr = out[b, i0 + r, h0:h0 + d]
@@ -192,9 +139,9 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, gemm, q_block):
                 for j in range(pm.shape[0]):
                     pm[j] = 0.0
                     dm[j] = 0.0
-            _gemm(gemm, dq[i0:i1], ds, k[:i1], False, False, scale, 0.0, ints, floats)
-            _gemm(gemm, dk[:i1], ds, q[i0:i1], True, False, scale, 1.0, ints, floats)
-            _gemm(gemm, dv[:i1], p, g, True, False, 1.0, 1.0, ints, floats)
+            gemm(gemm_address, dq[i0:i1], ds, k[:i1], False, False, scale, 0.0, ints, floats)
+            gemm(gemm_address, dk[:i1], ds, q[i0:i1], True, False, scale, 1.0, ints, floats)
+            gemm(gemm_address, dv[:i1], p, g, True, False, 1.0, 1.0, ints, floats)
 
 
 def _attention_shapes(qkv, n_head, out, lse):
@@ -209,10 +156,10 @@ def attention(out, lse, qkv, *, n_head):
     lse (B, H, T) keeps each query row's log-sum-exp."""
     if is_fast(out, lse, qkv) and _attention_shapes(qkv, n_head, out, lse):
         b, t, c3 = qkv.shape
-        with _blas_threads.limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             _attention_forward(out, lse.reshape(b * n_head, t), qkv, int(n_head),
                                qkv.dtype.type(1.0 / math.sqrt(c3 // 3 // n_head)),
-                               _GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
+                               GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
     else:
         reference.attention(out, lse, qkv, n_head=n_head)
 
@@ -222,10 +169,10 @@ def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
     if is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse) \
             and dqkv.shape == qkv.shape and dy.shape == out.shape:
         b, t, c3 = qkv.shape
-        with _blas_threads.limit(limits=1, user_api="blas"):
+        with one_blas_thread():
             _attention_backward(dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head),
                                 qkv.dtype.type(1.0 / math.sqrt(c3 // 3 // n_head)),
-                               _GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
+                               GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
     else:
         reference.attention_backward(dqkv, dy, qkv, out, lse, n_head=n_head)
 

@@ -1,11 +1,13 @@
 """Linear layers on BLAS: NumPy's matmul on views (a C-contiguous array's .T is F-contiguous and
-BLAS takes it as it is), with the bias, GELU and gradient accumulation in parallel passes.
+BLAS takes it as it is), with the bias and GELU in parallel passes and weight gradients added by
+the GEMM itself.
 """
 import numpy as np
 
 from kernels import reference
+from kernels.blas import gemm_accumulate
 from kernels.common import is_fast, is_small, rows
-from kernels.elementwise import binary_rows, bias_gelu_rows, colsum, gelu_form, add
+from kernels.elementwise import binary_rows, bias_gelu_rows, colsum, gelu_form
 
 
 def linear(out, x, w, b=None):
@@ -43,31 +45,14 @@ def linear_backward_w(dw, dy, x):
     np.matmul(rows(dy).T, rows(x), out=dw)
 
 
-# linear_backward_w_acc multiplies in blocks of this many rows of dw into a scratch kept per
-# (dtype, block shape), then adds the block in place: no (O, I) temporary (the lm_head's would be
-# 154 MB in float32), nothing allocated after the first call. Not safe across Python threads.
-_ACC_ROWS = 4096
-_acc_scratch = {}
-
-
 def linear_backward_w_acc(dw, dy, x):
-    """dw (O, I) += dy (N, O).T @ x (N, I): BLAS on views per block of rows of dw, then a parallel
-    in-place add."""
+    """dw (O, I) += dy (N, O).T @ x (N, I): one BLAS GEMM with beta = 1 into dw itself (the lm_head's
+    product alone would be a 154 MB temporary in float32, and adding it a pass over 462 MB)."""
     dy2, x2 = rows(dy), rows(x)
-    if not (is_fast(dw, dy2, x2) and dw.ndim == 2):
+    if is_fast(dw, dy2, x2) and dw.ndim == 2 and dw.strides[1] == dw.itemsize:
+        gemm_accumulate(dw, dy2, x2, trans_a=True)
+    else:
         reference.linear_backward_w_acc(dw, dy, x)
-        return
-    o, i = dw.shape
-    bo = min(o, _ACC_ROWS)
-    key = (dw.dtype.str, bo, i)
-    tmp = _acc_scratch.get(key)
-    if tmp is None:
-        tmp = _acc_scratch[key] = np.empty((bo, i), dw.dtype)
-    for o0 in range(0, o, bo):
-        o1 = min(o, o0 + bo)
-        block = tmp[:o1 - o0]
-        np.matmul(dy2[:, o0:o1].T, x2, out=block)
-        add(dw[o0:o1], dw[o0:o1], block)
 
 
 def linear_backward_b(db, dy):

@@ -9,7 +9,7 @@ from numba.core.dispatcher import Dispatcher
 
 import gpt2
 import kernels
-from kernels import common, gemm, reference
+from kernels import common, reference
 
 
 def tiny_config(**kw):
@@ -103,10 +103,8 @@ def float32_mismatches(got, want, tol=1e-5):
 
 @pytest.fixture
 def no_small_array_fallbacks(monkeypatch):
-    """Every wrapper takes its Numba path whatever the size, and the blocked accumulation of
-    dw runs over several blocks (the last one partial) of the 2500 rows of the lm_head."""
+    """Every wrapper takes its Numba path whatever the size."""
     monkeypatch.setattr(common, "SMALL_BYTES", 0)
-    monkeypatch.setattr(gemm, "_ACC_ROWS", 1000)
 
 
 class KernelCalls:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import attention, common, gemm, optimiser, scalar
+from kernels import attention, common, optimiser, scalar
 from kernels import reference as ref
 
 NUMBA = kernels.NUMBA
@@ -130,9 +130,7 @@ def test_linear_family(dt, case):
     close(got[0], want[0], dt)
 
 
-@pytest.mark.parametrize("block_rows", [4096, 5], ids=["one-block", "blocks"])
-def test_linear_backward_w_acc(dt, case, monkeypatch, block_rows):
-    monkeypatch.setattr(gemm, "_ACC_ROWS", block_rows)
+def test_linear_backward_w_acc(dt, case):
     b, t, c, _, _ = case
     _, f = data(dt)
     o = 2 * c + 1
