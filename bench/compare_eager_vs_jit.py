@@ -1,16 +1,21 @@
 """Training-step speed: compiled (gpt2.compile) vs eager (NumPy reference) vs PyTorch eager.
 
-    python bench/compare_eager_vs_jit.py                 # tiny, small, 124M; ~10 minutes
-    python bench/compare_eager_vs_jit.py --sizes small --reps 5
+    python bench/compare_eager_vs_jit.py                 # every size below; ~30 minutes
+    python bench/compare_eager_vs_jit.py --sizes small 124M-T1024 --reps 2
 
-Every measurement runs in its own process; repetitions are interleaved (jit, eager, torch, jit,
-...) so drift on a shared machine hits all three alike, and medians are reported. A step is the
-whole training step: forward, backward, gradient clipping, AdamW, zero_grad, in float32; each
-engine's fastest way to take it (ours: the fused `opt.step(max_grad_norm=1.0, zero_grad=True)`;
-PyTorch: `clip_grad_norm_`, AdamW with `fused=True`, `zero_grad(set_to_none=True)`).
-The float32 GEMM rate is measured in the same run, for model FLOP utilisation:
-FLOP per step = (6 N + 12 L C T) B T, N the parameter count without position embeddings.
-Writes bench/results/compare.md and compare.png (--out names another pair).
+Every measurement runs in its own process; repetitions are interleaved (jit, jit PyTorch-style,
+eager, torch, jit, ...) so drift on a shared machine hits all engines alike, and medians are
+reported. A step is the whole training step: forward, backward, gradient clipping, AdamW and
+zero_grad, in float32, each engine its fastest way (ours: the fused
+`opt.step(max_grad_norm=1.0, zero_grad=True)`; PyTorch: `clip_grad_norm_`, AdamW with
+`fused=True`, `zero_grad(set_to_none=True)`). "jit, PyTorch-style" is ours written the way a
+PyTorch user writes it: `gpt2.clip_grad_norm`, `opt.step()`, `opt.zero_grad()`.
+
+The float32 GEMM rate and the copy bandwidth are measured in the same run. Model FLOP utilisation
+counts the GEMM FLOPs, 6 N per token (N the parameters without position embeddings), and the
+causal attention FLOPs, 6 L C T (T + 1) per sequence (forward QK^T and PV, backward twice that;
+no recomputation counted). Writes bench/results/compare.md and compare.png (--out names another
+pair).
 """
 import argparse
 import json
@@ -24,7 +29,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
-import kernels  # noqa: E402,F401  (its CPU settings, before NumPy loads OpenBLAS)
+from bench import machine  # noqa: E402  (imports kernels: its CPU settings precede NumPy)
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
@@ -36,9 +41,9 @@ SIZES = {
                   batch=12, seq=64, steps=5),
     "124M": dict(model=GPT2_124M, batch=4, seq=64, steps=3),
     "124M-T256": dict(model=GPT2_124M, batch=4, seq=256, steps=3),
-    "124M-T1024": dict(model=GPT2_124M, batch=1, seq=1024, steps=3),
+    "124M-T1024": dict(model=GPT2_124M, batch=1, seq=1024, steps=2),
 }
-ENGINES = ("jit", "eager", "torch")
+ENGINES = ("jit", "jit_torchway", "eager", "torch")
 
 
 # ---------------------------------------------------------------- worker side (one process each)
@@ -70,20 +75,26 @@ def _ours(engine, size, steps):
     imported = time.perf_counter() - t_import
     spec = SIZES[size]
     model = gpt2.GPT(gpt2.GPTConfig(**spec["model"]), dtype="float32", seed=0)
-    opt = gpt2.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    params = model.parameters()
+    opt = gpt2.AdamW(params, lr=1e-4, weight_decay=0.1)
     t0 = time.perf_counter()
-    run = gpt2.compile(model) if engine == "jit" else model
+    run = model if engine == "eager" else gpt2.compile(model)
     x, y = _batch(size, 0)
 
     def step():
         _, loss = run(x, y)
         loss.backward()
-        opt.step(max_grad_norm=1.0, zero_grad=True)
+        if engine == "jit_torchway":
+            gpt2.clip_grad_norm(params, 1.0)
+            opt.step()
+            opt.zero_grad()
+        else:
+            opt.step(max_grad_norm=1.0, zero_grad=True)
         return loss.item()
 
     first, times = _time_steps(step, steps, t0)
     return dict(times=times, first_step=first, import_s=imported,
-                n_params=model.num_parameters() - model.parameters()["transformer.wpe.weight"].data.size)
+                n_params=model.num_parameters() - params["transformer.wpe.weight"].data.size)
 
 
 def _torch(size, steps):
@@ -112,29 +123,10 @@ def _torch(size, steps):
 
 
 def worker(engine, size, steps):
-    if engine == "gemm":
-        print(json.dumps(dict(rate=gemm_rate(), core=kernels.cpu.openblas_core())))
-        return
     result = _torch(size, steps) if engine == "torch" else _ours(engine, size, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["process_to_first_step"] = time.perf_counter() - START
     print(json.dumps(result))
-
-
-def gemm_rate():
-    """float32 GEMM FLOP/s through NumPy's BLAS, best of several, at GPT-2-like shapes."""
-    import numpy as np
-    rng = np.random.default_rng(0)
-    a = rng.standard_normal((1024, 768), dtype=np.float32)
-    b = rng.standard_normal((768, 3072), dtype=np.float32)
-    out = np.empty((1024, 3072), np.float32)
-    np.matmul(a, b, out=out)
-    best = float("inf")
-    for _ in range(15):
-        t = time.perf_counter()
-        np.matmul(a, b, out=out)
-        best = min(best, time.perf_counter() - t)
-    return 2 * 1024 * 768 * 3072 / best
 
 
 # ---------------------------------------------------------------- driver side
@@ -160,7 +152,27 @@ def compile_times(size):
 def flops_per_step(size, n_params):
     spec = SIZES[size]
     m, b, t = spec["model"], spec["batch"], spec["seq"]
-    return (6 * n_params + 12 * m["n_layer"] * m["n_embd"] * t) * b * t
+    return 6 * n_params * b * t + 6 * m["n_layer"] * m["n_embd"] * t * (t + 1) * b
+
+
+def measure(size, reps):
+    cold, warm = compile_times(size)
+    runs = {e: [] for e in ENGINES}
+    for rep in range(reps):
+        for engine in ENGINES:
+            r = spawn(engine, size, SIZES[size]["steps"])
+            runs[engine].append(r)
+            print(f"  {size} rep {rep + 1}/{reps} {engine}: "
+                  f"median step {statistics.median(r['times']):.3f} s", flush=True)
+    rate = machine.gemm_rate()
+    med = {e: statistics.median(t for r in runs[e] for t in r["times"]) for e in ENGINES}
+    rss = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
+    spec = SIZES[size]
+    return dict(size=size, shape=f"B{spec['batch']} T{spec['seq']}", med=med, rss=rss,
+                tok_s=spec["batch"] * spec["seq"] / med["jit"],
+                mfu=flops_per_step(size, runs["jit"][0]["n_params"]) / med["jit"] / rate,
+                gemm=rate / 1e9, cold=cold["process_to_first_step"],
+                warm=warm["process_to_first_step"], warm_compile=warm["first_step"])
 
 
 def main():
@@ -175,60 +187,30 @@ def main():
         engine, size = args.worker
         worker(engine, size, args.steps if args.steps is not None else SIZES[size]["steps"])
         return
-
-    rows, chart = [], {}
-    for size in args.sizes:
-        cold, warm = compile_times(size)
-        runs = {e: [] for e in ENGINES}
-        for rep in range(args.reps):
-            for engine in ENGINES:
-                r = spawn(engine, size, SIZES[size]["steps"])
-                runs[engine].append(r)
-                print(f"  {size} rep {rep + 1}/{args.reps} {engine}: "
-                      f"median step {statistics.median(r['times']):.3f} s", flush=True)
-        rate = gemm_rate()
-        med = {e: statistics.median(t for r in runs[e] for t in r["times"]) for e in ENGINES}
-        rss = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
-        n_params = runs["jit"][0]["n_params"]
-        tokens = SIZES[size]["batch"] * SIZES[size]["seq"]
-        mfu = flops_per_step(size, n_params) / med["jit"] / rate
-        rows.append(dict(size=size, jit=med["jit"], eager=med["eager"], torch=med["torch"],
-                         tok_s=tokens / med["jit"], vs_eager=med["eager"] / med["jit"],
-                         vs_torch=med["jit"] / med["torch"], mfu=mfu, gemm=rate / 1e9,
-                         rss_jit=rss["jit"], rss_eager=rss["eager"], rss_torch=rss["torch"],
-                         cold=cold["process_to_first_step"], warm=warm["process_to_first_step"],
-                         warm_compile=warm["first_step"]))
-        chart[size] = med
-    report(rows, chart, blas_note(), args.out)
+    bandwidth = machine.copy_bandwidth()
+    rows = [measure(size, args.reps) for size in args.sizes]
+    report(rows, [machine.cpu_line(), machine.blas_line(),
+                  f"Copy bandwidth (bytes read + written): {bandwidth / 1e9:.1f} GB/s."],
+           args.out)
 
 
-def blas_note():
-    """Which OpenBLAS kernels ran, and, when the environment picks them, OpenBLAS's own choice."""
-    core = kernels.cpu.openblas_core()
-    pinned = os.environ.get("OPENBLAS_CORETYPE")
-    if not pinned:
-        return f"BLAS: NumPy's OpenBLAS, {core} kernels (its own choice for this CPU)."
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
-    own = spawn("gemm", "tiny", 0, env)
-    return (f"BLAS: NumPy's OpenBLAS, {core} kernels, as this machine's environment sets "
-            f"OPENBLAS_CORETYPE={pinned} (for all three engines' processes alike; PyTorch has its "
-            f"own GEMM). Without that setting OpenBLAS picks {own['core']} here, and the same GEMM "
-            f"runs at {own['rate'] / 1e9:.0f} GFLOP/s.")
-
-
-def report(rows, chart, note, out):
-    header = ("| size | compiled step | eager step | PyTorch step | compiled tok/s | "
-              "eager/compiled | compiled/PyTorch | MFU | GEMM GFLOP/s | peak RSS MiB "
-              "(jit / eager / torch) | start to 1st step, cold / warm (compile + 1st step) |")
+def report(rows, notes, out):
+    header = ("| size | shape | compiled step | PyTorch-style compiled step | eager step | "
+              "PyTorch step | compiled/PyTorch | PyTorch-style/compiled | eager/compiled | MFU | "
+              "GEMM GFLOP/s | compiled tok/s | peak RSS MiB (jit / eager / torch) | "
+              "start to 1st step, cold / warm (compile + 1st step) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in rows:
+        med, rss = r["med"], r["rss"]
         lines.append(
-            f"| {r['size']} | {r['jit'] * 1e3:.0f} ms | {r['eager'] * 1e3:.0f} ms | "
-            f"{r['torch'] * 1e3:.0f} ms | {r['tok_s']:,.0f} | {r['vs_eager']:.2f}x | "
-            f"{r['vs_torch']:.2f} | {r['mfu']:.2f} | {r['gemm']:.0f} | "
-            f"{r['rss_jit']:.0f} / {r['rss_eager']:.0f} / {r['rss_torch']:.0f} | "
+            f"| {r['size']} | {r['shape']} | {med['jit'] * 1e3:.0f} ms | "
+            f"{med['jit_torchway'] * 1e3:.0f} ms | {med['eager'] * 1e3:.0f} ms | "
+            f"{med['torch'] * 1e3:.0f} ms | {med['jit'] / med['torch']:.2f} | "
+            f"{med['jit_torchway'] / med['jit']:.3f} | {med['eager'] / med['jit']:.2f}x | "
+            f"{r['mfu']:.2f} | {r['gemm']:.0f} | {r['tok_s']:,.0f} | "
+            f"{rss['jit']:.0f} / {rss['eager']:.0f} / {rss['torch']:.0f} | "
             f"{r['cold']:.1f} s / {r['warm']:.1f} s ({r['warm_compile']:.1f} s) |")
-    table = "\n".join(lines) + "\n\n" + note
+    table = "\n".join(lines) + "\n\n" + "\n".join(notes)
     print(table)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, out + ".md"), "w") as f:
@@ -237,18 +219,18 @@ def report(rows, chart, note, out):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.27
-    names = list(chart)
-    for i, (engine, label) in enumerate((("jit", "compiled"), ("eager", "eager NumPy"),
-                                         ("torch", "PyTorch eager"))):
-        ax.bar([j + (i - 1) * width for j in range(len(names))],
-               [chart[n][engine] * 1e3 for n in names], width, label=label)
-    ax.set_xticks(range(len(names)), names)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.2
+    engines = (("jit", "compiled"), ("jit_torchway", "compiled, PyTorch-style step"),
+               ("eager", "eager NumPy"), ("torch", "PyTorch eager"))
+    for i, (engine, label) in enumerate(engines):
+        ax.bar([j + (i - 1.5) * width for j in range(len(rows))],
+               [r["med"][engine] * 1e3 for r in rows], width, label=label)
+    ax.set_xticks(range(len(rows)), [f"{r['size']}\n{r['shape']}" for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("ms per training step (log)")
-    ax.set_title("GPT-2 training step, float32, this machine")
-    ax.legend()
+    ax.set_title(notes[0].replace("CPU: ", "")[:80], fontsize=9)
+    ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, out + ".png"), dpi=110)

@@ -1,11 +1,17 @@
-"""Per-op profile of one compiled training step: where the time goes, by op kind and by node.
+"""Per-op profile of one compiled training step: where the time goes, by op kind and by node, and
+how close the memory-bound kernels come to the machine's copy bandwidth.
 
-    python bench/profile_step.py                # GPT-2 124M, B4 T64, float32
-    python bench/profile_step.py --size small
+    python bench/profile_step.py                       # GPT-2 124M, B4 T64, float32
+    python bench/profile_step.py --size 124M-T1024     # any size of compare_eager_vs_jit.py
 
 Times every kernel call of the plan (forward and backward) over a few steps and keeps each node's
-median, then sums by op kind. The optimiser step is timed separately. Writes
-bench/results/profile_<size>.md.
+median, then sums by op kind. The optimiser step is timed both ways: fused
+(`opt.step(max_grad_norm=1.0, zero_grad=True)`) and PyTorch-style (clip_grad_norm, step,
+zero_grad). Memory-bound kernels report the bytes they must move (every input read once, every
+output written once; an embedding reads only the rows it gathers) over their time, as a fraction of
+the copy bandwidth measured in the same run. The GELU that linear_gelu fuses after its GEMM is
+timed apart on that node's own arrays. Attention reports its GFLOP/s against the GEMM rate measured
+here. Writes bench/results/profile_<size>.md.
 """
 import argparse
 import os
@@ -16,9 +22,46 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import gpt2  # noqa: E402  (before NumPy: see kernels/cpu.py)
-import numpy as np  # noqa: E402
+from bench import machine  # noqa: E402  (imports kernels first: see kernels/cpu.py)
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
+import gpt2  # noqa: E402
+import kernels  # noqa: E402
+
+GEMM_OPS = {"linear", "linear_gelu", "linear_backward_x", "linear_backward_w",
+            "linear_backward_w_acc", "matmul"}
+ATTENTION_OPS = {"attention", "attention_backward"}
+
+
+def bytes_moved(node, args):
+    """Bytes a memory-bound kernel must read and write at the least. A gather or scatter touches
+    only the rows of its table that the ids name: as many bytes as its dense side."""
+    name = node.op.name
+    if name == "embedding":                       # out, weight, idx
+        out, _, idx = args
+        return 2 * out.nbytes + idx.nbytes
+    if name in ("embedding_backward", "embedding_backward_acc"):   # dweight, dout, idx
+        dweight, dout, idx = args
+        cleared = dweight.nbytes if name == "embedding_backward" else 0
+        return cleared + 3 * dout.nbytes + idx.nbytes
+    return sum(a.nbytes for a in args if hasattr(a, "nbytes"))
+
+
+def attention_flops(node):
+    """(computed, model) FLOPs of an attention node, causal: T (T + 1) C per GEMM-sized unit; the
+    forward computes 2 units, the backward 5 (it recomputes S: FlashAttention's count) of which
+    4 are model FLOPs."""
+    b, t, c3 = node.inputs[0].shape if node.op.name == "attention" else node.inputs[1].shape
+    unit = b * t * (t + 1) * (c3 // 3)
+    return (2 * unit, 2 * unit) if node.op.name == "attention" else (5 * unit, 4 * unit)
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def main():
@@ -27,34 +70,80 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args()
     spec = SIZES[args.size]
+    bandwidth, rate = machine.copy_bandwidth(), machine.gemm_rate()
     model = gpt2.GPT(gpt2.GPTConfig(**spec["model"]), dtype="float32")
-    opt = gpt2.AdamW(model.parameters(), lr=1e-4)
+    params = model.parameters()
+    opt = gpt2.AdamW(params, lr=1e-4)
     cm = gpt2.compile(model)
     x, y = _batch(args.size, 0)
     _, loss = cm(x, y)
     loss.backward()
     exe = cm._last[1]
     per_node = {}
-    opt_times = []
     for _ in range(args.steps):
         for node, seconds in exe.run_profiled():
             per_node.setdefault(id(node), (node, []))[1].append(seconds)
-        t = time.perf_counter()
-        opt.step(max_grad_norm=1.0, zero_grad=True)
-        opt_times.append(time.perf_counter() - t)
     nodes = [(node, statistics.median(ts)) for node, ts in per_node.values()]
+    args_of = {id(n): a for (_, a, _), n in zip(exe.steps, exe.step_nodes)}
+
+    fused = median_time(lambda: opt.step(max_grad_norm=1.0, zero_grad=True), args.steps)
+    n_values = model.num_parameters()
+    itemsize = model.flat_data.itemsize
+
+    def torch_style():
+        gpt2.clip_grad_norm(params, 1.0)
+        opt.step()
+        opt.zero_grad()
+    unfused = median_time(torch_style, args.steps)
+
     by_kind = {}
     for node, t in nodes:
-        count, total = by_kind.get(node.op.name, (0, 0.0))
-        by_kind[node.op.name] = (count + 1, total + t)
-    by_kind["(clip + AdamW + zero_grad)"] = (1, statistics.median(opt_times))
-    step = sum(t for _, t in by_kind.values())
+        count, total, nbytes, flops = by_kind.get(node.op.name, (0, 0.0, 0, (0, 0)))
+        if node.op.name in ATTENTION_OPS:
+            f = attention_flops(node)
+            flops = (flops[0] + f[0], flops[1] + f[1])
+        elif node.op.name not in GEMM_OPS:
+            nbytes += bytes_moved(node, args_of[id(node)])
+        by_kind[node.op.name] = (count + 1, total + t, nbytes, flops)
+    # norm pass (read the gradients), then one AdamW pass: p, g, m, v read; p, m, v, g written
+    by_kind["(clip + AdamW + zero_grad)"] = (1, fused, 9 * n_values * itemsize, (0, 0))
+    gelu_time, gelu_bytes = 0.0, 0
+    for node, _ in nodes:
+        if node.op.name == "linear_gelu":
+            out, pre = args_of[id(node)][:2]
+            form = node.attrs["form"]
+            gelu_time += median_time(
+                lambda: kernels.NUMBA["gelu"](out, pre, form=form), args.steps)
+            gelu_bytes += out.nbytes + pre.nbytes
+    step = sum(v[1] for v in by_kind.values())
 
-    lines = [f"Profile of one compiled training step, {args.size} "
-             f"(B{spec['batch']} T{spec['seq']}), float32: {step * 1e3:.1f} ms in all.", "",
-             "| op | nodes | ms | share |", "|---|---|---|---|"]
-    for name, (count, total) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"| {name} | {count} | {total * 1e3:.1f} | {100 * total / step:.1f}% |")
+    lines = [f"Profile of one compiled training step, {args.size} (B{spec['batch']} "
+             f"T{spec['seq']}), float32: {step * 1e3:.1f} ms in all.", "",
+             machine.cpu_line(), machine.blas_line(),
+             f"Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
+             f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s.", "",
+             "| op | nodes | ms | share | GB moved | fraction of copy bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for name, (count, total, nbytes, flops) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        moved = f"{nbytes / 1e9:.3f} | {nbytes / total / bandwidth:.2f}" if nbytes else "| "
+        lines.append(f"| {name} | {count} | {total * 1e3:.1f} | {100 * total / step:.1f}% | "
+                     f"{moved} |")
+    lines += ["", f"GELU alone (fused into linear_gelu, timed apart on its arrays): "
+                  f"{gelu_time * 1e3:.1f} ms, {gelu_bytes / 1e9:.3f} GB, "
+                  f"{gelu_bytes / max(gelu_time, 1e-12) / bandwidth:.2f} of copy bandwidth."]
+    att = [v for k, v in by_kind.items() if k in ATTENTION_OPS]
+    if att:
+        att_time = sum(v[1] for v in att)
+        computed, model_flops = (sum(v[3][0] for v in att), sum(v[3][1] for v in att))
+        lines.append(
+            f"Attention forward + backward: {att_time * 1e3:.1f} ms, "
+            f"{computed / att_time / 1e9:.0f} GFLOP/s counting the causal FLOPs it computes "
+            f"({computed / att_time / rate:.2f} of the GEMM rate), "
+            f"{model_flops / att_time / 1e9:.0f} counting model FLOPs only "
+            f"({model_flops / att_time / rate:.2f}).")
+    lines.append(f"Optimiser, PyTorch-style (clip_grad_norm, step, zero_grad): "
+                 f"{unfused * 1e3:.1f} ms against {fused * 1e3:.1f} ms fused: "
+                 f"{100 * (unfused - fused) / step:+.1f}% of the step.")
     lines += ["", "Slowest nodes:", "", "| node | ms |", "|---|---|"]
     for node, t in sorted(nodes, key=lambda nt: -nt[1])[:10]:
         lines.append(f"| `{str(node)[:110]}` | {t * 1e3:.2f} |")

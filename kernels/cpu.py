@@ -9,7 +9,6 @@ default: a value already in the environment wins.
   the cores from the Numba kernel that follows.
 - OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP threads: see `kernels.common`, where the layer is set.
 """
-import ctypes
 import os
 
 
@@ -19,22 +18,13 @@ def configure():
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def openblas_core():
-    """The kernel family NumPy's OpenBLAS runs ("SkylakeX", "Haswell", ...), or None if NumPy's
-    BLAS is not an OpenBLAS found among the libraries mapped into this process (Linux only)."""
+def numpy_blas():
+    """NumPy's BLAS as threadpoolctl sees it: a dict with "internal_api" ("openblas", "mkl", ...),
+    "version", "architecture" (OpenBLAS's kernel family: "Haswell", "SkylakeX", ...) and
+    "num_threads"; None if no BLAS is loaded. SciPy may have loaded a second BLAS: NumPy's own
+    (inside its package or its .libs folder) is preferred."""
     import numpy
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "openblas" in line.lower()}
-    except OSError:
-        return None
-    # NumPy's own copy first: SciPy may have loaded a second OpenBLAS.
-    for path in sorted(paths, key=lambda p: (os.path.dirname(numpy.__file__) + ".libs" not in p, p)):
-        lib = ctypes.CDLL(path)
-        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
-                       "openblas_get_corename64_", "openblas_get_corename"):
-            get_corename = getattr(lib, symbol, None)
-            if get_corename is not None:
-                get_corename.restype = ctypes.c_char_p
-                return get_corename().decode()
-    return None
+    from threadpoolctl import threadpool_info
+    blas = [i for i in threadpool_info() if i["user_api"] == "blas"]
+    own = [i for i in blas if os.path.dirname(numpy.__file__) in i["filepath"]]
+    return (own or blas or [None])[0]

@@ -44,8 +44,9 @@ def test_user_settings_win():
 
 
 @pytest.mark.parametrize("core", ["Haswell", "Sandybridge"])
-def test_openblas_core_reports_the_kernels_in_use(core):
-    if cpu.openblas_core() is None:
-        pytest.fail("NumPy's OpenBLAS was not found; the benchmark could not name its kernels")
-    code = "from kernels import cpu; print(cpu.openblas_core())"
+def test_numpy_blas_reports_the_kernels_in_use(core):
+    blas = cpu.numpy_blas()
+    assert blas is not None and blas["internal_api"] == "openblas", blas
+    assert "numpy" in blas["filepath"]
+    code = "from kernels import cpu; print(cpu.numpy_blas()['architecture'])"
     assert _run(code, env={"OPENBLAS_CORETYPE": core}) == core
