@@ -15,11 +15,13 @@ from kernels.scalar import exp, row_max
 def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps):
     """out (N, C) = layernorm of the rows of s, mean and rstd (N,) saved; s = x (N, C) when has_res
     is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
-    b (C,) is not read when has_bias is False. sum_out may alias x."""
+    b (C,) is not read when has_bias is False. sum_out may alias x. Row sums run in the arrays'
+    precision (a two-pass variance over C values)."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)
     scratch = np.empty((nch, c), x.dtype)
+    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -32,17 +34,17 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
                 for j in range(c):
                     si[j] = tmp[j]
                 xi = tmp
-            acc = 0.0
+            acc = inv_c - inv_c
             for j in range(c):
                 acc += xi[j]
-            mu = acc / c
-            acc = 0.0
+            mean[i] = acc * inv_c
+            mu = mean[i]
+            acc = inv_c - inv_c
             for j in range(c):
                 dev = xi[j] - mu
                 acc += dev * dev
-            rs = 1.0 / math.sqrt(acc / c + eps)
-            mean[i] = mu
-            rstd[i] = rs
+            rstd[i] = 1.0 / math.sqrt(acc * inv_c + eps)
+            rs = rstd[i]
             oi = out[i]
             if has_bias:
                 for j in range(c):
@@ -57,25 +59,26 @@ _LN_CHUNKS = 32
 
 @njit(**PARALLEL)
 def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
-    """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,). Rows are cut into
-    min(N, 32) fixed chunks, each with its own float64 partial dw/db, added up in chunk order.
-    dx may alias dy (a row of dx goes through scratch)."""
+    """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,), in the arrays'
+    precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db, added up
+    in chunk order in float64. dx may alias dy (a row of dx goes through scratch)."""
     n, c = x.shape
     nch = min(n, _LN_CHUNKS)
-    pdw = np.zeros((nch, c), np.float64)
-    pdb = np.zeros((nch, c), np.float64)
+    pdw = np.zeros((nch, c), x.dtype)
+    pdb = np.zeros((nch, c), x.dtype)
     scratch = np.empty((nch, c), dx.dtype)
+    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
     for ch in prange(nch):
         pw = pdw[ch]
         pb = pdb[ch]
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
-            mu = np.float64(mean[i])
-            rs = np.float64(rstd[i])
+            mu = mean[i]
+            rs = rstd[i]
             xi = x[i]
             gi = dy[i]
-            s1 = 0.0
-            s2 = 0.0
+            s1 = inv_c - inv_c
+            s2 = inv_c - inv_c
             for j in range(c):
                 xh = (xi[j] - mu) * rs
                 g = gi[j] * w[j]
@@ -83,8 +86,8 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
                 s2 += g * xh
                 pw[j] += gi[j] * xh
                 pb[j] += gi[j]
-            s1 /= c
-            s2 /= c
+            s1 *= inv_c
+            s2 *= inv_c
             for j in range(c):
                 xh = (xi[j] - mu) * rs
                 tmp[j] = rs * (gi[j] * w[j] - s1 - xh * s2)
