@@ -21,7 +21,7 @@ from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
-from tracer import no_grad
+from tracer import autocast, no_grad
 
 PRESETS = {
     # name: model shape and a schedule that shows learning on 2 cores in the stated time
@@ -60,6 +60,7 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 1337
     dtype: str = "float32"
+    autocast: str = None
     vocab_size: int = 50304
     gelu: str = "tanh"
     eager: bool = False
@@ -82,6 +83,11 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1, "
                                  f"got {getattr(self, key)}")
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"--autocast must be bfloat16 (or left out), got {self.autocast!r}")
+        if self.autocast is not None and self.dtype != "float32":
+            raise ValueError(f"--autocast {self.autocast} keeps float32 master weights; it does "
+                             f"not go with --dtype {self.dtype}")
         if self.warmup < 0 or self.clip < 0 or self.lr <= 0:
             raise ValueError(f"need warmup >= 0, clip >= 0, lr > 0; got warmup={self.warmup}, "
                              f"clip={self.clip}, lr={self.lr}")
@@ -90,6 +96,19 @@ class TrainConfig:
     def model_config(self):
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                          block_size=self.block_size, vocab_size=self.vocab_size, gelu=self.gelu)
+
+
+def _engine(model, cfg):
+    """What a step calls: the compiled model, or the eager one (under autocast if asked)."""
+    if not cfg.eager:
+        return compile_model(model, autocast=cfg.autocast)
+    if cfg.autocast is None:
+        return model
+
+    def eager_autocast(x, y):
+        with autocast(cfg.autocast):
+            return model(x, y)
+    return eager_autocast
 
 
 def _say(cfg, text):
@@ -139,7 +158,7 @@ def train(cfg):
         val_rng.bit_generator.state = extra["val_rng"]
         history = extra.get("history", [])
         _say(cfg, f"resumed from {ckpt_path} at step {step}")
-    run = model if cfg.eager else compile_model(model)
+    run = _engine(model, cfg)
 
     def checkpoint():
         save_checkpoint(ckpt_path, model, opt, step=step,
@@ -150,7 +169,8 @@ def train(cfg):
     n_params = model.num_parameters()
     _say(cfg, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
               f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
-              f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}; "
+              f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
+              f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}; "
               f"train {len(train_data):,} tokens, val {len(val_data):,}")
     tokens_per_step = cfg.batch_size * cfg.block_size
     # Counted in tokens, so tqdm's own rate is tok/s and its ETA follows from it.

@@ -5,6 +5,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
+from kernels.bf16 import put
 from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_small, is_suffix, rows
 from kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
                             gelu_tanh_native)
@@ -79,7 +80,7 @@ def colsum(out, x):
 @njit(**PARALLEL)
 def bias_gelu_rows(out, pre, b, has_bias, form):
     """pre (N, C) += b (C,) when has_bias; then out (N, C) = gelu(pre), form 0 tanh, 1 erf, in the
-    arrays' precision. out may alias pre."""
+    arrays' precision. out may alias pre, or hold bf16 bits (uint16), written rounded."""
     n, c = pre.shape
     for i in prange(n):
         pi = pre[i]
@@ -89,10 +90,10 @@ def bias_gelu_rows(out, pre, b, has_bias, form):
                 pi[j] += b[j]
         if form == 0:
             for j in range(c):
-                oi[j] = gelu_tanh_native(pi[j])
+                put(oi, j, gelu_tanh_native(pi[j]))
         else:
             for j in range(c):
-                oi[j] = gelu_erf_native(pi[j])
+                put(oi, j, gelu_erf_native(pi[j]))
 
 
 @njit(**PARALLEL)

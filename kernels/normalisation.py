@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
+from kernels.bf16 import bits_or_self, put
 from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_suffix, rows
 from kernels.scalar import exp, row_max
 
@@ -15,8 +16,8 @@ from kernels.scalar import exp, row_max
 def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps):
     """out (N, C) = layernorm of the rows of s, mean and rstd (N,) saved; s = x (N, C) when has_res
     is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
-    b (C,) is not read when has_bias is False. sum_out may alias x. Row sums run in the arrays'
-    precision (a two-pass variance over C values)."""
+    b (C,) is not read when has_bias is False. sum_out may alias x. out may hold bf16 bits (uint16),
+    written rounded. Row sums run in the arrays' precision (a two-pass variance over C values)."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)
@@ -48,10 +49,10 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
             oi = out[i]
             if has_bias:
                 for j in range(c):
-                    oi[j] = (xi[j] - mu) * rs * w[j] + b[j]
+                    put(oi, j, (xi[j] - mu) * rs * w[j] + b[j])
             else:
                 for j in range(c):
-                    oi[j] = (xi[j] - mu) * rs * w[j]
+                    put(oi, j, (xi[j] - mu) * rs * w[j])
 
 
 _LN_CHUNKS = 32
@@ -149,10 +150,13 @@ def _softmax_backward_rows(dx, dy, y):
 
 
 def layernorm(out, mean, rstd, x, w, b=None, *, eps):
-    """out (..., C) normalised over C, times w (C,) plus b (C,); mean, rstd (...) kept."""
-    if is_fast(out, mean, rstd, x, w) and (b is None or is_fast(b, w)):
+    """out (..., C) normalised over C, times w (C,) plus b (C,), float32 or bf16; mean, rstd (...)
+    kept."""
+    out_bits = bits_or_self(out)
+    if is_fast(mean, rstd, x, w) and (b is None or is_fast(b, w)) \
+            and out_bits.flags.c_contiguous:
         x2 = rows(x)
-        _layernorm_rows(x2, rows(out), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
+        _layernorm_rows(x2, rows(out_bits), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
                         w if b is None else b, False, b is not None, float(eps))
     else:
         reference.layernorm(out, mean, rstd, x, w, b, eps=eps)
@@ -160,13 +164,15 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
 
 def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
     """Fused residual add + layernorm: sum_out (..., C) = x (..., C) + r (same shape, or a trailing
-    part of it such as (T, C)), then out, mean, rstd = layernorm(sum_out, w, b); sum_out may
-    alias x.
+    part of it such as (T, C)), then out (float32 or bf16), mean, rstd = layernorm(sum_out, w,
+    b); sum_out may alias x.
     Equals reference add(sum_out, x, r); layernorm(out, mean, rstd, sum_out, w, b, eps=eps)."""
     c = x.shape[-1]
-    if is_fast(sum_out, out, mean, rstd, x, r, w) and (b is None or is_fast(b, w)) \
-            and sum_out.shape == x.shape and is_suffix(r.shape, x.shape):
-        _layernorm_rows(rows(sum_out), rows(out), mean.reshape(-1), rstd.reshape(-1), rows(x),
+    out_bits = bits_or_self(out)
+    if is_fast(sum_out, mean, rstd, x, r, w) and (b is None or is_fast(b, w)) \
+            and out_bits.flags.c_contiguous and sum_out.shape == x.shape \
+            and is_suffix(r.shape, x.shape):
+        _layernorm_rows(rows(sum_out), rows(out_bits), mean.reshape(-1), rstd.reshape(-1), rows(x),
                         r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps))
     else:
         reference.add(sum_out, x, r)
