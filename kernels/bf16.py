@@ -72,40 +72,34 @@ def _put(row, j, value):
     return store
 
 
+def value_of(row, j):
+    """row[j] as float32: bf16 bits (uint16) widened, anything else as it is."""
+    raise NotImplementedError("value_of runs inside jitted kernels only")
+
+
+@overload(value_of, inline="always")
+def _value_of(row, j):
+    if row.dtype == types.uint16:
+        return lambda row, j: bf16_value(row[j])
+    return lambda row, j: row[j]
+
+
 @njit(**_PAR)
-def _to_bf16(out, x):
-    """out (n,) uint16 = bf16 bits of x (n,) float32."""
+def _convert(out, x, through_bf16):
+    """out (n,) = x (n,), each float32 array or bf16 bits (uint16): bits are widened, a bits out
+    is rounded to, and through_bf16 rounds a float32 to bf16 and back on the way."""
     n = x.shape[0]
     nch = min(64, max(1, n // 4096))
     for ch in prange(nch):
         lo, hi = ch * n // nch, (ch + 1) * n // nch
         xs, os_ = x[lo:hi], out[lo:hi]
         for j in range(hi - lo):
-            os_[j] = bf16_bits(xs[j])
-
-
-@njit(**_PAR)
-def _from_bf16(out, bits):
-    """out (n,) float32 = the values of bits (n,) uint16."""
-    n = bits.shape[0]
-    nch = min(64, max(1, n // 4096))
-    for ch in prange(nch):
-        lo, hi = ch * n // nch, (ch + 1) * n // nch
-        bs, os_ = bits[lo:hi], out[lo:hi]
-        for j in range(hi - lo):
-            os_[j] = bf16_value(bs[j])
-
-
-@njit(**_PAR)
-def _round_through_bf16(out, x):
-    """out (n,) float32 = x (n,) float32 rounded to bf16 (and so exactly representable)."""
-    n = x.shape[0]
-    nch = min(64, max(1, n // 4096))
-    for ch in prange(nch):
-        lo, hi = ch * n // nch, (ch + 1) * n // nch
-        xs, os_ = x[lo:hi], out[lo:hi]
-        for j in range(hi - lo):
-            os_[j] = bf16_value(bf16_bits(xs[j]))
+            v = value_of(xs, j)
+            # An if statement: as a conditional expression, with these helpers inlined, Numba
+            # 0.68 computed zeros.
+            if through_bf16:
+                v = bf16_value(bf16_bits(v))
+            put(os_, j, v)
 
 
 def bits_or_self(a):
@@ -115,15 +109,13 @@ def bits_or_self(a):
 
 def to_bf16(out, x):
     """out (bf16) = x (float32) rounded to nearest even; both contiguous, same shape."""
-    _to_bf16(out.reshape(-1).view(np.uint16), np.ascontiguousarray(x, np.float32).reshape(-1))
+    _convert(bits_or_self(out).reshape(-1), np.ascontiguousarray(x, np.float32).reshape(-1),
+             False)
 
 
 def to_float32(out, x):
     """out (float32) = the values of x: bf16 widened exactly, or float32 rounded through bf16."""
-    if x.dtype == BFLOAT16:
-        _from_bf16(out.reshape(-1), x.reshape(-1).view(np.uint16))
-    else:
-        _round_through_bf16(out.reshape(-1), x.reshape(-1))
+    _convert(out.reshape(-1), bits_or_self(x).reshape(-1), x.dtype != BFLOAT16)
 
 
 # ---------------------------------------------------------------- the GEMM
