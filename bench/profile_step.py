@@ -121,7 +121,8 @@ def main():
              f"T{spec['seq']}), float32: {step * 1e3:.1f} ms in all.", "",
              machine.cpu_line(), machine.blas_line(),
              f"Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
-             f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s.", "",
+             f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s.",
+             f"Memory plan of the training step: {cm.memory}.", "",
              "| op | nodes | ms | share | GB moved | fraction of copy bandwidth |",
              "|---|---|---|---|---|---|"]
     for name, (count, total, nbytes, flops) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):

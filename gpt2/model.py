@@ -103,7 +103,7 @@ class GPT(Pretrained, Generation):
 
     def bf16_copies(self):
         """Give every parameter a bf16 copy of its data, all in one flat buffer laid out as
-        flat_data (so the optimiser's passes over flat_data can refresh it as they go). Idempotent."""
+        flat_data, so the optimiser's passes over flat_data refresh it as they go. Idempotent."""
         if self.flat_bf16 is None:
             self.flat_bf16 = np.empty(self.flat_data.shape, BFLOAT16)
             for p in self._params.values():

@@ -1,11 +1,12 @@
-"""Causal self-attention straight from the fused qkv (B, T, 3C), forward and backward, on BLAS tiles.
+"""Causal self-attention straight from the fused qkv (B, T, 3C), forward and backward, on BLAS
+tiles.
 
 A head's q, k and v are (T, D) column blocks of qkv with row stride 3C, and BLAS reads such
 strided views as they are (leading dimension 3C): nothing is gathered or transposed. Per block of
 query rows [i0, i1) only the keys 0 .. i1 - 1 exist for causal attention, so fully masked tiles are
 never computed:
 
-    forward:  S = scale Q_i K[:i1]^T  (BLAS)  ->  P = softmax rows, masked  ->  Y_i = P V[:i1] (BLAS)
+    forward:  S = scale Q_i K[:i1]^T (BLAS)  ->  P = softmax rows, masked  ->  Y_i = P V[:i1] (BLAS)
     backward: S, dP = dY_i V[:i1]^T (BLAS)  ->  dS = P (dP - rowsum(dY_i Y_i))
               dQ_i = scale dS K[:i1],  dK[:i1] += scale dS^T Q_i,  dV[:i1] += P^T dY_i  (BLAS)
 
@@ -40,6 +41,7 @@ from kernels.scalar import exp_native, row_max
 # inner dimension being the head size (64).
 Q_BLOCK = 128
 
+
 @njit(**PARALLEL)
 def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token."""
@@ -62,8 +64,8 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
             i0 = qb * q_block
             i1 = min(t, i0 + q_block)
             p = scores[:(i1 - i0) * i1].reshape(i1 - i0, i1)
-            gemm(gemm_address, p, qkv[b, i0:i1, h0:h0 + d], qkv[b, :i1, c + h0:c + h0 + d], False, True,
-                  scale, 0.0, ints, floats)
+            gemm(gemm_address, p, qkv[b, i0:i1, h0:h0 + d], qkv[b, :i1, c + h0:c + h0 + d], False,
+                 True, scale, 0.0, ints, floats)
             for r in range(i1 - i0):
                 keys = p[r, :i0 + r + 1]
                 m = row_max(keys)
@@ -78,8 +80,8 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
                 lse[bh, i0 + r] = m + math.log(total)
                 inv_l[r] = 1.0 / total
             y = out[b, i0:i1, h0:h0 + d]
-            gemm(gemm_address, y, p, qkv[b, :i1, 2 * c + h0:2 * c + h0 + d], False, False, 1.0, 0.0,
-                  ints, floats)
+            gemm(gemm_address, y, p, qkv[b, :i1, 2 * c + h0:2 * c + h0 + d], False, False, 1.0,
+                 0.0, ints, floats)
             for r in range(i1 - i0):
                 yr = y[r]
                 for e in range(d):

@@ -46,9 +46,9 @@ def _call_gemm(typingctx, address, transa, transb, m, n, k, alpha, a, lda, b, ld
 @njit(cache=True)
 def gemm(address, c, a, b, trans_a, trans_b, alpha, beta, ints, floats):
     """c (m, n) = alpha op(a) op(b) + beta c, for row-major 2-D views with unit stride along a row
-    (any row stride); op transposes when asked. address: BLAS's ?gemm for the arrays'
-    dtype (`GEMM_ADDRESS`). Column-major BLAS computes c^T = op(b)^T op(a)^T. ints (8,) int32 and floats (2,) of
-    c's dtype are scratch for the scalars BLAS takes by pointer."""
+    (any row stride); op transposes when asked. address: BLAS's ?gemm for the arrays' dtype
+    (`GEMM_ADDRESS`). Column-major BLAS computes c^T = op(b)^T op(a)^T. ints (8,) int32 and
+    floats (2,) of c's dtype are scratch for the scalars BLAS takes by pointer."""
     m, n = c.shape
     ints[0] = n
     ints[1] = m

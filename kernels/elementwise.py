@@ -186,4 +186,5 @@ def gelu_backward(dx, dy, x, *, form):
         reference.gelu_backward(dx, dy, x, form=form)
 
 
-TABLE = {"add": add, "mul": mul, "scale": scale, "sum_to": sum_to, "gelu": gelu, "gelu_backward": gelu_backward}
+TABLE = {"add": add, "mul": mul, "scale": scale, "sum_to": sum_to, "gelu": gelu,
+         "gelu_backward": gelu_backward}

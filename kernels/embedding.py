@@ -64,4 +64,5 @@ def embedding_backward_acc(dweight, dout, idx):
         reference.embedding_backward_acc(dweight, dout, idx)
 
 
-TABLE = {"embedding": embedding, "embedding_backward": embedding_backward, "embedding_backward_acc": embedding_backward_acc}
+TABLE = {"embedding": embedding, "embedding_backward": embedding_backward,
+         "embedding_backward_acc": embedding_backward_acc}

@@ -78,4 +78,6 @@ def linear_backward_b(db, dy):
         reference.linear_backward_b(db, dy)
 
 
-TABLE = {"linear": linear, "linear_gelu": linear_gelu, "linear_backward_x": linear_backward_x, "linear_backward_w": linear_backward_w, "linear_backward_w_acc": linear_backward_w_acc, "linear_backward_b": linear_backward_b}
+TABLE = {"linear": linear, "linear_gelu": linear_gelu, "linear_backward_x": linear_backward_x,
+         "linear_backward_w": linear_backward_w, "linear_backward_w_acc": linear_backward_w_acc,
+         "linear_backward_b": linear_backward_b}

@@ -205,4 +205,6 @@ def softmax_backward(dx, dy, y):
         reference.softmax_backward(dx, dy, y)
 
 
-TABLE = {"layernorm": layernorm, "residual_layernorm": residual_layernorm, "layernorm_backward": layernorm_backward, "softmax": softmax, "softmax_backward": softmax_backward}
+TABLE = {"layernorm": layernorm, "residual_layernorm": residual_layernorm,
+         "layernorm_backward": layernorm_backward, "softmax": softmax,
+         "softmax_backward": softmax_backward}
