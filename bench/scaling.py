@@ -172,7 +172,8 @@ def report(args, single, parallel):
              "Measured on this machine (medians; each step: forward, backward, all-reduce, clip, "
              "AdamW):", "",
              "| processes x threads | MPI progress | step | tokens/s | all-reduce alone "
-             "(GB/s of gradient) | exposed in the step | hidden | time in MPI calls (of it waiting) |",
+             "(GB/s of gradient) | exposed in the step | hidden "
+             "| time in MPI calls (of it waiting) |",
              "|---|---|---|---|---|---|---|---|",
              f"| 1 x 2 | - | {single['step'] * 1e3:.0f} ms | {tokens / single['step']:,.0f} "
              "| - | - | - | - |"]
