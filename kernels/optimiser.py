@@ -83,7 +83,7 @@ def scale_in_place(x, factor):
         reference.scale_in_place(x, factor)
 
 
-_ADAMW_BLOCK = 1 << 14
+_ADAMW_BLOCK = 1 << 16
 
 
 @njit(**PARALLEL)
