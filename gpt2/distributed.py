@@ -266,13 +266,11 @@ class GradientAllReduce:
 
     def run_backward(self, exe):
         """Run exe's backward steps; if armed, start each bucket's all-reduce where it is final."""
-        steps = exe.steps[exe.n_forward_steps:]
         if not self.armed:
-            for fn, args, kw in steps:
-                fn(*args, **kw)
+            exe.run_backward()
             return
         starts = self.schedule(exe)
-        for i, (fn, args, kw) in enumerate(steps):
+        for i, (fn, args, kw) in enumerate(exe.steps[exe.n_forward_steps:]):
             fn(*args, **kw)
             if i in starts:
                 for b in starts[i]:
