@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
@@ -43,7 +44,10 @@ SIZES = {
     "124M-T256": dict(model=GPT2_124M, batch=4, seq=256, steps=3),
     "124M-T1024": dict(model=GPT2_124M, batch=1, seq=1024, steps=2),
 }
-ENGINES = ("jit", "jit_torchway", "eager", "torch")
+ENGINES = ("jit", "jit_torchway", "eager", "torch", "jit_bf16", "torch_bf16")
+# PyTorch's bf16 matmul on a CPU without bf16 units ran its small step 19x slower than float32
+# (14 s on AMD Zen 3): without them, its autocast column is measured on the small sizes only.
+TORCH_BF16_WITHOUT_UNITS = ("tiny", "small")
 
 
 # ---------------------------------------------------------------- worker side (one process each)
@@ -78,7 +82,8 @@ def _ours(engine, size, steps):
     params = model.parameters()
     opt = gpt2.AdamW(params, lr=1e-4, weight_decay=0.1)
     t0 = time.perf_counter()
-    run = model if engine == "eager" else gpt2.compile(model)
+    run = model if engine == "eager" else gpt2.compile(
+        model, autocast="bfloat16" if engine == "jit_bf16" else None)
     x, y = _batch(size, 0)
 
     def step():
@@ -97,7 +102,7 @@ def _ours(engine, size, steps):
                 n_params=model.num_parameters() - params["transformer.wpe.weight"].data.size)
 
 
-def _torch(size, steps):
+def _torch(size, steps, autocast):
     import torch
     from tests.torch_gpt2 import GPT as TorchGPT, configure_adamw
     import gpt2
@@ -111,7 +116,8 @@ def _torch(size, steps):
     x, y = (torch.from_numpy(a) for a in _batch(size, 0))
 
     def step():
-        _, loss = model(x, y)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -123,7 +129,9 @@ def _torch(size, steps):
 
 
 def worker(engine, size, steps):
-    result = _torch(size, steps) if engine == "torch" else _ours(engine, size, steps)
+    warnings.filterwarnings("ignore", "bf16 autocast")        # named once, in the table's notes
+    result = _torch(size, steps, engine == "torch_bf16") if engine.startswith("torch") else \
+        _ours(engine, size, steps)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     result["process_to_first_step"] = time.perf_counter() - START
     print(json.dumps(result))
@@ -155,18 +163,25 @@ def flops_per_step(size, n_params):
     return 6 * n_params * b * t + 6 * m["n_layer"] * m["n_embd"] * t * (t + 1) * b
 
 
+def engines_for(size):
+    if machine.bf16_units() == "none" and size not in TORCH_BF16_WITHOUT_UNITS:
+        return [e for e in ENGINES if e != "torch_bf16"]
+    return list(ENGINES)
+
+
 def measure(size, reps):
     cold, warm = compile_times(size)
-    runs = {e: [] for e in ENGINES}
+    engines = engines_for(size)
+    runs = {e: [] for e in engines}
     for rep in range(reps):
-        for engine in ENGINES:
+        for engine in engines:
             r = spawn(engine, size, SIZES[size]["steps"])
             runs[engine].append(r)
             print(f"  {size} rep {rep + 1}/{reps} {engine}: "
                   f"median step {statistics.median(r['times']):.3f} s", flush=True)
     rate = machine.gemm_rate()
-    med = {e: statistics.median(t for r in runs[e] for t in r["times"]) for e in ENGINES}
-    rss = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in ENGINES}
+    med = {e: statistics.median(t for r in runs[e] for t in r["times"]) for e in engines}
+    rss = {e: max(r["peak_rss_mb"] for r in runs[e]) for e in engines}
     spec = SIZES[size]
     return dict(size=size, shape=f"B{spec['batch']} T{spec['seq']}", med=med, rss=rss,
                 tok_s=spec["batch"] * spec["seq"] / med["jit"],
@@ -190,8 +205,27 @@ def main():
     bandwidth = machine.copy_bandwidth()
     rows = [measure(size, args.reps) for size in args.sizes]
     report(rows, [machine.cpu_line(), machine.blas_line(),
-                  f"Copy bandwidth (bytes read + written): {bandwidth / 1e9:.1f} GB/s."],
-           args.out)
+                  f"Copy bandwidth (bytes read + written): {bandwidth / 1e9:.1f} GB/s.",
+                  bf16_note()], args.out)
+
+
+def bf16_note():
+    from kernels import bf16
+    name, why = bf16.backend()
+    note = (f"bf16 columns: ours with gpt2.compile(model, autocast=\"bfloat16\"), GEMMs on the "
+            f"{name} backend ({why}); PyTorch under torch.autocast(\"cpu\", torch.bfloat16).")
+    if machine.bf16_units() == "none":
+        note += (" Without bf16 units PyTorch's autocast step ran about 19x its float32 one, so it "
+                 f"is measured at {', '.join(TORCH_BF16_WITHOUT_UNITS)} only.")
+    return note
+
+
+def _ms(med, engine):
+    return f"{med[engine] * 1e3:.0f} ms" if engine in med else "not run"
+
+
+def _ratio(med, a, b):
+    return f"{med[a] / med[b]:.2f}" if a in med and b in med else "-"
 
 
 def report(rows, notes, out):
@@ -200,6 +234,9 @@ def report(rows, notes, out):
               "GEMM GFLOP/s | compiled tok/s | peak RSS MiB (jit / eager / torch) | "
               "start to 1st step, cold / warm (compile + 1st step) |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    bf16_header = ("| size | shape | compiled bf16 step | PyTorch autocast-bf16 step | "
+                   "bf16/PyTorch-bf16 | bf16/our float32 |")
+    bf16_lines = [bf16_header, "|" + "---|" * (bf16_header.count("|") - 1)]
     for r in rows:
         med, rss = r["med"], r["rss"]
         lines.append(
@@ -210,7 +247,10 @@ def report(rows, notes, out):
             f"{r['mfu']:.2f} | {r['gemm']:.0f} | {r['tok_s']:,.0f} | "
             f"{rss['jit']:.0f} / {rss['eager']:.0f} / {rss['torch']:.0f} | "
             f"{r['cold']:.1f} s / {r['warm']:.1f} s ({r['warm_compile']:.1f} s) |")
-    table = "\n".join(lines) + "\n\n" + "\n".join(notes)
+        bf16_lines.append(
+            f"| {r['size']} | {r['shape']} | {_ms(med, 'jit_bf16')} | {_ms(med, 'torch_bf16')} | "
+            f"{_ratio(med, 'jit_bf16', 'torch_bf16')} | {_ratio(med, 'jit_bf16', 'jit')} |")
+    table = "\n".join(lines) + "\n\n" + "\n".join(bf16_lines) + "\n\n" + "\n".join(notes)
     print(table)
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, out + ".md"), "w") as f:

@@ -1,10 +1,12 @@
 """Each Numba kernel against its reference NumPy kernel at GPT-2 124M activation sizes.
 
-    python bench/kernel_speed.py [--dtype float32] [--repeat 7] [--params 124475904] [--only NAME]
+    python bench/kernel_speed.py [--batch 4 --seq 64] [--dtype float32] [--repeat 7] [--only NAME]
 
-B=4, T=64, C=768, H=12, V=50304. The two implementations run alternately, call after call, and
-each keeps its best time, so a busy shared machine slows both alike; the ratio is what to read.
-The first call of each (compilation, or loading Numba's cache) is not timed.
+C=768, H=12, V=50304. The two implementations run alternately, call after call, and each keeps
+its best time, so a busy shared machine slows both alike; the ratio is what to read. The first
+call of each (compilation, or loading Numba's cache) is not timed. Memory-bound kernels also show
+the bytes they must move (inputs read once, outputs written once) per second, as a fraction of
+the copy bandwidth measured at the start of the run (bytes read + written).
 """
 import argparse
 import os
@@ -16,6 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import kernels  # noqa: E402  (before NumPy: see kernels/cpu.py)
 from kernels import reference as ref  # noqa: E402
 import numpy as np  # noqa: E402
+from bench import machine  # noqa: E402
 
 
 def best_pair(fast, slow, repeat):
@@ -33,9 +36,9 @@ def best_pair(fast, slow, repeat):
     return tf, ts
 
 
-def cases(dt, n_params):
-    """(name, numba call, reference call) at GPT-2 124M sizes."""
-    B, T, C, H, V = 4, 64, 768, 12, 50304
+def cases(dt, n_params, B, T):
+    """(name, numba call, reference call, bytes moved or None) at GPT-2 124M sizes."""
+    C, H, V = 768, 12, 50304
     rng = np.random.default_rng(0)
 
     def f(*shape, s=1.0):
@@ -56,9 +59,10 @@ def cases(dt, n_params):
     qkv, dqkv = f(B, T, 3 * C), e(B, T, 3 * C)
     y, lse = e(B, T, C), e(B, H, T)
     ref.attention(y, lse, qkv, n_head=H)
-    scores, dscores = f(B, H, T, T), f(B, H, T, T)
-    probs = e(B, H, T, T)
-    ref.softmax(probs, scores)
+    if T <= 256:
+        scores, dscores = f(B, H, T, T), f(B, H, T, T)
+        probs = e(B, H, T, T)
+        ref.softmax(probs, scores)
     logits = f(B, T, V, s=2.0)
     dlogits = e(B, T, V)
     dlogits_in = f(B, T, V, s=1e-4)
@@ -69,37 +73,46 @@ def cases(dt, n_params):
     idx = rng.integers(0, V, (B, T))
     dloss = np.array(1.0, dt)
 
-    def both(name, outs, *args, **kw):
+    def both(name, outs, *args, memory_bound=True, **kw):
+        moved = sum(a.nbytes for a in list(outs) + list(args) if hasattr(a, "nbytes"))
         return (name, lambda: kernels.NUMBA[name](*outs, *args, **kw),
-                lambda: getattr(ref, name)(*outs, *args, **kw))
+                lambda: getattr(ref, name)(*outs, *args, **kw), moved if memory_bound else None)
+
+    def renamed(label, case):
+        return (label,) + case[1:]
 
     yield both("add", [out2], x, r)
-    yield ("add (B,T,C)+(T,C)", lambda: kernels.NUMBA["add"](out2, x, wpe), lambda: ref.add(out2, x, wpe))
+    yield renamed("add (B,T,C)+(T,C)", both("add", [out2], x, wpe))
     yield both("scale", [out2], x, factor=0.5)
-    yield ("sum_to (B,T,C)->(T,C)", lambda: kernels.NUMBA["sum_to"](out2[0], x),
-           lambda: ref.sum_to(out2[0], x))
-    yield both("linear", [e(B, T, 3 * C)], x, w_attn, b_attn)
-    yield both("linear_backward_x", [out2], dh, w_fc)
-    yield both("linear_backward_w", [e(4 * C, C)], dh, x)
+    yield renamed("sum_to (B,T,C)->(T,C)", both("sum_to", [out2[0]], x))
+    yield both("linear", [e(B, T, 3 * C)], x, w_attn, b_attn, memory_bound=False)
+    yield both("linear_backward_x", [out2], dh, w_fc, memory_bound=False)
+    yield both("linear_backward_w", [e(4 * C, C)], dh, x, memory_bound=False)
     yield both("linear_backward_b", [e(4 * C)], dh)
-    yield ("linear_gelu (fused)",) + both("linear_gelu", [h, h2], x, w_fc, b_fc, form="tanh")[1:]
-    yield ("linear_backward_w_acc (lm_head)",) + both("linear_backward_w_acc", [dwte], dlogits_in,
-                                                        x)[1:]
-    yield both("embedding", [out2], wte, idx)
-    yield both("embedding_backward", [dwte], dy, idx)
-    yield both("embedding_backward_acc", [dwte], dy, idx)
+    yield renamed("linear_gelu (fused)", both("linear_gelu", [h, h2], x, w_fc, b_fc,
+                                              form="tanh", memory_bound=False))
+    yield renamed("linear_backward_w_acc (lm_head)",
+                  both("linear_backward_w_acc", [dwte], dlogits_in, x, memory_bound=False))
+    # a gather or scatter touches only the rows the ids name: count those, not the table
+    case = both("embedding", [out2], wte, idx)
+    yield case[:3] + (2 * out2.nbytes + idx.nbytes,)
+    case = both("embedding_backward", [dwte], dy, idx)
+    yield case[:3] + (dwte.nbytes + 3 * dy.nbytes + idx.nbytes,)
+    case = both("embedding_backward_acc", [dwte], dy, idx)
+    yield case[:3] + (3 * dy.nbytes + idx.nbytes,)
     yield both("layernorm", [out2, mean, rstd], x, w, bias, eps=1e-5)
-    yield ("residual_layernorm (fused)",) + both("residual_layernorm", [out2, out, mean, rstd], x, r,
-                                                 w, bias, eps=1e-5)[1:]
+    yield renamed("residual_layernorm (fused)",
+                  both("residual_layernorm", [out2, out, mean, rstd], x, r, w, bias, eps=1e-5))
     yield both("layernorm_backward", [e(B, T, C), e(C), e(C)], dy, x, w, mean, rstd)
     for form in ("tanh", "erf"):
-        yield (f"gelu {form}",) + both("gelu", [h2], h, form=form)[1:]
-        yield (f"gelu_backward {form}",) + both("gelu_backward", [h2], dh, h, form=form)[1:]
-    yield ("softmax (B,H,T,T)",) + both("softmax", [e(B, H, T, T)], scores)[1:]
-    yield ("softmax_backward (B,H,T,T)",) + both("softmax_backward", [e(B, H, T, T)],
-                                                 dscores, probs)[1:]
-    yield both("attention", [y, lse], qkv, n_head=H)
-    yield both("attention_backward", [dqkv], dy, qkv, y, lse, n_head=H)
+        yield renamed(f"gelu {form}", both("gelu", [h2], h, form=form))
+        yield renamed(f"gelu_backward {form}", both("gelu_backward", [h2], dh, h, form=form))
+    if T <= 256:
+        yield renamed("softmax (B,H,T,T)", both("softmax", [e(B, H, T, T)], scores))
+        yield renamed("softmax_backward (B,H,T,T)",
+                      both("softmax_backward", [e(B, H, T, T)], dscores, probs))
+    yield both("attention", [y, lse], qkv, n_head=H, memory_bound=False)
+    yield both("attention_backward", [dqkv], dy, qkv, y, lse, n_head=H, memory_bound=False)
     yield both("cross_entropy", [loss, ce_lse], logits, targets)
     yield both("cross_entropy_backward", [dlogits], dloss, logits, targets, ce_lse)
 
@@ -108,11 +121,11 @@ def cases(dt, n_params):
     v[...] = 0.0
     kw = dict(lr=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, step=1)
     yield (f"adamw (n={n_params})", lambda: kernels.adamw(p, g, m, v, **kw),
-           lambda: ref.adamw(p, g, m, v, **kw))
+           lambda: ref.adamw(p, g, m, v, **kw), 7 * p.nbytes)
     yield (f"sum_of_squares (n={n_params})", lambda: kernels.sum_of_squares(g),
-           lambda: ref.sum_of_squares(g))
+           lambda: ref.sum_of_squares(g), g.nbytes)
     yield (f"scale_in_place (n={n_params})", lambda: kernels.scale_in_place(g, 1.0),
-           lambda: ref.scale_in_place(g, 1.0))
+           lambda: ref.scale_in_place(g, 1.0), 2 * g.nbytes)
 
 
 def main():
@@ -122,15 +135,22 @@ def main():
     ap.add_argument("--params", type=int, default=124_475_904,
                     help="length of the flat buffers for the optimiser kernels")
     ap.add_argument("--only", default=None, help="run only kernels whose name contains this")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=64)
     args = ap.parse_args()
     dt = np.dtype(args.dtype).type
-    print(f"dtype {args.dtype}, B=4 T=64 C=768 H=12 V=50304, best of {args.repeat}")
-    print(f"{'kernel':46s} {'reference ms':>12s} {'numba ms':>10s} {'speedup':>8s}")
-    for name, fast, slow in cases(dt, args.params):
+    bandwidth = machine.copy_bandwidth()
+    print(machine.cpu_line())
+    print(f"dtype {args.dtype}, B={args.batch} T={args.seq} C=768 H=12 V=50304, best of "
+          f"{args.repeat}; copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print(f"{'kernel':46s} {'reference ms':>12s} {'numba ms':>10s} {'speedup':>8s} "
+          f"{'GB/s':>6s} {'of copy':>7s}")
+    for name, fast, slow, moved in cases(dt, args.params, args.batch, args.seq):
         if args.only and args.only not in name:
             continue
         tf, ts = best_pair(fast, slow, args.repeat)
-        print(f"{name:46s} {ts * 1e3:12.3f} {tf * 1e3:10.3f} {ts / tf:7.2f}x", flush=True)
+        rate = f"{moved / tf / 1e9:6.1f} {moved / tf / bandwidth:7.2f}" if moved else ""
+        print(f"{name:46s} {ts * 1e3:12.3f} {tf * 1e3:10.3f} {ts / tf:7.2f}x {rate}", flush=True)
 
 
 if __name__ == "__main__":

@@ -29,14 +29,10 @@ def _cpuinfo():
     return info
 
 
-def bf16_units(flags=None):
+def bf16_units():
     """The CPU's bf16 matrix hardware: "AMX", "AVX512_BF16" or "none"."""
-    flags = set(_cpuinfo().get("flags", "").split()) if flags is None else flags
-    if "amx_bf16" in flags:
-        return "AMX"
-    if "avx512_bf16" in flags:
-        return "AVX512_BF16"
-    return "none"
+    from kernels.bf16 import bf16_units
+    return bf16_units()
 
 
 def cpu_line():
@@ -50,7 +46,7 @@ def cpu_line():
         name += f" ({_AMD_CORES[family]})"
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE only"
     return (f"CPU: {name}, family {family} model {model}, {os.cpu_count()} cores, {vector}; "
-            f"bf16 units: {bf16_units(flags)}")
+            f"bf16 units: {bf16_units()}")
 
 
 def blas_line():

@@ -142,6 +142,8 @@ def build_parser():
     pt.add_argument("--seed", type=int, default=1337)
     pt.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     pt.add_argument("--gelu", default="tanh", choices=["tanh", "erf"])
+    pt.add_argument("--autocast", default=None, choices=["bfloat16"],
+                    help="bf16 GEMM operands with float32 accumulation and master weights")
     pt.add_argument("--eager", action="store_true", help="run the NumPy reference engine")
     pt.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.bin")
     pt.add_argument("--skip-nonfinite", action="store_true",

@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 
 import kernels
+from kernels.bf16 import BFLOAT16
 from tracer import Tensor, is_grad_enabled
 from tracer.autodiff import grad_name, joint_graph
 from tracer.fusion import accumulate_gradients, fuse
 from tracer.graph import prune
+from tracer.ops import autocast as autocasting
+from tracer.precision import bf16_activations, bf16_weights
 from tracer.runtime import Executable
 from tracer.schedule import plan_buffers
 from tracer.trace import trace
@@ -80,9 +83,17 @@ class CompiledLoss:
 
 
 class CompiledModel:
-    def __init__(self, model, table=None, max_plans=8):
+    def __init__(self, model, table=None, max_plans=8, autocast=None):
         if max_plans < 1:
             raise ValueError(f"max_plans must be at least 1, got {max_plans}")
+        if autocast not in (None, "bfloat16"):
+            raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
+        if autocast is not None and model.dtype != np.float32:
+            raise ValueError(f"autocast={autocast!r} needs a float32 model (its master weights), "
+                             f"got a {model.dtype} one")
+        self.autocast = autocast
+        if autocast is not None:
+            model.bf16_copies()
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
@@ -130,7 +141,8 @@ class CompiledModel:
             logits, loss = self.model.forward(idx, targets)
             return {"logits": logits, "loss": loss}
 
-        graph = trace(forward, inputs, names)
+        with autocasting(self.autocast):
+            graph = trace(forward, inputs, names)
         self.trace_count += 1
         self._traces[key] = graph
         if len(self._traces) > self.max_plans:
@@ -145,10 +157,11 @@ class CompiledModel:
             forward = self._forward_graph(shape, has_targets)
             if training:
                 graph = accumulate_gradients(fuse(joint_graph(forward)), grad_name)
-                plan = plan_buffers(graph, forward_only_outputs=("logits",))
             else:
                 graph = fuse(prune(forward))
-                plan = plan_buffers(graph)
+            if self.autocast is not None:
+                graph = bf16_activations(bf16_weights(graph))
+            plan = plan_buffers(graph, forward_only_outputs=("logits",) if training else ())
             self._plans[key] = (graph, Executable(graph, plan, self.table))
             if len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
@@ -165,6 +178,9 @@ class CompiledModel:
         training = targets is not None and is_grad_enabled()
         exe = self._executable(idx.shape, targets is not None, training)
         exe.set_inputs(idx=idx, **({"targets": targets} if targets is not None else {}))
+        for v, p in exe.graph.params:
+            if v.dtype == BFLOAT16:
+                p.refresh_bf16()
         exe.run_forward()
         self._generation += 1
         if self._logits is not None:
@@ -194,6 +210,12 @@ def with_add_acc(table):
     return {**table, "add_acc": lambda acc, x: add(acc, acc, x)}
 
 
-def compile(model, table=None, max_plans=8):
-    """Wrap a GPT so each call runs a traced, planned static graph instead of the Python forward."""
-    return CompiledModel(model, table=table, max_plans=max_plans)
+def compile(model, table=None, max_plans=8, autocast=None):
+    """Wrap a GPT so each call runs a traced, planned static graph instead of the Python forward.
+
+    autocast="bfloat16": every linear layer and its two backward GEMMs (the lm_head included)
+    multiply bf16 operands with float32 accumulation; weights, gradients, AdamW moments, LayerNorm,
+    softmax, cross-entropy and the residual stream stay float32. The GEMMs read bf16 copies of the
+    weights that AdamW refreshes in its own pass (a Parameter written by hand: `mark_changed()`).
+    The eager reference is `with gpt2.autocast("bfloat16"): model(idx, targets)`."""
+    return CompiledModel(model, table=table, max_plans=max_plans, autocast=autocast)

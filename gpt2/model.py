@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from gpt2.config import DTYPES, GPTConfig, check_ids, parameter_shapes
+from kernels.bf16 import BFLOAT16
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
 from tracer import Parameter
@@ -48,6 +49,7 @@ class GPT(Pretrained, Generation):
         sizes = {n: int(np.prod(shapes[n])) for n in shapes}
         self.flat_data = np.zeros(sum(sizes.values()), self.dtype)
         self.flat_grad = np.zeros_like(self.flat_data)
+        self.flat_bf16 = None           # bf16 copies for autocast, made by bf16_copies()
         views, offset = {}, 0
         for name in layout:
             end = offset + sizes[name]
@@ -106,6 +108,18 @@ class GPT(Pretrained, Generation):
                              "but this model ties them")
         for name, p in self._params.items():
             p.data[...] = state[name]
+            p.mark_changed()
+
+    def bf16_copies(self):
+        """Give every parameter a bf16 copy of its data, all in one flat buffer laid out as
+        flat_data (so the optimiser's passes over flat_data can refresh it as they go). Idempotent."""
+        if self.flat_bf16 is None:
+            self.flat_bf16 = np.empty(self.flat_data.shape, BFLOAT16)
+            for p in self._params.values():
+                start = (p.data.ctypes.data - self.flat_data.ctypes.data) // p.data.itemsize
+                p.bf16 = self.flat_bf16[start:start + p.data.size].reshape(p.data.shape)
+                p.bf16_version = -1
+        return self.flat_bf16
 
     def zero_grad(self):
         self.flat_grad[...] = 0

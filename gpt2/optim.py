@@ -43,6 +43,24 @@ def _extend(a, b):
     return base.reshape(-1)[start:start + a.size + b.size]
 
 
+def _bf16_copies(params):
+    """The bf16 copies of a run of parameters as one flat view, laid out as their data, so the
+    AdamW pass can refresh them; None when a parameter has none or they are not adjacent."""
+    merged = None
+    for p in params:
+        if getattr(p, "bf16", None) is None:
+            return None
+        flat = p.bf16.reshape(-1)
+        if merged is None:
+            merged = flat
+        elif flat.base is merged.base and (flat.__array_interface__["data"][0] ==
+                                            merged.__array_interface__["data"][0] + merged.nbytes):
+            merged = _extend(merged, flat)
+        else:
+            return None
+    return merged
+
+
 def _named(params):
     if isinstance(params, dict):
         return list(params.items())
@@ -92,6 +110,7 @@ class AdamW:
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         named = _named(params)
         self.names = [n for n, _ in named]
+        self._params = dict(named)
         self._sizes = {n: p.data.size for n, p in named}
         self.runs = _runs(named)
         self.exp_avg = [np.zeros_like(run.data) for run in self.runs]
@@ -124,10 +143,16 @@ class AdamW:
         self.step_count += 1
         b1, b2 = self.betas
         for run, m, v in zip(self.runs, self.exp_avg, self.exp_avg_sq):
+            params = [self._params[n] for n in run.names]
+            shadow = _bf16_copies(params)
             optimiser.adamw_segments(run.data, run.grad, m, v, run.bounds,
                                      np.where(run.decays, self.weight_decay, 0.0), lr=self.lr,
                                      beta1=b1, beta2=b2, eps=self.eps, step=self.step_count,
-                                     grad_scale=scale, zero_grad=zero_grad)
+                                     grad_scale=scale, zero_grad=zero_grad, shadow=shadow)
+            for p in params:
+                p.mark_changed()
+                if shadow is not None:
+                    p.bf16_version = p.version
         return norm
 
     def zero_grad(self):

@@ -33,7 +33,7 @@ from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
-from tracer import no_grad
+from tracer import autocast, no_grad
 
 PRESETS = {
     # name: model shape and a schedule that shows learning on 2 cores in the stated time
@@ -73,6 +73,7 @@ class TrainConfig:
     eval_batches: int = 8
     seed: int = 1337
     dtype: str = "float32"
+    autocast: str = None
     vocab_size: int = 50304
     gelu: str = "tanh"
     eager: bool = False
@@ -104,6 +105,11 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be at least 1, "
                                  f"got {getattr(self, key)}")
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"--autocast must be bfloat16 (or left out), got {self.autocast!r}")
+        if self.autocast is not None and self.dtype != "float32":
+            raise ValueError(f"--autocast {self.autocast} keeps float32 master weights; it does "
+                             f"not go with --dtype {self.dtype}")
         if self.warmup < 0 or self.clip < 0 or self.lr <= 0:
             raise ValueError(f"need warmup >= 0, clip >= 0, lr > 0; got warmup={self.warmup}, "
                              f"clip={self.clip}, lr={self.lr}")
@@ -128,6 +134,19 @@ class TrainConfig:
 
 def _is_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _engine(model, cfg):
+    """What a step calls: the compiled model, or the eager one (under autocast if asked)."""
+    if not cfg.eager:
+        return compile_model(model, autocast=cfg.autocast)
+    if cfg.autocast is None:
+        return model
+
+    def eager_autocast(x, y):
+        with autocast(cfg.autocast):
+            return model(x, y)
+    return eager_autocast
 
 
 def _say(quiet, text):
@@ -200,7 +219,7 @@ def _train(cfg, world):
         val_rng.bit_generator.state = extra["val_rng"]
         history = extra.get("history", [])
         _say(quiet, f"resumed from {ckpt_path} at step {step}")
-    run = model if cfg.eager else compile_model(model)
+    run = _engine(model, cfg)
     micro_steps, ranks = cfg.grad_accum, world.size
     global_batch = cfg.batch_size * micro_steps * ranks
     grads = None
@@ -223,7 +242,8 @@ def _train(cfg, world):
     n_params = model.num_parameters()
     _say(quiet, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
                 f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
-                f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}; "
+                f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
+                f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}; "
                 f"global batch {global_batch} = {cfg.batch_size} x {micro_steps} micro-step(s) x "
                 f"{ranks} rank(s); train {len(train_data):,} tokens, val {len(val_data):,}")
     tokens_per_step = global_batch * cfg.block_size

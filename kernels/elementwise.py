@@ -5,8 +5,10 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
+from kernels.bf16 import put
 from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_small, is_suffix, rows
-from kernels.scalar import gelu_erf, gelu_erf_grad, gelu_tanh_grad_native, gelu_tanh_native
+from kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
+                            gelu_tanh_native)
 
 
 @njit(**PARALLEL)
@@ -77,8 +79,8 @@ def colsum(out, x):
 
 @njit(**PARALLEL)
 def bias_gelu_rows(out, pre, b, has_bias, form):
-    """pre (N, C) += b (C,) when has_bias; then out (N, C) = gelu(pre). form 0 tanh (in the arrays'
-    precision), 1 erf (float64 math). out may alias pre."""
+    """pre (N, C) += b (C,) when has_bias; then out (N, C) = gelu(pre), form 0 tanh, 1 erf, in the
+    arrays' precision. out may alias pre, or hold bf16 bits (uint16), written rounded."""
     n, c = pre.shape
     for i in prange(n):
         pi = pre[i]
@@ -88,16 +90,16 @@ def bias_gelu_rows(out, pre, b, has_bias, form):
                 pi[j] += b[j]
         if form == 0:
             for j in range(c):
-                oi[j] = gelu_tanh_native(pi[j])
+                put(oi, j, gelu_tanh_native(pi[j]))
         else:
             for j in range(c):
-                oi[j] = gelu_erf(np.float64(pi[j]))
+                put(oi, j, gelu_erf_native(pi[j]))
 
 
 @njit(**PARALLEL)
 def _gelu_backward_rows(dx, dy, x, form):
-    """dx (N, C) = dy (N, C) * gelu'(x (N, C)); form 0 tanh (in the arrays' precision), 1 erf
-    (float64 math). dx may alias dy."""
+    """dx (N, C) = dy (N, C) * gelu'(x (N, C)), form 0 tanh, 1 erf, in the arrays' precision. dx
+    may alias dy."""
     n, c = x.shape
     nch = min(n, CHUNKS)
     scratch = np.empty((nch, SEG), dx.dtype)
@@ -113,7 +115,7 @@ def _gelu_backward_rows(dx, dy, x, form):
                         tmp[j] = gseg[j] * gelu_tanh_grad_native(xseg[j])
                 else:
                     for j in range(w):
-                        tmp[j] = gseg[j] * gelu_erf_grad(np.float64(xseg[j]))
+                        tmp[j] = gseg[j] * gelu_erf_grad_native(xseg[j])
                 dseg = dx[i, j0:j0 + w]
                 for j in range(w):
                     dseg[j] = tmp[j]

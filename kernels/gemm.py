@@ -4,17 +4,28 @@ the GEMM itself.
 """
 import numpy as np
 
-from kernels import reference
+from kernels import bf16, reference
 from kernels.blas import gemm_accumulate
 from kernels.common import is_fast, is_small, rows
 from kernels.elementwise import binary_rows, bias_gelu_rows, colsum, gelu_form
 
 
-def linear(out, x, w, b=None):
-    """out (..., O) = x (..., I) @ w (O, I).T + b (O,): one BLAS GEMM on views, then the bias in a
+def _product(out, a, b, trans_a, trans_b, compute, accumulate=False):
+    """out (+)= op(a) op(b) on 2-D views: NumPy's BLAS, or for compute="bfloat16" the bf16 GEMM
+    (operands rounded to bf16, float32 accumulation)."""
+    if compute is not None:
+        bf16.matmul(out, a, b, trans_a=trans_a, trans_b=trans_b, accumulate=accumulate)
+    elif accumulate:
+        gemm_accumulate(out, a, b, trans_a=trans_a, trans_b=trans_b)
+    else:
+        np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
+
+
+def linear(out, x, w, b=None, *, compute=None):
+    """out (..., O) = x (..., I) @ w (O, I).T + b (O,): one GEMM on views, then the bias in a
     parallel pass."""
     out2 = rows(out)
-    np.matmul(rows(x), w.T, out=out2)
+    _product(out2, rows(x), w, False, True, compute)
     if b is not None:
         if is_fast(out2, b) and not is_small(out2):
             binary_rows(out2, out2, b.reshape(1, -1), 0)
@@ -22,35 +33,39 @@ def linear(out, x, w, b=None):
             out2 += b
 
 
-def linear_gelu(out, pre, x, w, b=None, *, form):
+def linear_gelu(out, pre, x, w, b=None, *, form, compute=None):
     """Fused linear + GELU: pre (..., O) = x (..., I) @ w (O, I).T + b (O,) (kept for the
-    backward), out (..., O) = gelu(pre). Equals reference linear(pre, x, w, b); gelu(out, pre)."""
+    backward), out (..., O) = gelu(pre), float32 or bf16. Equals reference linear(pre, x, w, b);
+    gelu(out, pre)."""
     pre2 = rows(pre)
-    np.matmul(rows(x), w.T, out=pre2)
-    if is_fast(out, pre2, pre2[0] if b is None else b):
-        bias_gelu_rows(rows(out), pre2, pre2[0] if b is None else b, b is not None, gelu_form(form))
+    _product(pre2, rows(x), w, False, True, compute)
+    out_bits = bf16.bits_or_self(out)
+    if is_fast(pre2, pre2[0] if b is None else b) and out_bits.flags.c_contiguous:
+        bias_gelu_rows(rows(out_bits), pre2, pre2[0] if b is None else b, b is not None,
+                       gelu_form(form))
     else:
         if b is not None:
             pre2 += b
         reference.gelu(out, pre, form=form)
 
 
-def linear_backward_x(dx, dy, w):
+def linear_backward_x(dx, dy, w, *, compute=None):
     """dx (..., I) = dy (..., O) @ w (O, I)."""
-    np.matmul(rows(dy), w, out=rows(dx))
+    _product(rows(dx), rows(dy), w, False, False, compute)
 
 
-def linear_backward_w(dw, dy, x):
+def linear_backward_w(dw, dy, x, *, compute=None):
     """dw (O, I) = dy (N, O).T @ x (N, I); dy.T is an F-contiguous view, no copy."""
-    np.matmul(rows(dy).T, rows(x), out=dw)
+    _product(dw, rows(dy), rows(x), True, False, compute)
 
 
-def linear_backward_w_acc(dw, dy, x):
-    """dw (O, I) += dy (N, O).T @ x (N, I): one BLAS GEMM with beta = 1 into dw itself (the lm_head's
+def linear_backward_w_acc(dw, dy, x, *, compute=None):
+    """dw (O, I) += dy (N, O).T @ x (N, I): one GEMM with beta = 1 into dw itself (the lm_head's
     product alone would be a 154 MB temporary in float32, and adding it a pass over 462 MB)."""
     dy2, x2 = rows(dy), rows(x)
-    if is_fast(dw, dy2, x2) and dw.ndim == 2 and dw.strides[1] == dw.itemsize:
-        gemm_accumulate(dw, dy2, x2, trans_a=True)
+    if (compute is not None or is_fast(dw, dy2, x2)) and dw.ndim == 2 \
+            and dw.strides[1] == dw.itemsize:
+        _product(dw, dy2, x2, True, False, compute, accumulate=True)
     else:
         reference.linear_backward_w_acc(dw, dy, x)
 

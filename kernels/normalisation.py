@@ -7,6 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
+from kernels.bf16 import bits_or_self, put
 from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_suffix, rows
 from kernels.scalar import exp, row_max
 
@@ -15,11 +16,13 @@ from kernels.scalar import exp, row_max
 def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps):
     """out (N, C) = layernorm of the rows of s, mean and rstd (N,) saved; s = x (N, C) when has_res
     is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
-    b (C,) is not read when has_bias is False. sum_out may alias x."""
+    b (C,) is not read when has_bias is False. sum_out may alias x. out may hold bf16 bits (uint16),
+    written rounded. Row sums run in the arrays' precision (a two-pass variance over C values)."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)
     scratch = np.empty((nch, c), x.dtype)
+    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -32,24 +35,24 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
                 for j in range(c):
                     si[j] = tmp[j]
                 xi = tmp
-            acc = 0.0
+            acc = inv_c - inv_c
             for j in range(c):
                 acc += xi[j]
-            mu = acc / c
-            acc = 0.0
+            mean[i] = acc * inv_c
+            mu = mean[i]
+            acc = inv_c - inv_c
             for j in range(c):
                 dev = xi[j] - mu
                 acc += dev * dev
-            rs = 1.0 / math.sqrt(acc / c + eps)
-            mean[i] = mu
-            rstd[i] = rs
+            rstd[i] = 1.0 / math.sqrt(acc * inv_c + eps)
+            rs = rstd[i]
             oi = out[i]
             if has_bias:
                 for j in range(c):
-                    oi[j] = (xi[j] - mu) * rs * w[j] + b[j]
+                    put(oi, j, (xi[j] - mu) * rs * w[j] + b[j])
             else:
                 for j in range(c):
-                    oi[j] = (xi[j] - mu) * rs * w[j]
+                    put(oi, j, (xi[j] - mu) * rs * w[j])
 
 
 _LN_CHUNKS = 32
@@ -57,25 +60,26 @@ _LN_CHUNKS = 32
 
 @njit(**PARALLEL)
 def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
-    """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,). Rows are cut into
-    min(N, 32) fixed chunks, each with its own float64 partial dw/db, added up in chunk order.
-    dx may alias dy (a row of dx goes through scratch)."""
+    """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,), in the arrays'
+    precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db, added up
+    in chunk order in float64. dx may alias dy (a row of dx goes through scratch)."""
     n, c = x.shape
     nch = min(n, _LN_CHUNKS)
-    pdw = np.zeros((nch, c), np.float64)
-    pdb = np.zeros((nch, c), np.float64)
+    pdw = np.zeros((nch, c), x.dtype)
+    pdb = np.zeros((nch, c), x.dtype)
     scratch = np.empty((nch, c), dx.dtype)
+    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
     for ch in prange(nch):
         pw = pdw[ch]
         pb = pdb[ch]
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
-            mu = np.float64(mean[i])
-            rs = np.float64(rstd[i])
+            mu = mean[i]
+            rs = rstd[i]
             xi = x[i]
             gi = dy[i]
-            s1 = 0.0
-            s2 = 0.0
+            s1 = inv_c - inv_c
+            s2 = inv_c - inv_c
             for j in range(c):
                 xh = (xi[j] - mu) * rs
                 g = gi[j] * w[j]
@@ -83,8 +87,8 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
                 s2 += g * xh
                 pw[j] += gi[j] * xh
                 pb[j] += gi[j]
-            s1 /= c
-            s2 /= c
+            s1 *= inv_c
+            s2 *= inv_c
             for j in range(c):
                 xh = (xi[j] - mu) * rs
                 tmp[j] = rs * (gi[j] * w[j] - s1 - xh * s2)
@@ -146,10 +150,13 @@ def _softmax_backward_rows(dx, dy, y):
 
 
 def layernorm(out, mean, rstd, x, w, b=None, *, eps):
-    """out (..., C) normalised over C, times w (C,) plus b (C,); mean, rstd (...) kept."""
-    if is_fast(out, mean, rstd, x, w) and (b is None or is_fast(b, w)):
+    """out (..., C) normalised over C, times w (C,) plus b (C,), float32 or bf16; mean, rstd (...)
+    kept."""
+    out_bits = bits_or_self(out)
+    if is_fast(mean, rstd, x, w) and (b is None or is_fast(b, w)) \
+            and out_bits.flags.c_contiguous:
         x2 = rows(x)
-        _layernorm_rows(x2, rows(out), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
+        _layernorm_rows(x2, rows(out_bits), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
                         w if b is None else b, False, b is not None, float(eps))
     else:
         reference.layernorm(out, mean, rstd, x, w, b, eps=eps)
@@ -157,13 +164,15 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
 
 def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
     """Fused residual add + layernorm: sum_out (..., C) = x (..., C) + r (same shape, or a trailing
-    part of it such as (T, C)), then out, mean, rstd = layernorm(sum_out, w, b); sum_out may
-    alias x.
+    part of it such as (T, C)), then out (float32 or bf16), mean, rstd = layernorm(sum_out, w,
+    b); sum_out may alias x.
     Equals reference add(sum_out, x, r); layernorm(out, mean, rstd, sum_out, w, b, eps=eps)."""
     c = x.shape[-1]
-    if is_fast(sum_out, out, mean, rstd, x, r, w) and (b is None or is_fast(b, w)) \
-            and sum_out.shape == x.shape and is_suffix(r.shape, x.shape):
-        _layernorm_rows(rows(sum_out), rows(out), mean.reshape(-1), rstd.reshape(-1), rows(x),
+    out_bits = bits_or_self(out)
+    if is_fast(sum_out, mean, rstd, x, r, w) and (b is None or is_fast(b, w)) \
+            and out_bits.flags.c_contiguous and sum_out.shape == x.shape \
+            and is_suffix(r.shape, x.shape):
+        _layernorm_rows(rows(sum_out), rows(out_bits), mean.reshape(-1), rstd.reshape(-1), rows(x),
                         r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps))
     else:
         reference.add(sum_out, x, r)

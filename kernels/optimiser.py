@@ -7,18 +7,21 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
+from kernels.bf16 import bf16_bits, bits_or_self
 from kernels.common import PARALLEL, is_fast, is_small
 from kernels.elementwise import scale_flat
 
 
 @njit(**PARALLEL)
 def _adamw_flat(p, g, m, v, grad_scale, zero_grad, decay, beta1, beta2, step_size, sqrt_bias2,
-                eps):
+                eps, shadow):
     """One AdamW step over flat p, g, m, v (n,), in torch.optim.AdamW's order, float64 math:
     g' = grad_scale g; p *= decay; m = b1 m + (1-b1) g'; v = b2 v + (1-b2) g'^2;
-    p -= step_size m / (sqrt(v) / sqrt_bias2 + eps); then g = 0 if zero_grad.
-    Clipping's scale and zero_grad ride along: the pass is memory-bound, and they cost a whole pass
-    over the gradients each on their own (31 of 63 ms at 124M, measured apart)."""
+    p -= step_size m / (sqrt(v) / sqrt_bias2 + eps); then g = 0 if zero_grad, and shadow (n,)
+    uint16 = the new p as bf16 bits unless shadow is empty.
+    Clipping's scale, zero_grad and the bf16 copy ride along: the pass is memory-bound, and each
+    costs a whole pass on its own (clipping and zero_grad: 31 of 63 ms at 124M, measured apart)."""
+    copy = shadow.shape[0] > 0
     for i in prange(p.shape[0]):
         gi = np.float64(g[i]) * grad_scale
         mi = beta1 * m[i] + (1.0 - beta1) * gi
@@ -28,6 +31,8 @@ def _adamw_flat(p, g, m, v, grad_scale, zero_grad, decay, beta1, beta2, step_siz
         p[i] = p[i] * decay - step_size * (mi / (math.sqrt(vi) / sqrt_bias2 + eps))
         if zero_grad:
             g[i] = 0
+        if copy:
+            shadow[i] = bf16_bits(p[i])
 
 
 _SUMSQ_BLOCK = 1 << 15
@@ -53,18 +58,20 @@ def _sum_of_squares_flat(x):
 
 
 def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
-          zero_grad=False):
+          zero_grad=False, shadow=None):
     """One AdamW step in place over flat param, grad, m, v (n,), one pass; the gradient is read
-    times grad_scale, and zeroed after if zero_grad."""
-    if is_fast(param, grad, m, v):
+    times grad_scale, and zeroed after if zero_grad; shadow (n,) bf16, if given, receives the new
+    parameters rounded to bf16 in the same pass."""
+    bits = np.empty(0, np.uint16) if shadow is None else bits_or_self(shadow).reshape(-1)
+    if is_fast(param, grad, m, v) and bits.dtype == np.uint16 and bits.flags.c_contiguous:
         _adamw_flat(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
                     float(grad_scale), bool(zero_grad), 1.0 - lr * weight_decay, float(beta1),
                     float(beta2), lr / (1.0 - beta1 ** step), math.sqrt(1.0 - beta2 ** step),
-                    float(eps))
+                    float(eps), bits)
     else:
         reference.adamw(param, grad, m, v, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                         weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                        zero_grad=zero_grad)
+                        zero_grad=zero_grad, shadow=shadow)
 
 
 def sum_of_squares(x):
@@ -88,12 +95,13 @@ _ADAMW_BLOCK = 1 << 16
 
 @njit(**PARALLEL)
 def _adamw_segments_flat(p, g, m, v, bounds, decay, grad_scale, zero_grad, beta1, beta2,
-                         step_size, sqrt_bias2, eps):
+                         step_size, sqrt_bias2, eps, shadow):
     """_adamw_flat over flat p, g, m, v (n,) cut into segments [bounds[s], bounds[s + 1]), segment
     s scaled by its own decay[s]: parameters of both weight-decay groups interleaved in one buffer,
-    one pass. Parallel over fixed blocks of elements; within a block, one unit-stride loop per
-    segment piece."""
+    one pass (the bf16 shadow, if not empty, refreshed in it). Parallel over fixed blocks of
+    elements; within a block, one unit-stride loop per segment piece."""
     n = p.shape[0]
+    copy = shadow.shape[0] > 0
     for k in prange((n + _ADAMW_BLOCK - 1) // _ADAMW_BLOCK):
         lo = k * _ADAMW_BLOCK
         hi = min(n, lo + _ADAMW_BLOCK)
@@ -111,23 +119,30 @@ def _adamw_segments_flat(p, g, m, v, bounds, decay, grad_scale, zero_grad, beta1
                 ps[i] = ps[i] * d - step_size * (mi / (math.sqrt(vi) / sqrt_bias2 + eps))
                 if zero_grad:
                     gs[i] = 0
+            if copy:
+                ss = shadow[lo:end]
+                for i in range(end - lo):
+                    ss[i] = bf16_bits(ps[i])
             lo = end
             s += 1
 
 
 def adamw_segments(param, grad, m, v, bounds, weight_decays, *, lr, beta1, beta2, eps, step,
-                   grad_scale=1.0, zero_grad=False):
+                   grad_scale=1.0, zero_grad=False, shadow=None):
     """`adamw` over flat param, grad, m, v (n,) whose segments [bounds[s], bounds[s + 1]) (bounds:
-    int64, from 0 to n) each have their own weight decay weight_decays[s], in one pass."""
+    int64, from 0 to n) each have their own weight decay weight_decays[s], in one pass; shadow
+    (n,) bf16, if given, receives the new parameters rounded to bf16 in it."""
     bounds = np.asarray(bounds, np.int64)
     weight_decays = np.asarray(weight_decays, np.float64)
-    if is_fast(param, grad, m, v):
+    bits = np.empty(0, np.uint16) if shadow is None else bits_or_self(shadow).reshape(-1)
+    if is_fast(param, grad, m, v) and bits.dtype == np.uint16 and bits.flags.c_contiguous:
         _adamw_segments_flat(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
                              bounds, 1.0 - lr * weight_decays, float(grad_scale), bool(zero_grad),
                              float(beta1), float(beta2), lr / (1.0 - beta1 ** step),
-                             math.sqrt(1.0 - beta2 ** step), float(eps))
+                             math.sqrt(1.0 - beta2 ** step), float(eps), bits)
     else:
         for lo, hi, decay in zip(bounds[:-1], bounds[1:], weight_decays):
             reference.adamw(param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], lr=lr, beta1=beta1,
                             beta2=beta2, eps=eps, weight_decay=float(decay), step=step,
-                            grad_scale=grad_scale, zero_grad=zero_grad)
+                            grad_scale=grad_scale, zero_grad=zero_grad,
+                            shadow=None if shadow is None else shadow.reshape(-1)[lo:hi])

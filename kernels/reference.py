@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from kernels.bf16 import BFLOAT16
+
 
 def _rows(a):
     """View (..., K) as (N, K) without copying (inputs are C-contiguous)."""
@@ -73,32 +75,39 @@ def matmul(out, a, b):
     np.matmul(a, b, out=out)
 
 
-def linear(out, x, w, b=None):
-    """out (..., O) = x (..., I) @ w(O, I).T + b (O,)."""
-    np.matmul(_rows(x), w.T, out=_rows(out))
+def _operand(a, compute):
+    """A GEMM operand as the computation sees it: rounded to bf16 (nearest even) for
+    compute="bfloat16", returned in float32; otherwise as it is."""
+    return a if compute is None else a.astype(BFLOAT16).astype(np.float32)
+
+
+def linear(out, x, w, b=None, *, compute=None):
+    """out (..., O) = x (..., I) @ w(O, I).T + b (O,); compute="bfloat16" rounds x and w to bf16
+    and accumulates in float32."""
+    np.matmul(_rows(_operand(x, compute)), _operand(w, compute).T, out=_rows(out))
     if b is not None:
         out += b
 
 
-def linear_gelu(out, pre, x, w, b=None, *, form):
+def linear_gelu(out, pre, x, w, b=None, *, form, compute=None):
     """Fused linear + GELU: pre (..., O) = x @ w.T + b, kept for the backward; out = gelu(pre)."""
-    linear(pre, x, w, b)
+    linear(pre, x, w, b, compute=compute)
     gelu(out, pre, form=form)
 
 
-def linear_backward_x(dx, dy, w):
+def linear_backward_x(dx, dy, w, *, compute=None):
     """dx (..., I) = dy (..., O) @ w (O, I)."""
-    np.matmul(_rows(dy), w, out=_rows(dx))
+    np.matmul(_rows(_operand(dy, compute)), _operand(w, compute), out=_rows(dx))
 
 
-def linear_backward_w(dw, dy, x):
+def linear_backward_w(dw, dy, x, *, compute=None):
     """dw (O, I) = dy(N, O).T @ x (N, I)."""
-    np.matmul(_rows(dy).T, _rows(x), out=dw)
+    np.matmul(_rows(_operand(dy, compute)).T, _rows(_operand(x, compute)), out=dw)
 
 
-def linear_backward_w_acc(dw, dy, x):
+def linear_backward_w_acc(dw, dy, x, *, compute=None):
     """dw (O, I) += dy (N, O).T @ x (N, I): the weight gradient added straight into .grad."""
-    dw += _rows(dy).T @ _rows(x)
+    dw += _rows(_operand(dy, compute)).T @ _rows(_operand(x, compute))
 
 
 def linear_backward_b(db, dy):
@@ -133,9 +142,8 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
     var = np.mean(xc * xc, axis=-1)
     mean[...] = mu
     rstd[...] = 1.0 / np.sqrt(var + eps)
-    np.multiply(xc * rstd[..., None], w, out=out)
-    if b is not None:
-        out += b
+    y = xc * rstd[..., None] * w
+    out[...] = y if b is None else y + b         # a bf16 out rounds here
 
 
 def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
@@ -273,9 +281,10 @@ def cross_entropy_backward(dlogits, dloss, logits, targets, lse):
 # ---------------------------------------------------------------- optimiser
 
 def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=1.0,
-          zero_grad=False):
+          zero_grad=False, shadow=None):
     """One AdamW step in place over flat arrays, in torch.optim.AdamW's order of operations, with
-    the gradient read times grad_scale (clipping) and zeroed afterwards if zero_grad."""
+    the gradient read times grad_scale (clipping) and zeroed afterwards if zero_grad; shadow (bf16),
+    if given, receives the new parameters rounded to bf16."""
     g = grad if grad_scale == 1.0 else grad.astype(np.float64) * grad_scale
     param *= 1.0 - lr * weight_decay
     m *= beta1
@@ -288,6 +297,8 @@ def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_
     param -= (lr / bias1) * (m / denom)
     if zero_grad:
         grad[...] = 0
+    if shadow is not None:
+        shadow[...] = param.reshape(shadow.shape)
 
 
 def sum_of_squares(x):

@@ -146,56 +146,23 @@ _ERFCX_MID = (
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _chebyshev(coefs, s2):
+    """sum_k coefs[k] T_k(s), the first coefficient halved, by Clenshaw's recurrence; s2 = 2s.
+    The loop has a constant trip count, so LLVM unrolls it and folds the tuple in."""
+    b1, b2 = coefs[len(coefs) - 1], coefs[len(coefs) - 1] - coefs[len(coefs) - 1]
+    for k in range(len(coefs) - 2, 0, -1):
+        b1, b2 = coefs[k] + s2 * b1 - b2, b1
+    return coefs[0] + np.float32(0.5) * s2 * b1 - b2       # 0.5 exact, in either dtype
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def erf(z):
     """erf(z) for a float64 z: both pieces are evaluated (Clenshaw) and one is selected, so a loop
     of it has no branch and vectorises."""
     t = abs(z)
-    s2 = min(z * z, 4.0) - 2.0                  # 2s for w in [0, 4]
-    b1, b2 = _ERF_SMALL[17], 0.0
-    b1, b2 = _ERF_SMALL[16] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[15] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[14] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[13] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[12] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[11] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[10] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[9] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[8] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[7] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[6] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[5] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[4] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[3] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[2] + s2 * b1 - b2, b1
-    b1, b2 = _ERF_SMALL[1] + s2 * b1 - b2, b1
-    small = z * (_ERF_SMALL[0] + 0.5 * s2 * b1 - b2)
+    small = z * _chebyshev(_ERF_SMALL, min(z * z, 4.0) - 2.0)       # 2s for w in [0, 4]
     tb = min(max(t, 2.0), 6.0)
-    s2 = tb - 4.0                               # 2s for t in [2, 6]
-    b1, b2 = _ERFCX_MID[24], 0.0
-    b1, b2 = _ERFCX_MID[23] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[22] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[21] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[20] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[19] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[18] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[17] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[16] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[15] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[14] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[13] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[12] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[11] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[10] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[9] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[8] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[7] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[6] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[5] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[4] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[3] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[2] + s2 * b1 - b2, b1
-    b1, b2 = _ERFCX_MID[1] + s2 * b1 - b2, b1
-    big = 1.0 - exp(-tb * tb) * (_ERFCX_MID[0] + 0.5 * s2 * b1 - b2)
+    big = 1.0 - exp(-tb * tb) * _chebyshev(_ERFCX_MID, tb - 4.0)     # 2s for t in [2, 6]
     if t >= 6.0:
         big = 1.0
     if z < 0.0:
@@ -222,6 +189,27 @@ def gelu_tanh_grad(x):
 
 _F32 = np.float32
 
+# erf in float32 takes the first 11 terms of each series above: the terms dropped from erf(z) / z
+# are under 5.3e-9, and from erfcx (needed on [2, 4] only, as erf(z) rounds to 1 in float32 past
+# |z| = 3.92) under 2e-8 of a value near 0.25 whose product with exp(-z^2) is under 5e-3.
+_ERF_SMALL_F32 = tuple(np.float32(c) for c in _ERF_SMALL[:11])
+_ERFCX_MID_F32 = tuple(np.float32(c) for c in _ERFCX_MID[:11])
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def erf32(z):
+    """erf(z) for a float32 z in float32 arithmetic: `erf`'s two pieces, each truncated to 11
+    terms (see above)."""
+    t = abs(z)
+    small = z * _chebyshev(_ERF_SMALL_F32, min(z * z, _F32(4.0)) - _F32(2.0))
+    tb = min(max(t, _F32(2.0)), _F32(4.0))
+    big = _F32(1.0) - exp32(-tb * tb) * _chebyshev(_ERFCX_MID_F32, tb - _F32(4.0))
+    if t >= _F32(4.0):
+        big = _F32(1.0)
+    if z < _F32(0.0):
+        big = -big
+    return small if t < _F32(2.0) else big
+
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def gelu_tanh32(x):
@@ -241,9 +229,17 @@ def gelu_tanh_grad32(x):
     return s + _F32(2.0) * x * s * (e * s) * du
 
 
-gelu_tanh_native = _in_own_precision("gelu_tanh_native", gelu_tanh32, gelu_tanh)
-gelu_tanh_grad_native = _in_own_precision("gelu_tanh_grad_native", gelu_tanh_grad32,
-                                          gelu_tanh_grad)
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def gelu_erf32(x):
+    """`gelu_erf` in float32 arithmetic."""
+    return _F32(0.5) * x * (_F32(1.0) + erf32(x * _F32(1.0 / _SQRT2)))
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def gelu_erf_grad32(x):
+    """`gelu_erf_grad` in float32 arithmetic."""
+    cdf = _F32(0.5) * (_F32(1.0) + erf32(x * _F32(1.0 / _SQRT2)))
+    return cdf + x * exp32(_F32(-0.5) * x * x) * _F32(_INV_SQRT_2PI)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -257,29 +253,35 @@ def gelu_erf_grad(x):
     return cdf + x * exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
+gelu_tanh_native = _in_own_precision("gelu_tanh_native", gelu_tanh32, gelu_tanh)
+gelu_tanh_grad_native = _in_own_precision("gelu_tanh_grad_native", gelu_tanh_grad32,
+                                          gelu_tanh_grad)
+gelu_erf_native = _in_own_precision("gelu_erf_native", gelu_erf32, gelu_erf)
+gelu_erf_grad_native = _in_own_precision("gelu_erf_grad_native", gelu_erf_grad32, gelu_erf_grad)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _largest_key(bits, sign, magnitude, lowest):
+    """The float bits (as signed integers) of the largest value: each is mapped to a key that
+    orders as the floats do (negatives get their magnitude bits flipped), the keys' max is taken,
+    and mapped back."""
+    key = lowest
+    for j in range(bits.shape[0]):
+        b = bits[j]
+        k = b ^ ((b >> sign) & magnitude)
+        key = k if k > key else key
+    return key ^ ((key >> sign) & magnitude)
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def row_max(x):
     """max of a 1-D contiguous float array, in its dtype (NaN entries are not seen). A float max
-    reduction does not vectorise in Numba, even under full fastmath, so the bits are mapped to
-    integers of the same width that order as the floats do (negatives get their magnitude bits
-    flipped), and an integer max, which vectorises, runs over those: 2x the speed of 16 running
-    float maxima."""
+    reduction does not vectorise in Numba, even under full fastmath, but an integer one does:
+    2x the speed of 16 running float maxima."""
     if x.itemsize == 4:
-        bits32 = x.view(np.int32)
-        key32 = np.int32(-2147483648)
-        for j in range(bits32.shape[0]):
-            b = bits32[j]
-            k = b ^ ((b >> 31) & np.int32(0x7FFFFFFF))
-            key32 = k if k > key32 else key32
-        out32 = np.empty(1, np.int32)
-        out32[0] = key32 ^ ((key32 >> 31) & np.int32(0x7FFFFFFF))
+        out32 = np.full(1, _largest_key(x.view(np.int32), np.int32(31), np.int32(0x7FFFFFFF),
+                                         np.int32(-2**31)), np.int32)
         return out32.view(x.dtype)[0]
-    bits64 = x.view(np.int64)
-    key64 = np.int64(-9223372036854775808)
-    for j in range(bits64.shape[0]):
-        b = bits64[j]
-        k = b ^ ((b >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
-        key64 = k if k > key64 else key64
-    out64 = np.empty(1, np.int64)
-    out64[0] = key64 ^ ((key64 >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
+    out64 = np.full(1, _largest_key(x.view(np.int64), np.int64(63),
+                                     np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-2**63)), np.int64)
     return out64.view(x.dtype)[0]

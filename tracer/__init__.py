@@ -4,5 +4,6 @@ ops (vocabulary) -> eager (reference Tensor) | trace -> graph -> autodiff -> sch
 """
 import kernels  # noqa: F401  (first: its CPU settings must precede NumPy's import)
 from tracer.eager import Parameter, Tensor, is_grad_enabled, no_grad
+from tracer.ops import autocast
 
-__all__ = ["Parameter", "Tensor", "is_grad_enabled", "no_grad"]
+__all__ = ["Parameter", "Tensor", "autocast", "is_grad_enabled", "no_grad"]

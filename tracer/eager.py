@@ -10,6 +10,7 @@ import contextlib
 
 import numpy as np
 
+from kernels.bf16 import to_bf16
 from tracer import functional as F
 from tracer.ops import ArrayInterpreter, interpreting, push_interpreter
 
@@ -86,11 +87,27 @@ class Tensor:
 
 
 class Parameter(Tensor):
-    """A leaf that always requires grad; .grad is an array of its shape (zeros until backward)."""
+    """A leaf that always requires grad; .grad is an array of its shape (zeros until backward).
+
+    For bf16 autocast it may carry a bf16 copy of .data (`bf16`), which the compiled GEMMs read.
+    `version` counts the writes the library makes to .data (optimiser steps, loads); the copy is
+    current when `bf16_version` equals it. Writing .data yourself? Call `mark_changed()`."""
 
     def __init__(self, data, grad=None):
         super().__init__(data, requires_grad=True)
         self.grad = np.zeros_like(self.data) if grad is None else grad
+        self.version = 0
+        self.bf16 = None
+        self.bf16_version = -1
+
+    def mark_changed(self):
+        self.version += 1
+
+    def refresh_bf16(self):
+        """Bring the bf16 copy up to date with .data, if it is not."""
+        if self.bf16 is not None and self.bf16_version != self.version:
+            to_bf16(self.bf16, self.data)
+            self.bf16_version = self.version
 
 
 def _accumulate_leaf(t, g):

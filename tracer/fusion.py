@@ -36,7 +36,7 @@ def fuse(graph):
             continue
         if n.op.name == "linear" and nxt.op.name == "gelu":
             replaced[i] = Node(OPS["linear_gelu"], list(n.inputs), [nxt.outputs[0], out],
-                               dict(form=nxt.attrs["form"]), phase="forward")
+                               dict(n.attrs, form=nxt.attrs["form"]), phase="forward")
         elif n.op.name == "add" and nxt.op.name == "layernorm" and \
                 tuple(n.inputs[0].shape) == tuple(out.shape):
             replaced[i] = Node(OPS["residual_layernorm"], list(n.inputs) + list(nxt.inputs[1:]),
@@ -99,8 +99,9 @@ def accumulate_gradients(graph, grad_output_name):
         else:
             for i in producers:
                 n = graph.nodes[i]
+                how = {k: v for k, v in n.attrs.items() if k == "compute"}
                 replaced[i] = Node(OPS[ACCUMULATING[n.op.name]], [target] + list(n.inputs), [],
-                                   {}, phase=n.phase)
+                                   how, phase=n.phase)
         del outputs[name]
     g = Graph()
     g._next_id = graph._next_id

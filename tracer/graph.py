@@ -27,10 +27,13 @@ class Value:
     def label(self):
         if self.kind == "grad":
             return f"{self.name}.grad"
+        if self.kind == "param" and self.dtype.name == "bfloat16":
+            return f"{self.name}:bf16"          # the bf16 copy autocast's GEMMs read
         return self.name if self.kind in ("param", "input") else f"%{self.id}"
 
 
-_SHORT_DTYPE = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32"}
+_SHORT_DTYPE = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32",
+                "bfloat16": "bf16"}
 
 
 def type_string(v):
@@ -84,6 +87,18 @@ class Graph:
         v = self.new_value(array.shape, array.dtype, "const", const=np.array(array))
         self.consts.append(v)
         return v
+
+    def with_nodes(self, nodes, **fields):
+        """A copy of this graph with other nodes and, by keyword, other inputs, params, grads,
+        consts or outputs (passes build graphs this way instead of changing one)."""
+        g = Graph()
+        g._next_id = self._next_id
+        g.inputs, g.params, g.grads = self.inputs, self.params, self.grads
+        g.consts, g.outputs = self.consts, self.outputs
+        for name, value in fields.items():
+            setattr(g, name, value)
+        g.nodes = nodes
+        return g
 
     def op_counts(self):
         counts = {}

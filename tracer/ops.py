@@ -12,6 +12,7 @@ from typing import Callable, Optional
 import numpy as np
 
 import kernels
+from kernels.bf16 import BFLOAT16
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,24 @@ def kernel_attrs(op, attrs):
 
 
 _STACK = []
+_AUTOCAST = [None]
+
+# Ops autocast runs on bf16 operands (their VJP rules pass that on to the backward GEMMs).
+AUTOCAST_OPS = ("linear",)
+
+
+@contextlib.contextmanager
+def autocast(dtype):
+    """Within it, every linear layer, forward and backward, multiplies bf16-rounded operands with
+    float32 accumulation (the op gets compute="bfloat16"); dtype None turns that off. Everything
+    else keeps its own precision, as in torch.autocast's CPU policy."""
+    if dtype not in (None, "bfloat16"):
+        raise ValueError(f"autocast must be None or 'bfloat16', got {dtype!r}")
+    _AUTOCAST.append(dtype)
+    try:
+        yield
+    finally:
+        _AUTOCAST.pop()
 
 
 def push_interpreter(interp):
@@ -85,6 +104,8 @@ def current_interpreter():
 
 def bind(name, *inputs, **attrs):
     """Apply op `name`; returns a list of outputs (one per output of the op)."""
+    if _AUTOCAST[-1] is not None and name in AUTOCAST_OPS:
+        attrs = {**attrs, "compute": _AUTOCAST[-1]}
     return current_interpreter().apply(OPS[name], list(inputs), attrs)
 
 
@@ -246,27 +267,46 @@ def _matmul_vjp(gouts, ins, outs, needs):
 defop("matmul", _matmul_rule, _matmul_vjp)
 
 
-def _linear_rule(x, w, b=None):
+def _gemm_dtype(compute, *avals):
+    """A GEMM op's output dtype: its operands' own, or float32 for compute="bfloat16", whose
+    operands are float32 (rounded by the kernel) or bf16."""
+    if compute is None:
+        return _same_dtype(*avals)
+    if compute != "bfloat16":
+        raise ValueError(f"compute must be None or 'bfloat16', got {compute!r}")
+    for a in avals:
+        if np.dtype(a.dtype) not in (np.dtype(np.float32), BFLOAT16):
+            raise ValueError(f"bf16 autocast needs float32 or bf16 operands, got {a.dtype}")
+    return np.dtype(np.float32)
+
+
+def _linear_rule(x, w, b=None, compute=None):
     if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"linear needs x (..., I) and w (O, I), got {x.shape} and {w.shape}")
     if b is not None and tuple(b.shape) != (w.shape[0],):
         raise ValueError(f"linear bias must have shape ({w.shape[0]},), got {b.shape}")
-    return [Aval(x.shape[:-1] + (w.shape[0],), _same_dtype(x, w, *([b] if b is not None else [])))]
+    dtype = _gemm_dtype(compute, x, w)
+    if b is not None and np.dtype(b.dtype) != dtype:
+        raise ValueError(f"linear bias must be {dtype}, got {b.dtype}")
+    return [Aval(x.shape[:-1] + (w.shape[0],), dtype)]
 
 
-def _linear_vjp(gouts, ins, outs, needs):
+def _linear_vjp(gouts, ins, outs, needs, compute=None):
     g = gouts[0]
     x, w = ins[:2]
-    grads = [bind1("linear_backward_x", g, w) if needs[0] else None,
-             bind1("linear_backward_w", g, x) if needs[1] else None]
+    how = {} if compute is None else {"compute": compute}
+    grads = [bind1("linear_backward_x", g, w, **how) if needs[0] else None,
+             bind1("linear_backward_w", g, x, **how) if needs[1] else None]
     if len(ins) == 3:
         grads.append(bind1("linear_backward_b", g) if needs[2] else None)
     return grads
 
 
 defop("linear", _linear_rule, _linear_vjp)
-defop("linear_backward_x", lambda dy, w: [Aval(dy.shape[:-1] + (w.shape[1],), dy.dtype)])
-defop("linear_backward_w", lambda dy, x: [Aval((dy.shape[-1], x.shape[-1]), dy.dtype)])
+defop("linear_backward_x", lambda dy, w, compute=None: [
+    Aval(dy.shape[:-1] + (w.shape[1],), _gemm_dtype(compute, dy, w))])
+defop("linear_backward_w", lambda dy, x, compute=None: [
+    Aval((dy.shape[-1], x.shape[-1]), _gemm_dtype(compute, dy, x))])
 defop("linear_backward_b", lambda dy: [Aval((dy.shape[-1],), dy.dtype)])
 
 
@@ -379,8 +419,8 @@ defop("cross_entropy_backward",
 # ---------------------------------------------------------------- fused ops (made by tracer.fusion
 # after autodiff, so they need no VJP rule of their own)
 
-defop("linear_gelu", lambda x, w, b=None, form="tanh": [
-    _linear_rule(x, w, b)[0], _linear_rule(x, w, b)[0]])
+defop("linear_gelu", lambda x, w, b=None, form="tanh", compute=None: [
+    _linear_rule(x, w, b, compute)[0], _linear_rule(x, w, b, compute)[0]])
 
 
 def _residual_layernorm_rule(x, r, w, b=None, eps=1e-5):
@@ -395,6 +435,6 @@ defop("residual_layernorm", _residual_layernorm_rule)
 # tracer.fusion.accumulate_gradients): no outputs; they add into their first input, a Parameter's
 # .grad, in place.
 
-defop("linear_backward_w_acc", lambda dw, dy, x: [])
+defop("linear_backward_w_acc", lambda dw, dy, x, compute=None: [])
 defop("embedding_backward_acc", lambda dweight, dout, idx: [])
 defop("add_acc", lambda acc, x: [])

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 
+from kernels.bf16 import BFLOAT16
 from tracer.ops import kernel_attrs
 
 
@@ -27,7 +28,7 @@ class Executable:
         for v in self.graph.consts:
             arrays[v.id] = v.const
         for v, p in self.graph.params:
-            arrays[v.id] = p.data
+            arrays[v.id] = p.bf16 if v.dtype == BFLOAT16 else p.data
         for v, p in self.graph.grads:
             arrays[v.id] = p.grad
         plan = self.plan
@@ -54,7 +55,8 @@ class Executable:
             np.copyto(self.inputs[name], value)
 
     def _parameter_arrays(self):
-        return [p.data for _, p in self.graph.params] + [p.grad for _, p in self.graph.grads]
+        return [p.bf16 if v.dtype == BFLOAT16 else p.data for v, p in self.graph.params] + \
+            [p.grad for _, p in self.graph.grads]
 
     def parameters_moved(self):
         """True when a Parameter's .data or .grad array was replaced since the steps were built."""

@@ -1,0 +1,266 @@
+"""bfloat16 for autocast: conversions, and a GEMM on bf16 operands with float32 accumulation.
+
+Arrays of bf16 are NumPy arrays of `ml_dtypes.bfloat16` (`BFLOAT16`); the jitted kernels see their
+bits as uint16. Rounding from float32 is to nearest, ties to even, as every bf16 unit does.
+
+`matmul(out, a, b, ...)` computes out (float32) = op(a) op(b) (+ out) with both operands rounded to
+bf16 (a float32 operand is rounded on the way in; a bf16 one is used as it is). Two backends:
+
+- "emulated": the operands are widened back to float32 (the same numbers: bf16 widens exactly)
+  into scratch kept per shape, and OpenBLAS multiplies them in float32. Always available; on a CPU
+  without bf16 units nothing is faster (measured on AMD Zen 3: 109-137 GFLOP/s against 91-117 for
+  MKL's bf16 GEMM from PyTorch's build, 28-78 for the `mkl` wheel's, 1-2 for PyTorch's oneDNN
+  matmul, and 128-159 for float32 itself).
+- "mkl": MKL's `cblas_gemm_bf16bf16f32`, from the `mkl` package (`pip install -e ".[bf16]"`),
+  which runs on AVX512_BF16 and AMX units (450-850 GFLOP/s on a 2-core Sapphire Rapids, against
+  150-250 for float32 GEMMs there). Its threads are GNU OpenMP's, the pool Numba's kernels use.
+
+Where the CPU has bf16 units, the first GEMM of a process times each available backend on a
+GPT-2 shape and keeps the fastest (`backend()` tells which and why), so the choice is made on the
+machine that runs it. Where it has none, the emulation runs (MKL then measured no faster: 98-133
+against 110-127 GFLOP/s on the Zen 3) and it says so once: bf16's numbers, float32's speed at best.
+"""
+import ctypes
+import os
+import sys
+import time
+import warnings
+
+import ml_dtypes
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from kernels.common import FASTMATH
+
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
+
+
+# ---------------------------------------------------------------- conversions in jitted code
+
+@njit(cache=True, inline="always")
+def bf16_bits(x):
+    """The bf16 nearest to a float32 x (ties to even), as uint16 bits; NaN stays NaN."""
+    b = np.int64(np.float32(x).view(np.uint32))        # 64-bit: the sum below cannot wrap
+    rounded = np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    quiet_nan = np.uint16((b >> 16) | 0x40)
+    return quiet_nan if x != x else rounded
+
+
+@njit(cache=True, inline="always")
+def bf16_value(bits):
+    """The float32 a bf16 (uint16 bits) stands for, exactly."""
+    return np.uint32(np.uint32(bits) << 16).view(np.float32)
+
+
+def put(row, j, value):
+    """row[j] = value, rounded to bf16 when row holds bf16 bits (uint16): lets one kernel write
+    float32 or bf16 output, chosen when it compiles."""
+    raise NotImplementedError("put runs inside jitted kernels only")
+
+
+@overload(put, inline="always")
+def _put(row, j, value):
+    if row.dtype == types.uint16:
+        def store_bf16(row, j, value):
+            row[j] = bf16_bits(value)
+        return store_bf16
+
+    def store(row, j, value):
+        row[j] = value
+    return store
+
+
+def value_of(row, j):
+    """row[j] as float32: bf16 bits (uint16) widened, anything else as it is."""
+    raise NotImplementedError("value_of runs inside jitted kernels only")
+
+
+@overload(value_of, inline="always")
+def _value_of(row, j):
+    if row.dtype == types.uint16:
+        return lambda row, j: bf16_value(row[j])
+    return lambda row, j: row[j]
+
+
+@njit(**_PAR)
+def _convert(out, x, through_bf16):
+    """out (n,) = x (n,), each float32 array or bf16 bits (uint16): bits are widened, a bits out
+    is rounded to, and through_bf16 rounds a float32 to bf16 and back on the way."""
+    n = x.shape[0]
+    nch = min(64, max(1, n // 4096))
+    for ch in prange(nch):
+        lo, hi = ch * n // nch, (ch + 1) * n // nch
+        xs, os_ = x[lo:hi], out[lo:hi]
+        for j in range(hi - lo):
+            v = value_of(xs, j)
+            # An if statement: as a conditional expression, with these helpers inlined, Numba
+            # 0.68 computed zeros.
+            if through_bf16:
+                v = bf16_value(bf16_bits(v))
+            put(os_, j, v)
+
+
+def bits_or_self(a):
+    """A bf16 array's bits as uint16 (what the jitted kernels take), any other array as it is."""
+    return a.view(np.uint16) if a.dtype == BFLOAT16 else a
+
+
+def to_bf16(out, x):
+    """out (bf16) = x (float32) rounded to nearest even; both contiguous, same shape."""
+    _convert(bits_or_self(out).reshape(-1), np.ascontiguousarray(x, np.float32).reshape(-1),
+             False)
+
+
+def to_float32(out, x):
+    """out (float32) = the values of x: bf16 widened exactly, or float32 rounded through bf16."""
+    _convert(out.reshape(-1), bits_or_self(x).reshape(-1), x.dtype != BFLOAT16)
+
+
+# ---------------------------------------------------------------- the GEMM
+
+_scratch = {}       # (role, dtype, size) -> flat array: operands converted per call, reused
+
+
+def _scratch_like(role, shape, dtype):
+    size = int(np.prod(shape))
+    key = (role, np.dtype(dtype).str, size)
+    buf = _scratch.get(key)
+    if buf is None:
+        buf = _scratch[key] = np.empty(size, dtype)
+    return buf.reshape(shape)
+
+
+def _as_float32(role, x):
+    out = _scratch_like(role, x.shape, np.float32)
+    to_float32(out, x)
+    return out
+
+
+def _as_bf16(role, x):
+    if x.dtype == BFLOAT16:
+        return x
+    out = _scratch_like(role, x.shape, BFLOAT16)
+    to_bf16(out, x)
+    return out
+
+
+def _emulated(out, a, b, trans_a, trans_b, accumulate):
+    from kernels.blas import gemm_accumulate
+    a32, b32 = _as_float32("a", a), _as_float32("b", b)
+    if accumulate:
+        gemm_accumulate(out, a32, b32, trans_a=trans_a, trans_b=trans_b)
+    else:
+        np.matmul(a32.T if trans_a else a32, b32.T if trans_b else b32, out=out)
+
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_mkl = {}
+
+
+def _load_mkl():
+    """MKL's cblas_gemm_bf16bf16f32 from the mkl package's libmkl_rt, on GNU OpenMP threads (the
+    pool Numba's kernels use), or None where the package is not installed."""
+    if "gemm" in _mkl:
+        return _mkl["gemm"]
+    os.environ.setdefault("MKL_THREADING_LAYER", "GNU")
+    gemm = None
+    for name in ("libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"):
+        path = os.path.join(sys.prefix, "lib", name)
+        if os.path.exists(path):
+            gemm = ctypes.CDLL(path).cblas_gemm_bf16bf16f32
+            gemm.restype = None
+            gemm.argtypes = [ctypes.c_int] * 3 + [ctypes.c_int] * 3 + [
+                ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+            break
+    _mkl["gemm"] = gemm
+    return gemm
+
+
+def _with_mkl(out, a, b, trans_a, trans_b, accumulate):
+    a16, b16 = _as_bf16("a", a), _as_bf16("b", b)
+    m, n = out.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    _load_mkl()(_ROW_MAJOR, _TRANS if trans_a else _NO_TRANS, _TRANS if trans_b else _NO_TRANS,
+                m, n, k, 1.0, a16.ctypes.data, a16.strides[0] // 2, b16.ctypes.data,
+                b16.strides[0] // 2, 1.0 if accumulate else 0.0, out.ctypes.data,
+                out.strides[0] // 4)
+
+
+BACKENDS = {"emulated": _emulated, "mkl": _with_mkl}
+_chosen = {}
+
+
+def bf16_units():
+    """The CPU's bf16 matrix hardware per /proc/cpuinfo: "AMX", "AVX512_BF16" or "none"."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if "amx_bf16" in flags:
+        return "AMX"
+    if "avx512_bf16" in flags:
+        return "AVX512_BF16"
+    return "none"
+
+
+def available_backends():
+    return ["emulated"] + (["mkl"] if _load_mkl() is not None else [])
+
+
+def _rate(fn, shape=(256, 768, 3072), repeats=3):
+    m, k, n = shape
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32).astype(BFLOAT16)
+    b = rng.standard_normal((n, k), dtype=np.float32).astype(BFLOAT16)
+    out = np.empty((m, n), np.float32)
+    fn(out, a, b, False, True, False)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(out, a, b, False, True, False)
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+def backend():
+    """(name, why): the backend matmul uses. Without bf16 units it is "emulated" (every library
+    emulates then, and ours measured as fast as MKL's or faster); with them, the fastest of the
+    available backends, timed once."""
+    if not _chosen:
+        units = bf16_units()
+        names = available_backends()
+        if units == "none":
+            _chosen["backend"] = ("emulated", "this CPU has no bf16 units")
+            warnings.warn("bf16 autocast: this CPU has no bf16 units (AVX512_BF16 or AMX), so "
+                          "its GEMMs take bf16-rounded operands in float32 arithmetic: bf16's "
+                          "numbers at float32's speed at best", RuntimeWarning, stacklevel=3)
+        elif len(names) == 1:
+            _chosen["backend"] = (names[0], f"bf16 units: {units}; no other backend installed")
+        else:
+            rates = {name: _rate(BACKENDS[name]) for name in names}
+            best = max(rates, key=rates.get)
+            _chosen["backend"] = (best, f"bf16 units: {units}; " + ", ".join(
+                f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    return _chosen["backend"]
+
+
+def use_backend(name):
+    """Force a backend (tests compare them); None goes back to choosing by measurement."""
+    _chosen.clear()
+    if name is not None:
+        if name not in available_backends():
+            raise ValueError(f"bf16 backend {name!r} is not available here; "
+                             f"available: {available_backends()}")
+        _chosen["backend"] = (name, "chosen by use_backend")
+
+
+def matmul(out, a, b, trans_a=False, trans_b=False, accumulate=False):
+    """out (m, n) float32 = op(a) op(b), or += with accumulate, both operands rounded to bf16 and
+    the products summed in float32. a and b: 2-D, float32 or BFLOAT16, unit stride along rows;
+    op transposes when asked."""
+    BACKENDS[backend()[0]](out, a, b, trans_a, trans_b, accumulate)
