@@ -32,17 +32,24 @@ def cmd_prepare(args):
 
 
 def cmd_train(args):
+    from gpt2 import distributed
     from gpt2.train import NonFiniteError, TrainConfig, train
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                if hasattr(args, f.name) and f.name != "history"}
     cfg = TrainConfig(**options).resolve()
     if args.data_dir == DEFAULT_DATA:
-        _prepare_default_corpus(DEFAULT_DATA)
+        world = distributed.init()
+        with world.stop_all_on_error():
+            if world.rank == 0:                  # one writer; the others wait for the files
+                _prepare_default_corpus(DEFAULT_DATA)
+            world.barrier()
     try:
         history = train(cfg)
     except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 3
+    if distributed.launched_rank() != 0:   # rank 0 alone reports and samples
+        return 0
     if history:
         first, last = history[0]["loss"], history[-1]["loss"]
         print(f"loss {first:.3f} -> {last:.3f} over {history[-1]['step']} steps; "
@@ -143,6 +150,13 @@ def build_parser():
                     help="skip steps whose loss or gradient norm is NaN/Inf instead of stopping")
     pt.add_argument("--sample-tokens", type=int, default=120)
     pt.add_argument("--quiet", action="store_true")
+    pt.add_argument("--grad-accum", type=int, default=1,
+                    help="micro-batches of --batch-size per optimiser step (and per process)")
+    pt.add_argument("--global-batch", type=int, default=None,
+                    help="sequences per optimiser step over all processes and micro-steps: sets "
+                         "--batch-size to it / (grad-accum x processes)")
+    pt.add_argument("--bucket-mb", type=float, default=25.0,
+                    help="data parallel: MB of gradients per all-reduce bucket")
 
     ps = sub.add_parser("sample", help="generate text from a checkpoint or a HF GPT-2 directory")
     ps.add_argument("--ckpt", required=True)
@@ -182,5 +196,11 @@ def main(argv=None):
     try:
         return handler(args) or 0
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 2
+
+
+def _rank_prefix():
+    """"rank r: " in a data-parallel run, where each rank reports for itself."""
+    from gpt2 import distributed
+    return f"rank {distributed.launched_rank()}: " if distributed.launched_size() > 1 else ""

@@ -97,7 +97,7 @@ class CompiledModel:
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
-        self.table = dict(kernels.COMPILED if table is None else table)
+        self.table = with_add_acc(kernels.COMPILED if table is None else table)
         self.max_plans = max_plans
         self.trace_count = 0
         self._traces = OrderedDict()     # (shape, has_targets) -> forward Graph
@@ -105,6 +105,9 @@ class CompiledModel:
         self._generation = 0
         self._last = None
         self._logits = None
+        # Set by data-parallel training (gpt2.distributed.GradientAllReduce): runs the backward
+        # itself, starting each bucket's all-reduce at the step that finishes its gradients.
+        self.grad_sync = None
 
     def parameters(self):
         return self.model.parameters()
@@ -191,14 +194,20 @@ class CompiledModel:
 
     def _backward(self, exe):
         self._logits.invalidate("loss.backward() wrote the gradient over them")
-        exe.run_backward()
-        for name, p in self.model.parameters().items():
-            g = exe.outputs.get(grad_name(name))
-            if g is not None:        # the others were accumulated into .grad by the plan
-                np.add(p.grad, g, out=p.grad)
+        if self.grad_sync is None:
+            exe.run_backward()       # the plan adds every gradient into its Parameter's .grad
+        else:
+            self.grad_sync.run_backward(exe)
 
     def generate(self, *args, **kwargs):
         return self.model.generate(*args, **kwargs)
+
+
+def with_add_acc(table):
+    """The kernel table plus `add_acc` (grad += g, made by tracer.fusion.accumulate_gradients),
+    which is the table's own `add` run in place."""
+    add = table["add"]
+    return {**table, "add_acc": lambda acc, x: add(acc, acc, x)}
 
 
 def compile(model, table=None, max_plans=8, autocast=None):

@@ -4,8 +4,9 @@ The same `forward` runs eagerly (Tensors) and is traced by `gpt2.compile` (symbo
 Parameter names and layouts are nanoGPT's state_dict ones: linear weights are (out, in), and the
 lm_head is tied to `transformer.wte.weight` (not listed as a parameter of its own).
 
-All parameters live in one flat array and all gradients in another, decayed (2+ dim) parameters
-first: AdamW then makes one pass per decay group and zero_grad is one memset.
+All parameters live in one flat array and all gradients in another, in the order the backward
+finishes the gradients: AdamW makes one pass, zero_grad is one memset, and a data-parallel
+all-reduce bucket is one contiguous slice whose gradients are final at one point of the backward.
 """
 import math
 
@@ -27,6 +28,15 @@ def _check_dtype(dtype):
     return np.dtype(dtype)
 
 
+def backward_order(shapes):
+    """Parameter names in the order the backward finishes their gradients: modules in reverse
+    order of use, each module's weight before its bias (the weight-gradient GEMM comes first), so
+    the tied wte, whose embedding gradient is the backward's last step, comes last. tests/
+    test_distributed.py checks this against the compiled plan."""
+    modules = {m: i for i, m in enumerate(dict.fromkeys(n.rsplit(".", 1)[0] for n in shapes))}
+    return sorted(shapes, key=lambda n: -modules[n.rsplit(".", 1)[0]])
+
+
 class GPT(Pretrained, Generation):
     """GPT-2: the network and its parameters. Loading (`from_pretrained`) and decoding
     (`generate`) come from the two mixins, which know a GPT only through this interface."""
@@ -35,8 +45,7 @@ class GPT(Pretrained, Generation):
         self.config = config
         self.dtype = _check_dtype(dtype)
         shapes = parameter_shapes(config)
-        # Decayed parameters first, so each AdamW group is one contiguous slice.
-        layout = sorted(shapes, key=lambda n: len(shapes[n]) < 2)
+        layout = backward_order(shapes)
         sizes = {n: int(np.prod(shapes[n])) for n in shapes}
         self.flat_data = np.zeros(sum(sizes.values()), self.dtype)
         self.flat_grad = np.zeros_like(self.flat_data)

@@ -1,14 +1,19 @@
 """AdamW, gradient clipping and the warmup + cosine learning-rate schedule.
 
-Parameters that sit next to each other in one flat buffer (as GPT's do) are merged into one
-segment, so a step is one fused pass per decay group rather than one per tensor.
+Parameters that sit next to each other in one flat buffer (as GPT's do) are merged into one run,
+and a run is updated in one fused pass whatever its mix of decayed and undecayed tensors: each
+stretch of same-group parameters is a segment with its own weight decay. GPT lays its gradients
+out in the order the backward finishes them (for data-parallel buckets), which interleaves the
+two groups; a pass per group or per tensor would cost a kernel launch per tiny bias.
 """
 import math
 import numbers
+from dataclasses import dataclass
 
 import numpy as np
 
 import kernels
+from kernels import optimiser
 
 
 def _segments(params):
@@ -62,6 +67,35 @@ def _named(params):
     return [(str(i), p) for i, p in enumerate(params)]
 
 
+@dataclass
+class _Run:
+    """Parameters contiguous in memory, updated in one pass: data and grad are flat views over
+    all of them; segment s, [bounds[s], bounds[s + 1]), holds consecutive parameters of one
+    weight-decay group, decays[s] says which."""
+    data: np.ndarray
+    grad: np.ndarray
+    names: list
+    bounds: np.ndarray
+    decays: np.ndarray
+
+
+def _runs(named):
+    runs = []
+    shapes = {n: p.data.shape for n, p in named}
+    for data, grad, names in _segments(named):
+        bounds, decays, offset = [0], [], 0
+        for name in names:
+            decay = len(shapes[name]) >= 2
+            offset += int(np.prod(shapes[name], dtype=np.int64))
+            if decays and decays[-1] == decay:
+                bounds[-1] = offset
+            else:
+                decays.append(decay)
+                bounds.append(offset)
+        runs.append(_Run(data, grad, names, np.array(bounds, np.int64), np.array(decays)))
+    return runs
+
+
 class AdamW:
     """torch.optim.AdamW with nanoGPT's grouping: weight decay on parameters of 2+ dims only."""
 
@@ -78,39 +112,43 @@ class AdamW:
         self.names = [n for n, _ in named]
         self._params = dict(named)
         self._sizes = {n: p.data.size for n, p in named}
-        decay = [(n, p) for n, p in named if p.data.ndim >= 2]
-        no_decay = [(n, p) for n, p in named if p.data.ndim < 2]
-        self.groups = [(seg, True) for seg in _segments(decay)] + \
-                      [(seg, False) for seg in _segments(no_decay)]
-        self.exp_avg = [np.zeros_like(d) for (d, _, _), _ in self.groups]
-        self.exp_avg_sq = [np.zeros_like(d) for (d, _, _), _ in self.groups]
+        self.runs = _runs(named)
+        self.exp_avg = [np.zeros_like(run.data) for run in self.runs]
+        self.exp_avg_sq = [np.zeros_like(run.data) for run in self.runs]
         self.step_count = 0
 
-    def step(self, *, max_grad_norm=None, zero_grad=False):
+    def step(self, *, max_grad_norm=None, zero_grad=False, grad_scale=1.0):
         """One AdamW step over every parameter.
 
+        grad_scale: the gradient is read times this. Gradient accumulation over K micro-batches
+        and W data-parallel ranks leaves the sum of K W mean-loss gradients in .grad: 1 / (K W)
+        makes it the gradient of the mean loss, at no extra pass.
         max_grad_norm: clip first, as clip_grad_norm(params, max_grad_norm) would, but inside the
-        step's pass (each gradient is read scaled rather than rewritten); returns the gradient
-        norm before clipping. If that norm is not finite, nothing changes (no update, gradients
-        kept) and the norm is returned for the caller to decide. math.inf measures without
-        clipping. zero_grad: zero the gradients in the same pass, as zero_grad() would after.
+        step's pass (each gradient is read scaled rather than rewritten); returns the norm of the
+        gradient times grad_scale, before clipping. If that norm is not finite, nothing changes
+        (no update, gradients kept) and the norm is returned for the caller to decide. math.inf
+        measures without clipping. zero_grad: zero the gradients in the same pass, as zero_grad()
+        would after.
         """
-        scale, norm = 1.0, None
+        if isinstance(grad_scale, bool) or not isinstance(grad_scale, numbers.Real) \
+                or not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be a finite number > 0, got {grad_scale!r}")
+        scale, norm = float(grad_scale), None
         if max_grad_norm is not None:
             _check_max_norm("max_grad_norm", max_grad_norm)
-            norm = _global_norm(grad for (_, grad, _), _ in self.groups)
+            norm = scale * _global_norm(run.grad for run in self.runs)
             if not math.isfinite(norm):
                 return norm
-            scale = min(1.0, max_grad_norm / (norm + 1e-6))
+            scale *= min(1.0, max_grad_norm / (norm + 1e-6))
         self.step_count += 1
         b1, b2 = self.betas
-        for ((data, grad, names), decays), m, v in zip(self.groups, self.exp_avg, self.exp_avg_sq):
-            params = [self._params[n] for n in names]
+        for run, m, v in zip(self.runs, self.exp_avg, self.exp_avg_sq):
+            params = [self._params[n] for n in run.names]
             shadow = _bf16_copies(params)
-            kernels.adamw(data, grad, m, v, lr=self.lr, beta1=b1, beta2=b2, eps=self.eps,
-                          weight_decay=self.weight_decay if decays else 0.0,
-                          step=self.step_count, grad_scale=scale, zero_grad=zero_grad,
-                          shadow=shadow)
+            optimiser.adamw_segments(run.data, run.grad, m, v, run.bounds,
+                                     np.where(run.decays, self.weight_decay, 0.0), lr=self.lr,
+                                     beta1=b1, beta2=b2, eps=self.eps, step=self.step_count,
+                                     grad_scale=scale, zero_grad=zero_grad, shadow=shadow)
             for p in params:
                 p.mark_changed()
                 if shadow is not None:
@@ -118,15 +156,15 @@ class AdamW:
         return norm
 
     def zero_grad(self):
-        for (_, grad, _), _ in self.groups:
-            grad[...] = 0
+        for run in self.runs:
+            run.grad[...] = 0
 
     def state_dict(self):
         """{"step", "exp_avg": {name: array}, "exp_avg_sq": {name: array}} (copies)."""
         state = {"step": self.step_count, "exp_avg": {}, "exp_avg_sq": {}}
         for key, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
-            for ((_, _, names), _), flat in zip(self.groups, moments):
-                for name, view in zip(names, self._split(flat, names)):
+            for run, flat in zip(self.runs, moments):
+                for name, view in zip(run.names, self._split(flat, run.names)):
                     state[key][name] = view.copy()
         return state
 
@@ -140,8 +178,8 @@ class AdamW:
             if set(given) != set(self.names):
                 raise ValueError(f"optimizer {key} names {sorted(set(given) ^ set(self.names))} "
                                  "do not match the parameters")
-            for ((_, _, names), _), flat in zip(self.groups, moments):
-                for name, view in zip(names, self._split(flat, names)):
+            for run, flat in zip(self.runs, moments):
+                for name, view in zip(run.names, self._split(flat, run.names)):
                     value = np.asarray(given[name])
                     if value.size != view.size or value.dtype != view.dtype:
                         raise ValueError(f"optimizer {key}[{name}] is {value.dtype} with "

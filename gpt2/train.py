@@ -6,6 +6,17 @@ atomically (with the states of the training and validation batch RNGs, so a resu
 same batches and logs the same losses as an uninterrupted one).
 A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
 the step with `skip_nonfinite`. Ctrl-C writes a final checkpoint and returns cleanly.
+
+Gradient accumulation and data parallelism (nanoGPT's semantics): `batch_size` is the micro-batch
+of one process, and a step sees batch_size x grad_accum x world-size sequences, its global batch.
+Every rank draws the whole global batch from the shared RNG in one call, and micro-step k of rank
+r trains on rows [(r K + k) B, (r K + k + 1) B) of it, so any split of one global batch (1 rank x
+8, 2 ranks x 4, 1 rank x 4 x 2 micro-steps) sees the same tokens and takes the same step, to
+round-off. Each micro-batch's loss is the mean over its own tokens; their gradients add up in
+.grad (and over ranks in the all-reduce), and AdamW reads that sum times 1 / (K W) (its
+grad_scale), which makes it the gradient of the mean loss over the global batch at no extra pass.
+The logged loss is the mean over the global batch, validation splits its batches the same way,
+and rank 0 alone writes the checkpoint, history.json and loss.png.
 """
 import json
 import math
@@ -17,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt2 import data as data_mod
+from gpt2 import distributed
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
@@ -35,7 +47,8 @@ PRESETS = {
 
 
 class NonFiniteError(RuntimeError):
-    pass
+    """A non-finite loss or gradient norm: decided on values every rank shares, so every rank
+    raises it at the same step."""
 
 
 @dataclass
@@ -68,12 +81,21 @@ class TrainConfig:
     skip_nonfinite: bool = False
     sample_tokens: int = 120
     quiet: bool = False
+    grad_accum: int = 1
+    global_batch: int = None     # if set, batch_size = global_batch / (grad_accum x world size)
+    bucket_mb: float = distributed.DEFAULT_BUCKET_BYTES / 2**20
     history: list = field(default_factory=list)
 
     def resolve(self):
-        """Fill unset fields from the preset; validate."""
+        """Fill unset fields from the preset; validate. The world size is the launcher's."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if not _is_int(self.grad_accum) or self.grad_accum < 1:
+            raise ValueError(f"--grad-accum must be an integer >= 1, got {self.grad_accum!r}")
+        if self.global_batch is not None:
+            self._batch_from_global(distributed.launched_size())
+        if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0):
+            raise ValueError(f"--bucket-mb must be a number > 0, got {self.bucket_mb!r}")
         for key, value in PRESETS[self.preset].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
@@ -93,9 +115,25 @@ class TrainConfig:
                              f"clip={self.clip}, lr={self.lr}")
         return self
 
+    def _batch_from_global(self, world_size):
+        share = self.grad_accum * world_size
+        if not _is_int(self.global_batch) or self.global_batch < 1 or self.global_batch % share:
+            raise ValueError(f"--global-batch {self.global_batch!r} does not divide into "
+                             f"{world_size} rank(s) x {self.grad_accum} micro-step(s)")
+        batch = self.global_batch // share
+        if self.batch_size is not None and self.batch_size != batch:
+            raise ValueError(f"--batch-size {self.batch_size} disagrees with --global-batch "
+                             f"{self.global_batch} over {world_size} rank(s) x "
+                             f"{self.grad_accum} micro-step(s), which make it {batch}")
+        self.batch_size = batch
+
     def model_config(self):
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
                          block_size=self.block_size, vocab_size=self.vocab_size, gelu=self.gelu)
+
+
+def _is_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _engine(model, cfg):
@@ -111,29 +149,52 @@ def _engine(model, cfg):
     return eager_autocast
 
 
-def _say(cfg, text):
-    if not cfg.quiet:
+def _say(quiet, text):
+    if not quiet:
         with tqdm.external_write_mode():       # lifts the progress bar off its line, then back
             print(text, flush=True)
 
 
-def estimate_val_loss(run, val, cfg, rng):
+def micro_batches(x, y, cfg, world):
+    """This rank's micro-batches of a global batch (views, in micro-step order)."""
+    for k in range(cfg.grad_accum):
+        first = (world.rank * cfg.grad_accum + k) * cfg.batch_size
+        yield x[first:first + cfg.batch_size], y[first:first + cfg.batch_size]
+
+
+def estimate_val_loss(run, val, cfg, rng, world):
+    """Mean validation loss over eval_batches global batches, each split like a training step."""
+    total = 0.0
     with no_grad():
-        losses = []
         for _ in range(cfg.eval_batches):
-            x, y = data_mod.get_batch(val, cfg.batch_size, cfg.block_size, rng)
-            _, loss = run(x, y)
-            losses.append(loss.item())
-    return float(np.mean(losses))
+            x, y = data_mod.get_batch(val, cfg.batch_size * cfg.grad_accum * world.size,
+                                      cfg.block_size, rng)
+            for xs, ys in micro_batches(x, y, cfg, world):
+                total += run(xs, ys)[1].item()
+    return float(world.sum([total])[0]) / (cfg.eval_batches * cfg.grad_accum * world.size)
 
 
 def train(cfg):
-    """Run training per cfg (a resolved TrainConfig); returns the history of logged losses."""
+    """Run training per cfg (a resolved TrainConfig); returns the history of logged losses.
+    Under mpiexec, every rank calls this alike (data parallel)."""
     cfg.resolve()
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    world = distributed.init()
+    with world.stop_all_on_error(collective=(NonFiniteError, distributed.RunMismatch)):
+        return _train(cfg, world)
+
+
+def _train(cfg, world):
+    main = world.rank == 0
+    quiet = cfg.quiet or not main
+    if main:
+        os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.bin")
     train_data = data_mod.load_split(cfg.data_dir, "train")
     val_data = data_mod.load_split(cfg.data_dir, "val")
+    if world.size > 1:
+        distributed.check_same_run(
+            world, {k: v for k, v in vars(cfg).items() if k != "history"},
+            [os.path.join(cfg.data_dir, f"{split}.bin") for split in data_mod.SPLITS])
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < cfg.block_size + 1:
             raise ValueError(f"the {name} split of {cfg.data_dir!r} has {len(split)} tokens, "
@@ -157,36 +218,58 @@ def train(cfg):
         rng.bit_generator.state = extra["rng"]
         val_rng.bit_generator.state = extra["val_rng"]
         history = extra.get("history", [])
-        _say(cfg, f"resumed from {ckpt_path} at step {step}")
+        _say(quiet, f"resumed from {ckpt_path} at step {step}")
     run = _engine(model, cfg)
+    micro_steps, ranks = cfg.grad_accum, world.size
+    global_batch = cfg.batch_size * micro_steps * ranks
+    grads = None
+    if ranks > 1:
+        grads = distributed.GradientAllReduce(model, world, int(cfg.bucket_mb * 2**20))
+        if not cfg.eager:
+            run.grad_sync = grads
+        _say(quiet, f"data parallel: {ranks} ranks, {world.threads} thread(s) each ("
+                    + ", ".join(f"rank {r} pid {pid}" for r, pid in enumerate(world.pids))
+                    + f"); {len(grads.buckets)} gradient buckets of up to {cfg.bucket_mb:g} MB")
 
     def checkpoint():
-        save_checkpoint(ckpt_path, model, opt, step=step,
-                        extra={"rng": rng.bit_generator.state,
-                               "val_rng": val_rng.bit_generator.state, "history": history,
-                               "data_dir": cfg.data_dir})
+        if main:
+            save_checkpoint(ckpt_path, model, opt, step=step,
+                            extra={"rng": rng.bit_generator.state,
+                                   "val_rng": val_rng.bit_generator.state, "history": history,
+                                   "data_dir": cfg.data_dir, "global_batch": global_batch,
+                                   "world_size": ranks, "grad_accum": micro_steps})
 
     n_params = model.num_parameters()
-    _say(cfg, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
-              f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
-              f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
-              f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}; "
-              f"train {len(train_data):,} tokens, val {len(val_data):,}")
-    tokens_per_step = cfg.batch_size * cfg.block_size
+    _say(quiet, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
+                f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
+                f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
+                f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}; "
+                f"global batch {global_batch} = {cfg.batch_size} x {micro_steps} micro-step(s) x "
+                f"{ranks} rank(s); train {len(train_data):,} tokens, val {len(val_data):,}")
+    tokens_per_step = global_batch * cfg.block_size
     # Counted in tokens, so tqdm's own rate is tok/s and its ETA follows from it.
     bar = tqdm(total=cfg.steps * tokens_per_step, initial=step * tokens_per_step, desc="train",
-               unit="tok", unit_scale=True, disable=cfg.quiet)
+               unit="tok", unit_scale=True, disable=quiet)
     skipped = 0
     with _InterruptFlag() as interrupt, bar:
-        while step < cfg.steps and not interrupt.raised:
+        # Every rank stops at the same step boundary, whichever of them was interrupted.
+        while step < cfg.steps and not world.any(interrupt.raised):
             opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
-            x, y = data_mod.get_batch(train_data, cfg.batch_size, cfg.block_size, rng)
-            _, loss = run(x, y)
-            loss_value = loss.item()
-            loss.backward()
+            x, y = data_mod.get_batch(train_data, global_batch, cfg.block_size, rng)
+            loss_sum = 0.0
+            for k, (xs, ys) in enumerate(micro_batches(x, y, cfg, world)):
+                _, loss = run(xs, ys)
+                loss_sum += loss.item()
+                if grads is not None:
+                    grads.armed = k == micro_steps - 1     # earlier micro-steps only accumulate
+                loss.backward()
+            if grads is not None:
+                grads.finish()                               # before the optimiser reads .grad
+            loss_value = float(world.sum([loss_sum])[0]) / (micro_steps * ranks)
             # Clipping, AdamW and zero_grad in one pass; a non-finite norm updates nothing.
             norm = opt.step(max_grad_norm=cfg.clip if cfg.clip > 0 else math.inf,
-                            zero_grad=True) if math.isfinite(loss_value) else None
+                            zero_grad=True, grad_scale=1.0 / (micro_steps * ranks)) \
+                if math.isfinite(loss_value) else None
             if norm is None or not math.isfinite(norm):
                 opt.zero_grad()
                 what = f"loss {loss_value}" if norm is None else f"gradient norm {norm}"
@@ -196,7 +279,7 @@ def train(cfg):
                         f"stopped, the last good checkpoint {ckpt_path} is untouched "
                         f"(--skip-nonfinite skips such steps instead)")
                 skipped += 1
-                _say(cfg, f"step {step}: {what} is not finite, step skipped")
+                _say(quiet, f"step {step}: {what} is not finite, step skipped")
                 step += 1
                 bar.update(tokens_per_step)
                 continue
@@ -206,21 +289,22 @@ def train(cfg):
             bar.update(tokens_per_step)
             entry = {"step": step, "loss": loss_value}
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng)
-                _say(cfg, f"step {step}: train loss {loss_value:.4f}, "
-                          f"val loss {entry['val_loss']:.4f}")
+                entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng, world)
+                _say(quiet, f"step {step}: train loss {loss_value:.4f}, "
+                            f"val loss {entry['val_loss']:.4f}")
                 history.append(entry)
                 checkpoint()
             else:
                 history.append(entry)
-    if interrupt.raised:
+    if step < cfg.steps:
         checkpoint()
-        _say(cfg, f"interrupted at step {step}: checkpoint written to {ckpt_path}")
+        _say(quiet, f"interrupted at step {step}: checkpoint written to {ckpt_path}")
         cfg.history = history
         return history
-    write_loss_curve(history, os.path.join(cfg.out_dir, "loss.png"))
-    with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
-        json.dump({"history": history, "skipped_steps": skipped}, f)
+    if main:
+        write_loss_curve(history, os.path.join(cfg.out_dir, "loss.png"))
+        with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
+            json.dump({"history": history, "skipped_steps": skipped}, f)
     cfg.history = history
     return history
 

@@ -88,3 +88,61 @@ def scale_in_place(x, factor):
         scale_flat(flat, flat, x.dtype.type(factor))
     else:
         reference.scale_in_place(x, factor)
+
+
+_ADAMW_BLOCK = 1 << 16
+
+
+@njit(**PARALLEL)
+def _adamw_segments_flat(p, g, m, v, bounds, decay, grad_scale, zero_grad, beta1, beta2,
+                         step_size, sqrt_bias2, eps, shadow):
+    """_adamw_flat over flat p, g, m, v (n,) cut into segments [bounds[s], bounds[s + 1]), segment
+    s scaled by its own decay[s]: parameters of both weight-decay groups interleaved in one buffer,
+    one pass (the bf16 shadow, if not empty, refreshed in it). Parallel over fixed blocks of
+    elements; within a block, one unit-stride loop per segment piece."""
+    n = p.shape[0]
+    copy = shadow.shape[0] > 0
+    for k in prange((n + _ADAMW_BLOCK - 1) // _ADAMW_BLOCK):
+        lo = k * _ADAMW_BLOCK
+        hi = min(n, lo + _ADAMW_BLOCK)
+        s = np.searchsorted(bounds, lo, side="right") - 1
+        while lo < hi:
+            end = min(hi, bounds[s + 1])
+            d = decay[s]
+            ps, gs, ms, vs = p[lo:end], g[lo:end], m[lo:end], v[lo:end]
+            for i in range(end - lo):
+                gi = np.float64(gs[i]) * grad_scale
+                mi = beta1 * ms[i] + (1.0 - beta1) * gi
+                vi = beta2 * vs[i] + (1.0 - beta2) * gi * gi
+                ms[i] = mi
+                vs[i] = vi
+                ps[i] = ps[i] * d - step_size * (mi / (math.sqrt(vi) / sqrt_bias2 + eps))
+                if zero_grad:
+                    gs[i] = 0
+            if copy:
+                ss = shadow[lo:end]
+                for i in range(end - lo):
+                    ss[i] = bf16_bits(ps[i])
+            lo = end
+            s += 1
+
+
+def adamw_segments(param, grad, m, v, bounds, weight_decays, *, lr, beta1, beta2, eps, step,
+                   grad_scale=1.0, zero_grad=False, shadow=None):
+    """`adamw` over flat param, grad, m, v (n,) whose segments [bounds[s], bounds[s + 1]) (bounds:
+    int64, from 0 to n) each have their own weight decay weight_decays[s], in one pass; shadow
+    (n,) bf16, if given, receives the new parameters rounded to bf16 in it."""
+    bounds = np.asarray(bounds, np.int64)
+    weight_decays = np.asarray(weight_decays, np.float64)
+    bits = np.empty(0, np.uint16) if shadow is None else bits_or_self(shadow).reshape(-1)
+    if is_fast(param, grad, m, v) and bits.dtype == np.uint16 and bits.flags.c_contiguous:
+        _adamw_segments_flat(param.reshape(-1), grad.reshape(-1), m.reshape(-1), v.reshape(-1),
+                             bounds, 1.0 - lr * weight_decays, float(grad_scale), bool(zero_grad),
+                             float(beta1), float(beta2), lr / (1.0 - beta1 ** step),
+                             math.sqrt(1.0 - beta2 ** step), float(eps), bits)
+    else:
+        for lo, hi, decay in zip(bounds[:-1], bounds[1:], weight_decays):
+            reference.adamw(param[lo:hi], grad[lo:hi], m[lo:hi], v[lo:hi], lr=lr, beta1=beta1,
+                            beta2=beta2, eps=eps, weight_decay=float(decay), step=step,
+                            grad_scale=grad_scale, zero_grad=zero_grad,
+                            shadow=None if shadow is None else shadow.reshape(-1)[lo:hi])

@@ -113,8 +113,7 @@ def poison_gradients(monkeypatch, calls, value):
     def step(self, **kw):
         seen["n"] += 1
         if seen["n"] in calls:
-            (_, grad, _), _ = self.groups[0]
-            grad[0] = value
+            self.runs[0].grad[0] = value
         return real(self, **kw)
 
     monkeypatch.setattr(train_mod.AdamW, "step", step)

@@ -231,3 +231,52 @@ def test_cosine_lr(max_lr, warmup, decay, min_lr):
     mid = warmup + (decay - warmup) // 2
     if (decay - warmup) % 2 == 0:                                    # half-way: the midpoint
         assert lrs[mid] == pytest.approx((max_lr + min_lr) / 2, rel=1e-12)
+
+
+# ---------------------------------------------------------------- one pass over interleaved groups
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adamw_segments_match_the_reference_segment_by_segment(dtype):
+    """The fused kernel over segments of mixed weight decay, against the NumPy AdamW applied to
+    each segment on its own; segment edges fall inside and across the kernel's blocks."""
+    from kernels import optimiser, reference
+    rng = np.random.default_rng(8)
+    bounds = np.array([0, 5, 20_000, 20_001, 40_000, 70_000])
+    decays = np.array([0.1, 0.0, 0.1, 0.0, 0.3])
+    p, g, m, v = (rng.standard_normal(bounds[-1]).astype(dtype) for _ in range(4))
+    v = np.abs(v)
+    want = [a.copy() for a in (p, g, m, v)]
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.95, eps=1e-8, step=3, grad_scale=0.7)
+    optimiser.adamw_segments(p, g, m, v, bounds, decays, zero_grad=True, **hyper)
+    for lo, hi, decay in zip(bounds[:-1], bounds[1:], decays):
+        reference.adamw(*(a[lo:hi] for a in want), weight_decay=decay, zero_grad=True, **hyper)
+    tol = 1e-6 if dtype == np.float32 else 1e-14
+    for got, expected in zip((p, m, v), (want[0], want[2], want[3])):
+        np.testing.assert_allclose(got, expected, rtol=tol, atol=tol)
+    assert not np.any(g) and not np.any(want[1])
+
+
+def test_adamw_takes_a_gpt_in_one_run_of_interleaved_segments():
+    ours, _ = _models()
+    opt = gpt2.AdamW(ours.parameters())
+    assert len(opt.runs) == 1
+    run = opt.runs[0]
+    assert run.data.size == ours.num_parameters() and len(run.decays) > 2
+    assert list(run.decays[:2]) in ([True, False], [False, True])      # they alternate
+
+
+def test_grad_scale_reads_the_gradient_scaled():
+    """A sum of 2 mean gradients read at grad_scale 0.5 is their mean: same step, same norm."""
+    once, theirs = _models()
+    twice, _ = _models()
+    opt_once, opt_twice = gpt2.AdamW(once.parameters()), gpt2.AdamW(twice.parameters())
+    _set_grads(once, theirs, np.random.default_rng(9))
+    for name, p in twice.parameters().items():
+        p.grad[...] = 2 * once.parameters()[name].grad
+    norm = opt_once.step(max_grad_norm=0.5)
+    assert opt_twice.step(max_grad_norm=0.5, grad_scale=0.5) == norm
+    for name, p in once.parameters().items():
+        np.testing.assert_array_equal(twice.parameters()[name].data, p.data)
+    for bad in (0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match=f"grad_scale must be .* got {bad!r}"):
+            opt_once.step(grad_scale=bad)

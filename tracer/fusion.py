@@ -57,16 +57,19 @@ ACCUMULATING = {"linear_backward_w": "linear_backward_w_acc",
 
 
 def accumulate_gradients(graph, grad_output_name):
-    """Let the nodes that produce a parameter's gradient add it straight into Parameter.grad.
+    """Let the plan add every parameter's gradient into Parameter.grad as soon as it is made.
 
     A gradient output made by a weight-gradient GEMM or an embedding scatter (or by an `add` of
     two such, as for the tied embedding) is no longer a graph output: its producers become
     accumulating ops whose first input is the .grad buffer. That removes the gradient from the
-    arena and the final pass that added it into .grad. Other gradients stay graph outputs.
+    arena. Any other gradient (biases, LayerNorm) gets an `add_acc` into its .grad right after its
+    producer, so it leaves the arena too, and every .grad is final at a known step of the plan:
+    where a data-parallel all-reduce of it may start.
     """
     users = _consumers(graph)
     index = {o.id: i for i, n in enumerate(graph.nodes) for o in n.outputs}
     replaced, removed, outputs, grads = {}, set(), dict(graph.outputs), list(graph.grads)
+    added = {}       # node index -> the add_acc nodes that run right after it
 
     def sole_use(v, by):
         return len(users.get(v.id, [])) == by and \
@@ -87,18 +90,26 @@ def accumulate_gradients(graph, grad_output_name):
             producers = [index[v.id] for v in node.inputs]
             removed.add(index[g.id])
         else:
-            continue
+            producers = None
         target = graph.new_value(pv.shape, pv.dtype, "grad", name=pv.name)
         grads.append((target, param))
-        for i in producers:
-            n = graph.nodes[i]
-            how = {k: v for k, v in n.attrs.items() if k == "compute"}
-            replaced[i] = Node(OPS[ACCUMULATING[n.op.name]], [target] + list(n.inputs), [],
-                               how, phase=n.phase)
+        if producers is None:
+            added.setdefault(index[g.id], []).append(
+                Node(OPS["add_acc"], [target, g], [], {}, phase=node.phase))
+        else:
+            for i in producers:
+                n = graph.nodes[i]
+                how = {k: v for k, v in n.attrs.items() if k == "compute"}
+                replaced[i] = Node(OPS[ACCUMULATING[n.op.name]], [target] + list(n.inputs), [],
+                                   how, phase=n.phase)
         del outputs[name]
     g = Graph()
     g._next_id = graph._next_id
     g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, grads
     g.outputs = outputs
-    g.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
+    g.nodes = []
+    for i, n in enumerate(graph.nodes):
+        if i not in removed:
+            g.nodes.append(replaced.get(i, n))
+        g.nodes.extend(added.get(i, ()))
     return g

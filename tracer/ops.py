@@ -437,3 +437,4 @@ defop("residual_layernorm", _residual_layernorm_rule)
 
 defop("linear_backward_w_acc", lambda dw, dy, x, compute=None: [])
 defop("embedding_backward_acc", lambda dweight, dout, idx: [])
+defop("add_acc", lambda acc, x: [])

@@ -126,3 +126,16 @@ def check_plan(plan):
             if v.kind == "node" and v.id not in written:
                 raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id} before it is written")
         written.update(o.id for o in n.outputs)
+
+
+def gradient_final_steps(nodes, grads):
+    """When each accumulated gradient is final: {id of the .grad Value: index in `nodes` of the
+    last node that adds into it}, for grads = graph.grads. From that step on the .grad holds the
+    whole step's gradient, so a data-parallel all-reduce of it may start."""
+    targets = {v.id for v, _ in grads}
+    final = {}
+    for i, n in enumerate(nodes):
+        for v in n.inputs:
+            if v.id in targets:
+                final[v.id] = i
+    return final

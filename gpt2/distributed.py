@@ -1,0 +1,301 @@
+"""Data-parallel training over MPI (mpi4py): the ranks, their agreement, the gradient all-reduce.
+
+    pip install -e ".[mpi]"
+    mpiexec -n 2 python -m gpt2 train ...
+
+Every rank holds the whole model, draws the same global batch from the shared RNG and trains on
+its own slice of it (gpt2.train). `GradientAllReduce` sums the ranks' gradients while the compiled
+backward runs. `init()` returns the World this process belongs to: without a launcher that
+announces more than one process (mpiexec sets PMI_SIZE, Open MPI's OMPI_COMM_WORLD_SIZE) it is a
+World of one process, every collective is the identity, and mpi4py is never imported.
+
+Faults: an error on one rank would leave the others waiting in a collective forever, so
+`stop_all_on_error` prints it with the rank's number and aborts them all (MPI_Abort). Errors that
+every rank raises alike, decided on shared values (ranks started differently, a non-finite loss),
+pass through so that each rank reports them. A rank that dies outright is the launcher's to
+notice: mpiexec (Hydra) then kills the others at once and names the dead process's pid, which the
+start-up line maps to its rank.
+"""
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import time
+import traceback
+import weakref
+
+import numpy as np
+
+from tracer.schedule import gradient_final_steps
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20        # PyTorch DDP's bucket size
+# What MPI launchers tell each process: MPICH's Hydra (PMI_*) and Open MPI (OMPI_COMM_WORLD_*).
+_LAUNCHER_VARIABLES = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
+_world = None
+
+
+def launched_size():
+    """How many processes the launcher started (1 when there is none)."""
+    for size, _ in _LAUNCHER_VARIABLES:
+        if size in os.environ:
+            return int(os.environ[size])
+    return 1
+
+
+def launched_rank():
+    """This process's rank as the launcher numbered it (0 when there is none)."""
+    for size, rank in _LAUNCHER_VARIABLES:
+        if size in os.environ:
+            return int(os.environ[rank])
+    return 0
+
+
+def init():
+    """This process's World, made once: MPI's COMM_WORLD under a launcher of 2+ processes."""
+    global _world
+    if _world is None:
+        size = launched_size()
+        if size <= 1:
+            _world = World()
+        else:
+            try:
+                from mpi4py import MPI
+            except ImportError:
+                raise RuntimeError(f"started as one of {size} processes (mpiexec), but mpi4py is "
+                                   "not installed: pip install -e \".[mpi]\"") from None
+            _world = MPIWorld(MPI)
+    return _world
+
+
+class World:
+    """One process: every collective is the identity."""
+    rank, size, threads = 0, 1, None
+
+    def sum(self, values):
+        """The element-wise sum over ranks of `values` (float64)."""
+        return np.array(values, np.float64)
+
+    def any(self, flag):
+        return bool(flag)
+
+    def allgather(self, obj):
+        return [obj]
+
+    def barrier(self):
+        pass
+
+    @contextlib.contextmanager
+    def stop_all_on_error(self, collective=()):
+        yield
+
+
+class MPIWorld(World):
+    """The ranks of MPI's COMM_WORLD. Made by `init()`, which also gives each rank its share of
+    the cores and has it name itself if a signal stops it."""
+
+    def __init__(self, MPI):
+        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.threads = self._share_cores()
+        self.pids = self.comm.allgather(os.getpid())
+        signal.signal(signal.SIGTERM, self._name_and_die)
+
+    def _share_cores(self):
+        """Numba's and BLAS's threads: the cores the ranks on this machine may run on, divided
+        among them (the threads of 2 ranks on 2 cores would otherwise fight for each core)."""
+        import numba
+        from threadpoolctl import threadpool_limits
+        local = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        cores = set().union(*local.allgather(os.sched_getaffinity(0)))
+        threads = max(1, len(cores) // local.Get_size())
+        local.Free()
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        threadpool_limits(threads, user_api="blas")
+        return threads
+
+    def _name_and_die(self, signum, frame):
+        sys.stderr.write(f"rank {self.rank} of {self.size} (pid {os.getpid()}): stopped by "
+                         f"{signal.Signals(signum).name}\n")
+        sys.stderr.flush()
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    def sum(self, values):
+        buf = np.array(values, np.float64)
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+        return buf
+
+    def any(self, flag):
+        return bool(self.comm.allreduce(bool(flag), op=self.MPI.LOR))
+
+    def allgather(self, obj):
+        return self.comm.allgather(obj)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def start_sum(self, buf):
+        """Start summing buf over ranks in place; returns the request."""
+        return self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM)
+
+    def test_all(self, requests):
+        return self.MPI.Request.Testall(requests)
+
+    def wait_all(self, requests):
+        self.MPI.Request.Waitall(requests)
+
+    @contextlib.contextmanager
+    def stop_all_on_error(self, collective=()):
+        """Let errors of the `collective` types (raised by every rank alike) through; any other
+        is printed with this rank's number and stops every rank (MPI_Abort), which would
+        otherwise wait for this one forever."""
+        try:
+            yield
+        except collective:
+            raise
+        except BaseException as e:
+            sys.stderr.write(f"rank {self.rank} of {self.size} (pid {os.getpid()}) failed, "
+                             f"stopping every rank: {type(e).__name__}: {e}\n"
+                             + "".join(traceback.format_exception(e)))
+            sys.stderr.flush()
+            self.comm.Abort(1)
+
+
+# ---------------------------------------------------------------- every rank starts the same run
+
+class RunMismatch(ValueError):
+    """Ranks started with different options or data: raised on every rank."""
+
+
+def file_digest(path, chunk=16 << 20):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_same_run(world, options, files):
+    """Refuse to train if any rank's resolved options (a dict) or data files differ from rank
+    0's: each rank contributes its options and the SHA-256 of each file (keyed by file name);
+    a difference raises RunMismatch on every rank, naming the option or file and the ranks."""
+    mine = {"options": options,
+            "files": {os.path.basename(f): file_digest(f) for f in files}}
+    everyone = world.allgather(mine)
+    first, problems = everyone[0], []
+    for rank, theirs in enumerate(everyone[1:], 1):
+        for key in sorted(set(first["options"]) | set(theirs["options"])):
+            a, b = first["options"].get(key), theirs["options"].get(key)
+            if a != b:
+                problems.append(f"{key} is {a!r} on rank 0 but {b!r} on rank {rank}")
+        for name in sorted(set(first["files"]) | set(theirs["files"])):
+            a, b = first["files"].get(name), theirs["files"].get(name)
+            if a != b:
+                problems.append(f"data file {name} has SHA-256 {str(a)[:16]}... on rank 0 but "
+                                f"{str(b)[:16]}... on rank {rank}")
+    if problems:
+        raise RunMismatch("the ranks were started with different configurations or data: "
+                          + "; ".join(problems))
+
+
+# ---------------------------------------------------------------- the gradient all-reduce
+
+def _address(a):
+    return a.__array_interface__["data"][0]
+
+
+class GradientAllReduce:
+    """Sums every rank's gradients in place, bucket by bucket, as the compiled backward
+    finishes them.
+
+    The model's flat gradient is laid out in the order the backward finishes it
+    (gpt2.model.backward_order); cut at parameter boundaries into buckets of about bucket_bytes,
+    each bucket is a contiguous slice of it, final at one step of the plan: the last one that
+    adds into one of its gradients (tracer.schedule.gradient_final_steps). Right after that step
+    the bucket's non-blocking all-reduce (MPI_Iallreduce) starts, and `finish()` waits for all of
+    them before the optimiser reads the gradients. Buckets and their order follow from the
+    parameters' layout and bucket_bytes alone, so every rank issues the same collectives in the
+    same order.
+
+    Only the backward of a step's last micro-batch reduces (`armed`); earlier ones accumulate.
+    MPI moves a non-blocking collective on only inside MPI calls, so after each backward step
+    with a reduction in flight we poll it (MPI_Testall, `poll`); see bench/scaling.py for what
+    that hides. The sum over ranks is not divided here: AdamW's grad_scale does that for free.
+    """
+
+    def __init__(self, model, world, bucket_bytes=DEFAULT_BUCKET_BYTES, poll=True):
+        if not bucket_bytes > 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes!r}")
+        self.world, self.poll = world, poll
+        flat = model.flat_grad
+        base = _address(flat)
+        spans = sorted(((_address(p.grad) - base) // flat.itemsize, p.grad.size, p)
+                       for p in model.parameters().values())
+        # (start, end) element offsets into flat and the parameters in between: consecutive
+        # parameters up to bucket_bytes, or one parameter alone if it is larger.
+        self.buckets = []
+        for start, size, p in spans:
+            if self.buckets and (start + size - self.buckets[-1][0]) * flat.itemsize \
+                    <= bucket_bytes:
+                lo, _, params = self.buckets[-1]
+                self.buckets[-1] = (lo, start + size, params + [p])
+            else:
+                self.buckets.append((start, start + size, [p]))
+        self.views = [flat[lo:hi] for lo, hi, _ in self.buckets]
+        self.armed = False
+        self._requests, self._started = [], set()
+        self._schedules = weakref.WeakKeyDictionary()
+        self.mpi_seconds = 0.0        # time this rank spent inside the MPI calls below
+        self.wait_seconds = 0.0       # of which waiting in finish()
+
+    def schedule(self, exe):
+        """{backward step index: buckets to start right after it} for a training Executable."""
+        if exe not in self._schedules:
+            final = gradient_final_steps(exe.step_nodes, exe.graph.grads)
+            step_of = {id(p): final[v.id] - exe.n_forward_steps for v, p in exe.graph.grads}
+            starts = {}
+            for b, (_, _, params) in enumerate(self.buckets):
+                missing = [p for p in params if id(p) not in step_of]
+                if missing:
+                    raise ValueError(f"the plan does not accumulate the gradient of {len(missing)}"
+                                     " parameter(s) into .grad: nothing to all-reduce after")
+                starts.setdefault(max(step_of[id(p)] for p in params), []).append(b)
+            self._schedules[exe] = starts
+        return self._schedules[exe]
+
+    def run_backward(self, exe):
+        """Run exe's backward steps; if armed, start each bucket's all-reduce where it is final."""
+        if not self.armed:
+            exe.run_backward()
+            return
+        starts = self.schedule(exe)
+        for i, (fn, args, kw) in enumerate(exe.steps[exe.n_forward_steps:]):
+            fn(*args, **kw)
+            if i in starts:
+                for b in starts[i]:
+                    self._start(b)
+            elif self._requests and self.poll:
+                t = time.perf_counter()
+                if self.world.test_all(self._requests):
+                    self._requests = []
+                self.mpi_seconds += time.perf_counter() - t
+
+    def _start(self, b):
+        t = time.perf_counter()
+        self._requests.append(self.world.start_sum(self.views[b]))
+        self._started.add(b)
+        self.mpi_seconds += time.perf_counter() - t
+
+    def finish(self):
+        """Wait for every bucket's sum; start those the backward did not (the eager engine runs
+        no plan), so the gradients are summed over ranks when this returns."""
+        for b in range(len(self.buckets)):
+            if b not in self._started:
+                self._start(b)
+        t = time.perf_counter()
+        self.world.wait_all(self._requests)
+        dt = time.perf_counter() - t
+        self.wait_seconds += dt
+        self.mpi_seconds += dt
+        self._requests, self._started = [], set()
