@@ -69,3 +69,27 @@ def split(x, sizes, axis):
 
 def concat(xs, axis):
     return bind1("concat", *xs, axis=int(axis))
+
+
+def arange(start, length):
+    """int64 (length,) = start + [0, 1, .., length - 1]; start a 0-d integer array (a runtime
+    value in a traced graph)."""
+    return bind1("arange", start, length=int(length))
+
+
+def narrow(x, axis, start, length):
+    """x's entries [start, start + length) along axis (static bounds), as a new array."""
+    return bind1("narrow", x, axis=int(axis), start=int(start), length=int(length))
+
+
+def kv_write(k_cache, v_cache, qkv, start):
+    """Write the keys and values in qkv (B, T, 3C) into the caches (B, H, S, D) at positions
+    start .. start + T - 1, in place; returns the updated caches (the same buffers), which is what
+    later readers must take."""
+    return bind("kv_write", k_cache, v_cache, qkv, start)
+
+
+def cached_attention(qkv, k_cache, v_cache, start, n_head):
+    """(B, T, C): the queries in qkv (B, T, 3C), at positions start .. start + T - 1, each attending
+    to the cached keys and values of positions 0 up to its own."""
+    return bind1("cached_attention", qkv, k_cache, v_cache, start, n_head=int(n_head))

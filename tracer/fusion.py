@@ -47,6 +47,7 @@ def fuse(graph):
     g = Graph()
     g._next_id = graph._next_id
     g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, graph.grads
+    g.state = graph.state
     g.outputs = graph.outputs
     g.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
     return g

@@ -1,6 +1,8 @@
 """Node / Graph: a static DAG of op applications, printable one node a line.
 
-Values are graph inputs (data inputs such as token ids), parameters, constants, or node outputs.
+Values are graph inputs (data inputs such as token ids), parameters, constants, state, or node
+outputs. State is a buffer the plan owns and keeps from one run to the next (a KV cache); only ops
+that write it in place (`Op.writes`) change it, and their outputs are its updated value.
 Nodes are kept in a valid execution order; passes build new node lists rather than mutate nodes.
 """
 import numpy as np
@@ -29,7 +31,7 @@ class Value:
             return f"{self.name}.grad"
         if self.kind == "param" and self.dtype.name == "bfloat16":
             return f"{self.name}:bf16"          # the bf16 copy autocast's GEMMs read
-        return self.name if self.kind in ("param", "input") else f"%{self.id}"
+        return self.name if self.kind in ("param", "input", "state") else f"%{self.id}"
 
 
 _SHORT_DTYPE = {"float32": "f32", "float64": "f64", "int64": "i64", "int32": "i32",
@@ -51,6 +53,9 @@ class Node:
         outs = ", ".join(f"%{o.id}:{type_string(o)}" for o in self.outputs)
         args = " ".join(v.label() for v in self.inputs)
         attrs = "".join(f" {k}={_short(v)}" for k, v in self.attrs.items())
+        written = ", ".join(f"%{self.outputs[k].id} is {self.inputs[i].label()}"
+                            for k, i in self.op.writes.items())
+        attrs += f"  (in place: {written})" if written else ""
         return f"{outs} = {self.op.name} {args}{attrs}" if outs else \
             f"{self.op.name} {args}{attrs}"
 
@@ -69,6 +74,7 @@ class Graph:
         self.params = []      # (Value, Parameter) in first-use order
         self.grads = []       # (Value, Parameter): .grad buffers that nodes accumulate into
         self.consts = []
+        self.state = []       # state Values: buffers the plan owns, written in place by nodes
         self.nodes = []
         self.outputs = {}     # name -> Value
         self._next_id = 0
@@ -81,6 +87,11 @@ class Graph:
     def add_input(self, name, shape, dtype):
         v = self.new_value(shape, dtype, "input", name=name)
         self.inputs.append(v)
+        return v
+
+    def add_state(self, name, shape, dtype):
+        v = self.new_value(shape, dtype, "state", name=name)
+        self.state.append(v)
         return v
 
     def add_const(self, array):
@@ -112,6 +123,11 @@ class Graph:
                      f"{sum(int(np.prod(v.shape)) for v, _ in self.params):,} values")
         if self.grads:
             lines.append(f"  accumulating into the .grad of {len(self.grads)} of them")
+        if self.state:
+            lines.append(f"  state: {len(self.state)} buffers kept between runs, "
+                         f"{sum(v.nbytes for v in self.state) / 2**20:.1f} MiB: "
+                         + ", ".join(f"{v.name}:{type_string(v)}" for v in self.state[:2])
+                         + (", ..." if len(self.state) > 2 else ""))
         for c in self.consts:
             lines.append(f"  %{c.id}:{type_string(c)} = const")
         phase = None
@@ -151,13 +167,14 @@ class Graph:
 
 
 def prune(graph, output_names=None):
-    """Dead-code elimination: a new Graph holding only the nodes the named outputs need."""
+    """Dead-code elimination: a new Graph holding only the nodes the named outputs need, and the
+    nodes that write state (their effect outlives the run)."""
     outputs = {k: v for k, v in graph.outputs.items()
                if output_names is None or k in output_names}
     live = {v.id for v in outputs.values()}
     kept = []
     for n in reversed(graph.nodes):
-        if any(o.id in live for o in n.outputs):
+        if any(o.id in live for o in n.outputs) or n.op.writes:
             kept.append(n)
             live.update(v.id for v in n.inputs)
     g = Graph()
@@ -166,6 +183,7 @@ def prune(graph, output_names=None):
     g.params = [(v, p) for v, p in graph.params if v.id in live]
     g.grads = [(v, p) for v, p in graph.grads if v.id in live]
     g.consts = [v for v in graph.consts if v.id in live]
+    g.state = list(graph.state)
     g.nodes = kept[::-1]
     g.outputs = outputs
     return g

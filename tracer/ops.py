@@ -29,6 +29,10 @@ class Op:
     vjp: Optional[Callable] = None  # (gouts, ins, outs, needs, **attrs) -> grads per input
     is_view: bool = False           # output shares the input's bytes (reshape)
     inplace: dict = field(default_factory=dict)   # output index -> input index it may overwrite
+    # output index -> input index whose buffer it *is*: the op updates that input in place (a KV
+    # cache). Unlike `inplace`, not the planner's choice: every engine passes the input as the
+    # output, and the output is the updated value that later readers must use.
+    writes: dict = field(default_factory=dict)
 
 
 OPS = {}
@@ -50,14 +54,16 @@ class ArrayInterpreter:
         avals = op.shape_rule(*[Aval(tuple(x.shape), x.dtype) for x in inputs], **attrs)
         if op.is_view:
             return [inputs[0].reshape(avals[0].shape)]
-        outs = [np.empty(a.shape, a.dtype) for a in avals]
+        outs = [inputs[op.writes[k]] if k in op.writes else np.empty(a.shape, a.dtype)
+                for k, a in enumerate(avals)]
         self.table[op.name](*outs, *inputs, **kernel_attrs(op, attrs))
         return outs
 
 
 def kernel_attrs(op, attrs):
     """Attributes the kernel needs; shape-only attributes are already encoded in the outputs."""
-    return {k: v for k, v in attrs.items() if k not in ("shape", "dtype", "num_embeddings")}
+    return {k: v for k, v in attrs.items()
+            if k not in ("shape", "dtype", "num_embeddings", "length")}
 
 
 _STACK = []
@@ -438,3 +444,67 @@ defop("residual_layernorm", _residual_layernorm_rule)
 defop("linear_backward_w_acc", lambda dw, dy, x, compute=None: [])
 defop("embedding_backward_acc", lambda dweight, dout, idx: [])
 defop("add_acc", lambda acc, x: [])
+
+
+# ---------------------------------------------------------------- inference with a KV cache: no VJP
+# rules (autodiff through them raises "has no VJP rule"; the eager engine does not record them).
+
+def _integer_scalar(start, what):
+    if tuple(start.shape) != () or not np.issubdtype(start.dtype, np.integer):
+        raise ValueError(f"{what}: start must be a 0-d integer array, got "
+                         f"{start.dtype}{list(start.shape)}")
+
+
+def _arange_rule(start, length):
+    _integer_scalar(start, "arange")
+    if length < 1:
+        raise ValueError(f"arange: length must be at least 1, got {length}")
+    return [Aval((int(length),), np.dtype(np.int64))]
+
+
+defop("arange", _arange_rule)
+
+
+def _narrow_rule(x, axis, start, length):
+    if not 0 <= axis < len(x.shape) or start < 0 or length < 1 \
+            or start + length > x.shape[axis]:
+        raise ValueError(f"narrow: [{start}, {start + length}) on axis {axis} is outside "
+                         f"shape {x.shape}")
+    return [Aval(x.shape[:axis] + (int(length),) + x.shape[axis + 1:], x.dtype)]
+
+
+defop("narrow", _narrow_rule)
+
+
+def _cache_rule(what, qkv, k_cache, v_cache, start):
+    """Checks shared by the cache ops: caches (B, H, S, D) of one shape, qkv (B, T, 3 H D)."""
+    _integer_scalar(start, what)
+    if len(k_cache.shape) != 4 or tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise ValueError(f"{what}: caches must be (B, H, S, D) of one shape, got "
+                         f"{k_cache.shape} and {v_cache.shape}")
+    b, h, s, d = k_cache.shape
+    if len(qkv.shape) != 3 or qkv.shape[0] != b or qkv.shape[2] != 3 * h * d \
+            or qkv.shape[1] > s:
+        raise ValueError(f"{what}: qkv must be (B, T <= S, 3 H D) = ({b}, <= {s}, {3 * h * d}) "
+                         f"for caches {k_cache.shape}, got {qkv.shape}")
+    return _same_dtype(qkv, k_cache, v_cache)
+
+
+def _kv_write_rule(k_cache, v_cache, qkv, start):
+    dt = _cache_rule("kv_write", qkv, k_cache, v_cache, start)
+    return [Aval(k_cache.shape, dt), Aval(v_cache.shape, dt)]
+
+
+defop("kv_write", _kv_write_rule, writes={0: 0, 1: 1})
+
+
+def _cached_attention_rule(qkv, k_cache, v_cache, start, n_head):
+    dt = _cache_rule("cached_attention", qkv, k_cache, v_cache, start)
+    if k_cache.shape[1] != n_head:
+        raise ValueError(f"cached_attention: n_head={n_head} but the caches hold "
+                         f"{k_cache.shape[1]} heads")
+    b, t, c3 = qkv.shape
+    return [Aval((b, t, c3 // 3), dt)]
+
+
+defop("cached_attention", _cached_attention_rule)

@@ -1,7 +1,8 @@
 """Runtime: executes a buffer plan as a flat list of kernel calls over preallocated arrays.
 
 Every node output is a view into one arena at its planned offset; inputs are copied into buffers
-the plan owns; parameters are read in place. Building the step list resolves all of that once,
+the plan owns; parameters are read in place; state (a KV cache) is a buffer of its own that
+persists between runs and is written in place, and several plans may share it. Building the step list resolves all of that once,
 so a step is just `for fn, args, kw in steps: fn(*args, **kw)`.
 """
 import time
@@ -13,10 +14,21 @@ from tracer.ops import kernel_attrs
 
 
 class Executable:
-    def __init__(self, graph, plan, table):
+    def __init__(self, graph, plan, table, state=None):
+        """state: {name: array} for the graph's state values, to share them with another plan;
+        by default the Executable allocates them, zeroed."""
         self.graph, self.plan, self.table = graph, plan, table
         self.arena = np.empty(max(plan.arena_bytes, 1), np.uint8)
         self.inputs = {v.name: np.empty(v.shape, v.dtype) for v in graph.inputs}
+        state = {} if state is None else state
+        for v in graph.state:
+            given = state.get(v.name)
+            if given is not None and (given.shape != v.shape or given.dtype != v.dtype
+                                      or not given.flags.c_contiguous):
+                raise ValueError(f"state {v.name}: got a {given.dtype}{list(given.shape)} array, "
+                                 f"the graph needs a C-contiguous {v.dtype}{list(v.shape)}")
+        self.state = {v.name: state[v.name] if v.name in state else np.zeros(v.shape, v.dtype)
+                      for v in graph.state}
         self._bound_params = None
         self.bind_parameters()
 
@@ -27,6 +39,8 @@ class Executable:
             arrays[v.id] = self.inputs[v.name]
         for v in self.graph.consts:
             arrays[v.id] = v.const
+        for v in self.graph.state:
+            arrays[v.id] = self.state[v.name]
         for v, p in self.graph.params:
             arrays[v.id] = p.bf16 if v.dtype == BFLOAT16 else p.data
         for v, p in self.graph.grads:

@@ -2,7 +2,8 @@
 
 Every value a node produces lives in a *storage*. Views (reshape) share their input's storage, and
 an op that may overwrite an input (op.inplace) takes over that input's storage when the input is
-read for the last time there. Each storage is alive from the step that first writes it to the last
+read for the last time there. An op that writes state (op.writes) outputs the state's own buffer,
+which lives outside the arena like a parameter. Each storage is alive from the step that first writes it to the last
 step that reads it (graph outputs: to the end). Storages are then packed into one arena, largest
 first, each at the lowest aligned offset where it overlaps no storage alive at the same time.
 """
@@ -58,6 +59,8 @@ def plan_buffers(graph, forward_only_outputs=()):
         claimed = set()
         for k, out in enumerate(n.outputs):
             src = n.inputs[0] if n.op.is_view else None
+            if k in n.op.writes:
+                src = n.inputs[n.op.writes[k]]
             if src is not None and src.id not in storage_of:
                 external_view[out.id] = external_view.get(src.id, src.id)
                 continue
@@ -111,7 +114,8 @@ def _pack(nbytes, lifetime):
 
 
 def check_plan(plan):
-    """Raise if two storages alive at the same step share bytes, or a value is read unwritten."""
+    """Raise if two storages alive at the same step share bytes, a value is read unwritten, or a
+    state buffer is read in its old version after a node has written it."""
     spans = sorted(plan.offset.items(), key=lambda kv: kv[1])
     for i, (s, lo) in enumerate(spans):
         for t, lo2 in spans[i + 1:]:
@@ -120,11 +124,16 @@ def check_plan(plan):
             (a, b), (c, d) = plan.lifetime[s], plan.lifetime[t]
             if a <= d and c <= b and plan.nbytes[s] and plan.nbytes[t]:
                 raise AssertionError(f"storages {s} and {t} overlap in bytes and lifetime")
-    written = set()
+    written, superseded = set(), {}
     for i, n in enumerate(plan.order):
         for v in n.inputs:
             if v.kind == "node" and v.id not in written:
                 raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id} before it is written")
+            if v.id in superseded:
+                raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id}, which step "
+                                     f"{superseded[v.id]} has since written in place")
+        for k, j in n.op.writes.items():
+            superseded[n.inputs[j].id] = i
         written.update(o.id for o in n.outputs)
 
 

@@ -44,14 +44,16 @@ class TraceInterpreter:
         return node.outputs
 
 
-def trace(fn, inputs, param_names):
-    """Trace fn(*symbolic inputs) -> dict of named outputs (None entries dropped).
+def trace(fn, inputs, param_names, state=()):
+    """Trace fn(*symbolic inputs, *symbolic state) -> dict of named outputs (None entries dropped).
 
-    inputs: list of (name, shape, dtype); param_names: {id(Tensor): name} of every tensor fn may
-    capture. Returns the forward Graph.
+    inputs: list of (name, shape, dtype) copied in per run; state: the same for buffers the plan
+    keeps between runs; param_names: {id(Tensor): name} of every tensor fn may capture. Returns
+    the forward Graph.
     """
     graph = Graph()
     args = [graph.add_input(name, shape, dtype) for name, shape, dtype in inputs]
+    args += [graph.add_state(name, shape, dtype) for name, shape, dtype in state]
     with interpreting(TraceInterpreter(graph, param_names)):
         outputs = fn(*args)
     graph.outputs = {k: v for k, v in outputs.items() if v is not None}
