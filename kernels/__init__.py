@@ -6,6 +6,9 @@ family (elementwise, gemm, embedding, normalisation, attention, loss, optimiser)
 ones for the layout ops NumPy already does at its best (permute, split, concat, causal_mask, fill,
 matmul). This package imports nothing from `tracer` or `gpt2`; it applies `cpu.configure()` before
 anything loads NumPy.
+
+Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout ops (arange,
+narrow) take the reference kernels.
 """
 from kernels import cpu
 
@@ -13,6 +16,7 @@ cpu.configure()
 
 from kernels import (attention, elementwise, embedding, gemm, loss, normalisation,  # noqa: E402
                      optimiser, reference)
+from kernels import decode  # noqa: E402
 
 OP_NAMES = (
     "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",
@@ -21,11 +25,13 @@ OP_NAMES = (
     "softmax", "softmax_backward", "attention", "attention_backward",
     "cross_entropy", "cross_entropy_backward", "linear_gelu", "residual_layernorm",
     "linear_backward_w_acc", "embedding_backward_acc",
+    "arange", "narrow", "kv_write", "cached_attention",
 )
 
 REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
 NUMBA = {**elementwise.TABLE, **gemm.TABLE, **embedding.TABLE, **normalisation.TABLE,
          **attention.TABLE, **loss.TABLE}
+NUMBA.update(decode.TABLE)
 COMPILED = {**REFERENCE, **NUMBA}
 
 # Optimiser kernels over flat 1-D arrays: one fused pass each.

@@ -257,6 +257,53 @@ def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
     dqkv[...] = grads.transpose(0, 3, 2, 1, 4).reshape(b, t, c3)
 
 
+# ---------------------------------------------------------------- inference with a KV cache
+
+def arange(out, start):
+    """out (L,) int64 = start + [0, .., L - 1], start a 0-d integer array."""
+    out[...] = np.arange(int(start), int(start) + out.shape[0])
+
+
+def narrow(out, x, *, axis, start):
+    """out = x's entries [start, start + out.shape[axis]) along axis."""
+    out[...] = x[(slice(None),) * axis + (slice(start, start + out.shape[axis]),)]
+
+
+def check_positions(start, t, size):
+    """Positions start .. start + t - 1 must lie in a cache of `size` positions: the Numba kernels
+    do not bounds-check, so this is checked before they run."""
+    if not 0 <= start <= size - t:
+        raise ValueError(f"positions {start} .. {start + t - 1} do not fit a cache of {size}")
+
+
+def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
+    """Keys and values of qkv (B, T, 3C) into the caches (B, H, S, D) at positions start ..
+    start + T - 1. k_out, v_out are k_cache, v_cache themselves (the op writes them in place)."""
+    b, t, c3 = qkv.shape
+    _, h, size, d = k_cache.shape
+    s0 = int(start)
+    check_positions(s0, t, size)
+    c = c3 // 3
+    k_out[:, :, s0:s0 + t] = qkv[:, :, c:2 * c].reshape(b, t, h, d).transpose(0, 2, 1, 3)
+    v_out[:, :, s0:s0 + t] = qkv[:, :, 2 * c:].reshape(b, t, h, d).transpose(0, 2, 1, 3)
+
+
+def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
+    """out (B, T, C): the queries of qkv (B, T, 3C), at positions start + r, attend to the cached
+    keys and values (B, H, S, D) of positions 0 .. start + r (causal over the whole cache)."""
+    b, t, _ = qkv.shape
+    s0 = int(start)
+    check_positions(s0, t, k_cache.shape[2])
+    q = _heads(qkv, n_head)[0]                                   # (B, H, T, D)
+    keys, values = k_cache[:, :, :s0 + t], v_cache[:, :, :s0 + t]
+    s = q @ keys.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])  # (B, H, T, start + T)
+    s[..., np.arange(s0 + t)[None, :] > s0 + np.arange(t)[:, None]] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    p /= p.sum(axis=-1, keepdims=True)
+    out[...] = (p @ values).transpose(0, 2, 1, 3).reshape(b, t, -1)
+
+
 # ---------------------------------------------------------------- fused softmax + cross-entropy
 
 def cross_entropy(loss, lse, logits, targets):
