@@ -62,6 +62,14 @@ def parameter_shapes(cfg):
     return shapes
 
 
+def cache_shapes(cfg, batch_size):
+    """The KV cache of a batch: per layer, keys and values of every position, each (B, H,
+    block_size, D), named after the layer's attention."""
+    shape = (batch_size, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+    return {f"transformer.h.{i}.attn.{kv}_cache": shape
+            for i in range(cfg.n_layer) for kv in ("k", "v")}
+
+
 def check_ids(ids, what, vocab_size):
     if isinstance(ids, Tensor):
         ids = ids.data

@@ -9,10 +9,12 @@ finishes the gradients: AdamW makes one pass, zero_grad is one memset, and a dat
 all-reduce bucket is one contiguous slice whose gradients are final at one point of the backward.
 """
 import math
+import numbers
 
 import numpy as np
 
-from gpt2.config import DTYPES, GPTConfig, check_ids, parameter_shapes
+from gpt2.compile import compile as compile_model
+from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
 from kernels.bf16 import BFLOAT16
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
@@ -139,29 +141,85 @@ class GPT(Pretrained, Generation):
                                  f"{idx.shape}")
         return idx, targets
 
-    def __call__(self, idx, targets=None):
-        idx, targets = self.check_inputs(idx, targets)
-        return self.forward(idx, targets)
+    def new_cache(self, batch_size):
+        """An empty KV cache for batch_size rows: {name: zeros (B, H, block_size, D)}, named as
+        `cache_shapes` says. np.zeros maps its pages lazily: positions never written cost no
+        memory."""
+        return {name: np.zeros(shape, self.dtype)
+                for name, shape in cache_shapes(self.config, batch_size).items()}
 
-    def forward(self, idx, targets=None):
-        """idx, targets (B, T) int64 -> logits (B, T, V), mean cross-entropy loss or None."""
+    def decoder(self, batch_size):
+        """The compiled prefill/decode plans `generate` runs for batch_size rows (see
+        `gpt2.compile`), compiled on first use and kept with the model."""
+        if "_generation_plans" not in self.__dict__:
+            self._generation_plans = compile_model(self)
+        return self._generation_plans.decoder(batch_size)
+
+    def check_cache(self, cache, idx, start):
+        """Validate a cache and the start position of idx (B, T) in it before any kernel sees
+        them; returns start as a 0-d int64 array."""
+        if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+            raise ValueError(f"start must be a non-negative integer, got {start!r}")
+        b, t = idx.shape
+        if start + t > self.config.block_size:
+            raise ValueError(f"positions {start} .. {start + t - 1} exceed block_size "
+                             f"{self.config.block_size}")
+        shapes = cache_shapes(self.config, b)
+        if not isinstance(cache, dict) or set(cache) != set(shapes):
+            raise ValueError(f"cache must be a dict with the {len(shapes)} entries of "
+                             f"new_cache({b}), got {type(cache).__name__} "
+                             f"{sorted(cache)[:2] if isinstance(cache, dict) else ''}")
+        for name, shape in shapes.items():
+            a = cache[name]
+            if not isinstance(a, np.ndarray) or a.shape != shape or a.dtype != self.dtype \
+                    or not a.flags.writeable:
+                raise ValueError(f"cache {name}: expected a writeable {self.dtype} array of "
+                                 f"shape {shape}, got {getattr(a, 'dtype', type(a).__name__)}"
+                                 f"{list(getattr(a, 'shape', ()))}")
+        return np.asarray(start, dtype=np.int64)
+
+    def __call__(self, idx, targets=None, cache=None, start=0):
+        idx, targets = self.check_inputs(idx, targets)
+        if cache is None:
+            return self.forward(idx, targets)
+        if targets is not None:
+            raise ValueError("targets cannot be given with a cache: the cached forward is for "
+                             "inference and returns the last position's logits only")
+        return self.forward(idx, None, cache, self.check_cache(cache, idx, start))
+
+    def forward(self, idx, targets=None, cache=None, start=None):
+        """idx, targets (B, T) int64 -> logits (B, T, V), mean cross-entropy loss or None.
+
+        With a KV cache (inference, no targets; see `new_cache`): idx holds the positions start ..
+        start + T - 1 (start a 0-d int64 array, a runtime input when traced). Each layer writes
+        their keys and values into its cache in place and attends to every cached position up to
+        its own. The logits are the last position's only, (B, 1, V): all a decoder needs, and the
+        lm_head over all 1024 positions of a prompt would be 40% of its prefill.
+        """
         cfg, p = self.config, self._params
         t = idx.shape[1]
 
         def bias(name):
             return p.get(name + ".bias")
 
+        positions = np.arange(t, dtype=np.int64) if cache is None else F.arange(start, t)
         x = F.add(F.embedding(p["transformer.wte.weight"], idx),
-                  F.embedding(p["transformer.wpe.weight"], np.arange(t, dtype=np.int64)))
+                  F.embedding(p["transformer.wpe.weight"], positions))
         for i in range(cfg.n_layer):
             h = f"transformer.h.{i}"
             a = F.layernorm(x, p[h + ".ln_1.weight"], bias(h + ".ln_1"), cfg.layer_norm_eps)
             a = F.linear(a, p[h + ".attn.c_attn.weight"], bias(h + ".attn.c_attn"))
-            a = F.attention(a, cfg.n_head)
+            if cache is None:
+                a = F.attention(a, cfg.n_head)
+            else:
+                k, v = F.kv_write(cache[h + ".attn.k_cache"], cache[h + ".attn.v_cache"], a, start)
+                a = F.cached_attention(a, k, v, start, cfg.n_head)
             x = F.add(x, F.linear(a, p[h + ".attn.c_proj.weight"], bias(h + ".attn.c_proj")))
             m = F.layernorm(x, p[h + ".ln_2.weight"], bias(h + ".ln_2"), cfg.layer_norm_eps)
             m = F.gelu(F.linear(m, p[h + ".mlp.c_fc.weight"], bias(h + ".mlp.c_fc")), cfg.gelu)
             x = F.add(x, F.linear(m, p[h + ".mlp.c_proj.weight"], bias(h + ".mlp.c_proj")))
+        if cache is not None and t > 1:
+            x = F.narrow(x, axis=1, start=t - 1, length=1)
         x = F.layernorm(x, p["transformer.ln_f.weight"], bias("transformer.ln_f"),
                         cfg.layer_norm_eps)
         logits = F.linear(x, p["transformer.wte.weight"])
