@@ -7,6 +7,16 @@
 A call without targets, or under `no_grad()`, runs a forward-only plan in which activations die as
 soon as they are read. Plans are cached per (shape, with/without targets, training or not), up to
 `max_plans`, least recently used first out.
+
+Generation runs two more graphs traced from the same `model.forward`, with a KV cache:
+
+    dec = cm.decoder(B)                # the plans for batch size B and the cache they own
+    logits = dec.prefill(ids)          # ids (B, P): positions 0 .. P - 1 -> (B, V), the last one's
+    logits = dec.step(ids)             # ids (B, 1) at the next position -> (B, V)
+
+The cache is graph state: buffers kept between runs, shared by the prefill plans and the decode
+plan, written in place by `kv_write` nodes. The position is the graph input `start`, so one decode
+plan serves every position.
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -14,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 
 import kernels
+from gpt2.config import cache_shapes, check_ids
+from gpt2.generate import Generation
 from kernels.bf16 import BFLOAT16
 from tracer import Tensor, is_grad_enabled
 from tracer.autodiff import grad_name, joint_graph
@@ -31,12 +43,14 @@ class MemoryReport:
     planned_bytes: int     # the arena after reuse
     naive_bytes: int       # every value its own buffer
     held_bytes: int        # written by the forward, kept for the backward
+    state_bytes: int = 0   # kept between runs, outside the arena (a KV cache)
 
     def __str__(self):
+        state = f", {self.state_bytes / 2**20:.1f} MiB of state" if self.state_bytes else ""
         return (f"arena {self.planned_bytes / 2**20:.1f} MiB planned vs "
                 f"{self.naive_bytes / 2**20:.1f} MiB naive "
                 f"({self.naive_bytes / max(self.planned_bytes, 1):.1f}x saved), "
-                f"{self.held_bytes / 2**20:.1f} MiB held from forward to backward")
+                f"{self.held_bytes / 2**20:.1f} MiB held from forward to backward{state}")
 
 
 class ArenaTensor(Tensor):
@@ -82,7 +96,49 @@ class CompiledLoss:
         self._exe = None
 
 
-class CompiledModel:
+class Decoder:
+    """The compiled plans generation runs for batch size B, and the KV cache they own.
+
+    prefill(ids (B, P)) processes positions 0 .. P - 1 (forgetting what the cache held), step(ids
+    (B, 1)) the next position; each returns the last position's logits (B, V), a view of the
+    plan's arena valid until the next call. Ids are checked before any kernel sees them.
+    """
+
+    def __init__(self, compiled, batch_size):
+        self._compiled = compiled
+        self.batch_size = batch_size
+        self.cache = compiled.model.new_cache(batch_size)
+        self.length = 0                    # positions the cache holds
+
+    def prefill(self, ids):
+        return self._run(self._check(ids, "ids"), 0)
+
+    def step(self, ids):
+        if self.length >= self._compiled.config.block_size:
+            raise ValueError(f"the cache is full ({self.length} = block_size positions): "
+                             "prefill a shorter window instead")
+        ids = self._check(ids, "ids")
+        if ids.shape[1] != 1:
+            raise ValueError(f"step takes one position per row, ids (B, 1); got {ids.shape}")
+        return self._run(ids, self.length)
+
+    def _check(self, ids, what):
+        ids = check_ids(ids, what, self._compiled.config.vocab_size)
+        if ids.shape[0] != self.batch_size or ids.shape[1] > self._compiled.config.block_size:
+            raise ValueError(f"{what} shape {ids.shape} does not fit this decoder: batch size "
+                             f"{self.batch_size}, at most block_size "
+                             f"{self._compiled.config.block_size} positions")
+        return ids
+
+    def _run(self, ids, start):
+        exe = self._compiled._cached_executable(ids.shape, self.cache)
+        exe.set_inputs(idx=ids, start=start)
+        exe.run_forward()
+        self.length = start + ids.shape[1]
+        return exe.outputs["logits"][:, 0]
+
+
+class CompiledModel(Generation):
     def __init__(self, model, table=None, max_plans=8, autocast=None):
         if max_plans < 1:
             raise ValueError(f"max_plans must be at least 1, got {max_plans}")
@@ -108,6 +164,7 @@ class CompiledModel:
         # Set by data-parallel training (gpt2.distributed.GradientAllReduce): runs the backward
         # itself, starting each bucket's all-reduce at the step that finishes its gradients.
         self.grad_sync = None
+        self._decoders = {}              # batch size -> Decoder
 
     def parameters(self):
         return self.model.parameters()
@@ -127,7 +184,8 @@ class CompiledModel:
         if not self._last:
             return None
         p = self._last[1].plan
-        return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes)
+        state = sum(v.nbytes for v in self._last[0].state)
+        return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes, state)
 
     def _forward_graph(self, shape, has_targets):
         key = (shape, has_targets)
@@ -148,6 +206,51 @@ class CompiledModel:
         if len(self._traces) > self.max_plans:
             self._traces.popitem(last=False)
         return graph
+
+    def decoder(self, batch_size):
+        """The prefill/decode plans for batch_size rows and their KV cache, made on first use."""
+        if batch_size not in self._decoders:
+            self._decoders[batch_size] = Decoder(self, batch_size)
+        return self._decoders[batch_size]
+
+    def _cached_graph(self, shape):
+        """The forward with a KV cache, traced for ids of `shape`: inputs idx and start, the
+        cache as state."""
+        key = (shape, "cache")
+        if key in self._traces:
+            self._traces.move_to_end(key)
+            return self._traces[key]
+        names = {id(p): n for n, p in self.model.parameters().items()}
+        state = [(name, s, self.dtype) for name, s in cache_shapes(self.config, shape[0]).items()]
+
+        def forward(idx, start, *cache):
+            logits, _ = self.model.forward(idx, None, dict(zip([n for n, _, _ in state], cache)),
+                                           start)
+            return {"logits": logits}
+
+        graph = trace(forward, [("idx", shape, np.int64), ("start", (), np.int64)], names, state)
+        self.trace_count += 1
+        self._traces[key] = graph
+        if len(self._traces) > self.max_plans:
+            self._traces.popitem(last=False)
+        return graph
+
+    def _cached_executable(self, shape, cache):
+        """The plan for ids of `shape` over `cache`: one place where generation's graphs are made
+        into plans (what a lower-precision decode would change)."""
+        key = (shape, "cache")
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
+            graph = fuse(prune(self._cached_graph(shape)))
+            self._plans[key] = (graph, Executable(graph, plan_buffers(graph), self.table, cache))
+            if len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._last = self._plans[key]
+        exe = self._last[1]
+        if exe.parameters_moved():
+            exe.bind_parameters()
+        return exe
 
     def _executable(self, shape, has_targets, training):
         key = (shape, has_targets, training)
@@ -198,9 +301,6 @@ class CompiledModel:
             exe.run_backward()       # the plan adds every gradient into its Parameter's .grad
         else:
             self.grad_sync.run_backward(exe)
-
-    def generate(self, *args, **kwargs):
-        return self.model.generate(*args, **kwargs)
 
 
 def with_add_acc(table):

@@ -1,14 +1,9 @@
-"""Autoregressive sampling with a KV cache, in plain NumPy.
+"""Sampling: choosing each next token, and the loop that decodes a batch through compiled plans.
 
-The training forward recomputes every position on every call. To generate, we only need the
-logits of the newest position, and the keys and values of earlier positions never change (the
-attention is causal). So this module keeps, per layer, K and V caches of shape
-(B, H, block_size, D): the prompt is processed once ("prefill"), then each new token costs one
-position ("step").
-
-This is a separate inference path, not the traced forward: it reads the model's parameters by
-their nanoGPT names and reuses the reference LayerNorm / GELU / softmax kernels, so its logits
-match the eager forward's to rounding (relative 1e-10 in float64, checked by the tests).
+The model's layers are not here. `model.decoder(B)` (or `cm.decoder(B)`) holds compiled plans of
+the model's own forward with a KV cache (see `gpt2.compile`): the prompt runs once through a
+prefill plan, then each new token through the one-token decode plan. This module owns what is left:
+temperature, top-k, seeds, and the window slide.
 
 Positions must stay below block_size (there are only block_size position embeddings). A prompt
 longer than that is cropped to its last block_size tokens. Once the window is full, each further
@@ -21,7 +16,6 @@ import numbers
 import numpy as np
 
 from gpt2.config import check_ids
-from kernels import reference as K
 
 
 # ---------------------------------------------------------------- input checks
@@ -59,134 +53,67 @@ def _make_rng(seed):
 
 # ---------------------------------------------------------------- choosing the next token
 
-def sample_next(logits, temperature, top_k, rng):
-    """Next ids (B,) from last-position logits (B, V).
+class Sampler:
+    """Next ids (B,) from last-position logits (B, V), in buffers allocated once per generation:
+    no array of size V is allocated per token.
 
     temperature 0: argmax (the first of equal maxima). Otherwise softmax(logits / temperature)
     restricted to the top_k largest logits (ties with the k-th are kept), sampled by inverse CDF
-    with one uniform draw per row from rng.
-    """
-    logits = np.asarray(logits, dtype=np.float64)
-    if temperature == 0.0:
-        return np.argmax(logits, axis=-1).astype(np.int64)
-    scaled = logits / temperature
-    if top_k is not None and top_k < scaled.shape[-1]:
-        kth = np.partition(scaled, -top_k, axis=-1)[:, -top_k]
-        scaled = np.where(scaled < kth[:, None], -np.inf, scaled)
-    probs = np.empty_like(scaled)
-    K.softmax(probs, scaled)
-    cdf = np.cumsum(probs, axis=-1)
-    u = rng.random(logits.shape[0])
-    out = np.empty(logits.shape[0], dtype=np.int64)
-    for b in range(logits.shape[0]):
-        # The first index whose cumulative probability exceeds u * total: never a zero-prob id.
-        out[b] = min(np.searchsorted(cdf[b], u[b] * cdf[b, -1], side="right"),
-                     logits.shape[-1] - 1)
-    return out
-
-
-# ---------------------------------------------------------------- the cached forward
-
-class KVCacheDecoder:
-    """Inference-only GPT-2 over a model's parameters with per-layer K/V caches.
-
-        dec = KVCacheDecoder(model, batch_size=B)
-        logits = dec.prefill(ids)        # ids (B, t), t <= block_size: logits of the last position
-        logits = dec.step(next_ids)      # next_ids (B,): one more position
+    with one uniform draw per row from rng, in float64.
     """
 
-    def __init__(self, model, batch_size):
-        cfg = model.config
-        self.config = cfg
-        params = {name: p.data for name, p in model.parameters().items()}
-        self.p = params
-        self.dtype = params["transformer.wte.weight"].dtype
-        self.n_head = cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
-        self.batch_size = int(batch_size)
-        shape = (self.batch_size, cfg.n_head, cfg.block_size, self.head_dim)
-        self.k = [np.zeros(shape, self.dtype) for _ in range(cfg.n_layer)]
-        self.v = [np.zeros(shape, self.dtype) for _ in range(cfg.n_layer)]
-        self.length = 0                     # positions held in the caches
+    def __init__(self, batch_size, vocab_size, temperature, top_k, rng):
+        self.temperature, self.rng = temperature, rng
+        self.top_k = top_k if top_k is not None and top_k < vocab_size else None
+        if temperature > 0:
+            self.weights = np.empty((batch_size, vocab_size))
+            self.cdf = np.empty((batch_size, vocab_size))
+            self.row_max = np.empty(batch_size)
+            self.uniform = np.empty(batch_size)
+        if temperature > 0 and self.top_k:
+            self.ranked = np.empty((batch_size, vocab_size))
+            self.below_kth = np.empty((batch_size, vocab_size), dtype=bool)
 
-    # -- building blocks (shapes in the comments; t new positions, L = cached + new)
-
-    def _linear(self, x, name):
-        """x (B, t, I) @ W (O, I).T + b -> (B, t, O): one GEMM over B*t rows; W.T is a free
-        F-contiguous view that BLAS reads as it is."""
-        w = self.p[name + ".weight"]
-        y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(*x.shape[:-1], w.shape[0])
-        b = self.p.get(name + ".bias")
-        if b is not None:
-            y += b
-        return y
-
-    def _layernorm(self, x, name):
-        out = np.empty_like(x)
-        stats = np.empty(x.shape[:-1], x.dtype)
-        K.layernorm(out, stats, np.empty_like(stats), x, self.p[name + ".weight"],
-                    self.p.get(name + ".bias"), eps=self.config.layer_norm_eps)
+    def __call__(self, logits, out):
+        """Write the next ids for logits (B, V) into out (B,) int64; returns out."""
+        if self.temperature == 0.0:
+            return np.argmax(logits, axis=-1, out=out)
+        w = self.weights
+        np.copyto(w, logits)
+        np.divide(w, self.temperature, out=w)
+        # Row by row: a ufunc broadcasting a (B, 1) column over w makes a copy of w.
+        if self.top_k:
+            kth = w.shape[-1] - self.top_k
+            np.copyto(self.ranked, w)
+            self.ranked.partition(kth, axis=-1)                 # in place: no copy
+            for b in range(w.shape[0]):
+                np.less(w[b], self.ranked[b, kth], out=self.below_kth[b])
+            np.copyto(w, -np.inf, where=self.below_kth)
+        np.max(w, axis=-1, out=self.row_max)
+        for b in range(w.shape[0]):
+            np.subtract(w[b], self.row_max[b], out=w[b])
+        np.exp(w, out=w)
+        cdf = np.cumsum(w, axis=-1, out=self.cdf)      # unnormalised; in place would copy w
+        self.rng.random(out=self.uniform)
+        for b in range(w.shape[0]):
+            # The first index whose running weight exceeds u * total: never a zero-weight id.
+            out[b] = min(np.searchsorted(cdf[b], self.uniform[b] * cdf[b, -1], side="right"),
+                         w.shape[-1] - 1)
         return out
 
-    def _attention(self, i, qkv, pos0):
-        """qkv (B, t, 3C) of positions pos0.. -> (B, t, C); appends this K, V to layer i's cache."""
-        b, t, _ = qkv.shape
-        h, d = self.n_head, self.head_dim
-        q, k, v = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)     # each (B, H, t, D)
-        end = pos0 + t
-        self.k[i][:, :, pos0:end] = k
-        self.v[i][:, :, pos0:end] = v
-        keys, values = self.k[i][:, :, :end], self.v[i][:, :, :end]       # (B, H, L, D)
-        scores = (q @ keys.transpose(0, 1, 3, 2)) * (1.0 / math.sqrt(d))   # (B, H, t, L)
-        if t > 1:
-            # Query at absolute position pos0 + r sees keys 0 .. pos0 + r.
-            future = np.arange(end)[None, :] > (pos0 + np.arange(t))[:, None]
-            scores[..., future] = -np.inf
-        probs = np.empty_like(scores)
-        K.softmax(probs, scores)
-        return (probs @ values).transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
-    def _forward(self, ids, pos0):
-        """ids (B, t) at positions pos0 .. pos0 + t - 1 -> logits (B, V) of the last one."""
-        cfg, p = self.config, self.p
-        t = ids.shape[1]
-        if pos0 + t > cfg.block_size:
-            raise ValueError(f"positions up to {pos0 + t - 1} exceed block_size "
-                             f"{cfg.block_size}")
-        x = p["transformer.wte.weight"][ids] + p["transformer.wpe.weight"][pos0:pos0 + t]
-        for i in range(cfg.n_layer):
-            h = f"transformer.h.{i}"
-            a = self._linear(self._layernorm(x, h + ".ln_1"), h + ".attn.c_attn")
-            x = x + self._linear(self._attention(i, a, pos0), h + ".attn.c_proj")
-            m = self._linear(self._layernorm(x, h + ".ln_2"), h + ".mlp.c_fc")
-            g = np.empty_like(m)
-            K.gelu(g, m, form=cfg.gelu)
-            x = x + self._linear(g, h + ".mlp.c_proj")
-        last = self._layernorm(x[:, -1:], "transformer.ln_f")[:, 0]      # (B, C)
-        self.length = pos0 + t
-        return last @ p["transformer.wte.weight"].T                       # (B, V)
-
-    def prefill(self, ids):
-        """Forget the cache and process ids (B, t) from position 0."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.shape[0] != self.batch_size:
-            raise ValueError(f"batch size {ids.shape[0]} does not match the cache's "
-                             f"{self.batch_size}")
-        return self._forward(ids, 0)
-
-    def step(self, next_ids):
-        """Process one more position per row: next_ids (B,) -> logits (B, V)."""
-        if self.length >= self.config.block_size:
-            raise ValueError(f"the cache is full ({self.length} = block_size positions): "
-                             "prefill a cropped window instead")
-        ids = np.asarray(next_ids, dtype=np.int64).reshape(self.batch_size, 1)
-        return self._forward(ids, self.length)
+def sample_next(logits, temperature, top_k, rng):
+    """Next ids (B,) int64 from last-position logits (B, V), by `Sampler`'s rule."""
+    logits = np.asarray(logits)
+    choose = Sampler(logits.shape[0], logits.shape[-1], temperature, top_k, rng)
+    return choose(logits, np.empty(logits.shape[0], dtype=np.int64))
 
 
 # ---------------------------------------------------------------- the public entry point
 
 class Generation:
-    """Mixin for GPT: `model.generate(idx, max_new_tokens, temperature, top_k, seed)`."""
+    """Mixin for GPT and the compiled model: `generate(idx, max_new_tokens, temperature, top_k,
+    seed)`, decoding through `self.decoder(B)`."""
 
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
         """idx (B, T) -> (B, T + max_new_tokens) int64 with sampled tokens appended."""
@@ -197,9 +124,10 @@ class Generation:
 def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None):
     """idx (B, T) int -> int64 (B, T + max_new_tokens): idx with the sampled tokens appended.
 
-    temperature 0 is greedy decoding; otherwise tokens are drawn from softmax(logits / temperature)
-    (optionally restricted to the top_k most likely) with np.random.default_rng(seed).
-    The model is only read, never changed.
+    model: a GPT or a compiled one (anything with `config` and `decoder(B)`). temperature 0 is
+    greedy decoding; otherwise tokens are drawn from softmax(logits / temperature) (optionally
+    restricted to the top_k most likely) with np.random.default_rng(seed). The model's parameters
+    are only read.
     """
     cfg = model.config
     idx = check_ids(idx, "idx", cfg.vocab_size)
@@ -215,16 +143,17 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, seed=None)
         return out
 
     block = cfg.block_size
-    dec = KVCacheDecoder(model, b)
-    logits = dec.prefill(idx[:, -block:])
+    decoder = model.decoder(b)
+    choose = Sampler(b, cfg.vocab_size, temperature, top_k, rng)
+    logits = decoder.prefill(out[:, max(0, t - block):t])
     for n in range(t, t + max_new_tokens):
-        out[:, n] = sample_next(logits, temperature, top_k, rng)
+        choose(logits, out[:, n])
         if n + 1 == t + max_new_tokens:
             break                                   # no logits needed after the last token
-        if dec.length < block:
-            logits = dec.step(out[:, n])
+        if decoder.length < block:
+            logits = decoder.step(out[:, n:n + 1])
         else:
             # Out of positions: the window slides, so every cached key was computed at a position
             # that has now changed. Re-run the last block_size tokens from position 0.
-            logits = dec.prefill(out[:, n + 1 - block:n + 1])
+            logits = decoder.prefill(out[:, n + 1 - block:n + 1])
     return out
