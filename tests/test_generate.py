@@ -1,12 +1,13 @@
-"""KV-cache generation against full recomputation with the eager forward, token for token, and
-sampling against its rule computed apart from the code."""
+"""Generation through the compiled plans against full recomputation with the eager forward, token
+for token, and sampling against its rule computed apart from the code."""
 import math
+import tracemalloc
 
 import numpy as np
 import pytest
 
 import gpt2
-from gpt2.generate import KVCacheDecoder, generate, sample_next
+from gpt2.generate import Sampler, generate, sample_next
 from tracer import no_grad
 
 BLOCK = 12
@@ -58,21 +59,30 @@ def prompts(b, t, seed=1):
 
 
 @pytest.mark.parametrize("bias,gelu", [(True, "tanh"), (False, "erf")])
-def test_cached_logits_match_eager_forward(bias, gelu):
+def test_decoder_logits_match_eager_forward(bias, gelu):
+    """Prefill and each decode step against the full eager forward's last position, and against
+    the eager forward run with a cache (the reference for the same cached forward)."""
     model = tiny_model(bias=bias, gelu=gelu)
     seq = prompts(2, 4)
-    dec = KVCacheDecoder(model, batch_size=2)
+    dec = gpt2.compile(model).decoder(2)
+    cache = model.new_cache(2)
     logits = dec.prefill(seq)
+    with no_grad():
+        eager = model(seq, cache=cache, start=0)[0].data[:, -1]
     for step in range(BLOCK - 4):
         ref = eager_last_logits(model, seq)
+        assert logits.shape == ref.shape
         assert np.max(np.abs(logits - ref)) <= 1e-10 * np.max(np.abs(ref))
+        assert np.max(np.abs(eager - ref)) <= 1e-10 * np.max(np.abs(ref))
         nxt = np.argsort(ref, axis=-1)[:, -2 - step % 3]        # vary the path a little
         seq = np.concatenate([seq, nxt[:, None]], axis=1)
         if dec.length < BLOCK:
-            logits = dec.step(nxt)
+            logits = dec.step(nxt[:, None])
+            with no_grad():
+                eager = model(nxt[:, None], cache=cache, start=seq.shape[1] - 1)[0].data[:, -1]
     assert dec.length == BLOCK
     with pytest.raises(ValueError, match="full"):
-        dec.step(nxt)
+        dec.step(nxt[:, None])
 
 
 def test_greedy_equals_recomputation_beyond_block_size(model):
@@ -135,11 +145,10 @@ def test_zero_new_tokens_and_model_untouched(model):
 def test_float32_model():
     model = tiny_model(dtype="float32")
     idx = prompts(1, 4)
-    dec = KVCacheDecoder(model, 1)
-    logits = dec.prefill(idx)
+    logits = model.decoder(1).prefill(idx)
     assert logits.dtype == np.float32
     ref = eager_last_logits(model, idx)
-    assert np.max(np.abs(logits - ref)) <= 1e-4 * np.max(np.abs(ref))
+    assert np.max(np.abs(logits - ref)) <= 1e-5 * np.max(np.abs(ref))
     out = model.generate(idx, 2 * BLOCK, temperature=0)
     assert out.shape == (1, 4 + 2 * BLOCK) and out.min() >= 0 and out.max() < VOCAB
 
@@ -209,6 +218,18 @@ def test_top_k_keeps_every_tie_with_the_kth():
     assert np.max(np.abs(freq - weights / weights.sum())) < 0.025, freq
 
 
+ENGINES = ["generate(model)", "model.generate", "cm.generate"]
+
+
+def run_generate(engine, model, *args, **kwargs):
+    if engine == "model.generate":
+        return model.generate(*args, **kwargs)
+    if engine == "cm.generate":
+        return gpt2.compile(model).generate(*args, **kwargs)
+    return generate(model, *args, **kwargs)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("kwargs,match", [
     (dict(idx=[[1, VOCAB]]), str(VOCAB)),
     (dict(idx=[[-1, 2]]), "-1"),
@@ -224,8 +245,67 @@ def test_top_k_keeps_every_tie_with_the_kth():
     (dict(top_k=2.5), "2.5"),
     (dict(seed="abc"), "abc"),
 ])
-def test_bad_inputs(model, kwargs, match):
+def test_bad_inputs(model, engine, kwargs, match):
     args = dict(idx=[[1, 2]], max_new_tokens=3)
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
-        generate(model, args.pop("idx"), **args)
+        run_generate(engine, model, args.pop("idx"), **args)
+
+
+def test_engines_agree_and_seeded_sampling_repeats(model):
+    idx = prompts(2, 3, seed=4)
+    runs = [run_generate(e, model, idx, BLOCK + 4, temperature=0.9, top_k=6, seed=21)
+            for e in ENGINES]
+    assert all(np.array_equal(r, runs[0]) for r in runs)
+    cm = gpt2.compile(model)
+    again = cm.generate(idx, BLOCK + 4, temperature=0.9, top_k=6, seed=21)
+    other = cm.generate(idx, BLOCK + 4, temperature=0.9, top_k=6, seed=22)
+    assert np.array_equal(again, runs[0]) and not np.array_equal(other, runs[0])
+
+
+def test_sampler_writes_into_the_given_row():
+    logits = np.random.default_rng(0).normal(size=(3, 50))
+    out = np.zeros((3, 4), dtype=np.int64)
+    Sampler(3, 50, 0.0, None, None)(logits, out[:, 2])
+    assert out[:, 2].tolist() == np.argmax(logits, axis=-1).tolist()
+    assert not out[:, [0, 1, 3]].any()
+    Sampler(3, 50, 1.3, 4, np.random.default_rng(5))(logits, out[:, 1])
+    assert out[:, 1].tolist() == sample_next(logits, 1.3, 4, np.random.default_rng(5)).tolist()
+
+
+def decode_loop_peak_bytes(model, choose, steps):
+    """Peak bytes traced (NumPy's allocations included) above the start, over `steps` rounds of
+    the generation loop's body: choose the next ids, run one decode step."""
+    dec = model.decoder(2)
+    out = np.zeros((2, steps + 1), dtype=np.int64)
+    logits = dec.prefill(prompts(2, 3))
+    choose(logits, out[:, 0])
+    dec.step(out[:, :1])                                     # the plans exist before we measure
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    for n in range(steps):
+        choose(logits, out[:, n])
+        logits = dec.step(out[:, n:n + 1])
+    peak = tracemalloc.get_traced_memory()[1] - base
+    tracemalloc.stop()
+    return peak
+
+
+@pytest.mark.parametrize("temperature,top_k", [(0.0, None), (0.8, None), (0.8, 40)])
+def test_no_allocation_per_token(temperature, top_k):
+    """A (2, 16384) float64 array is 256 KiB and a boolean one 32 KiB: a decode step and a choice
+    of the next ids allocate neither, only small objects (NumPy's partition takes ~3 KiB)."""
+    vocab = 16384
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=16, block_size=24, vocab_size=vocab)
+    model = gpt2.GPT(cfg, dtype="float64", seed=1)
+    choose = Sampler(2, vocab, temperature, top_k, np.random.default_rng(0))
+    assert decode_loop_peak_bytes(model, choose, 16) < 8192
+    # Negative control: choosing through sample_next, which allocates a Sampler per call.
+    rng = np.random.default_rng(0)
+
+    def allocating(logits, out):
+        out[...] = sample_next(logits, temperature, top_k, rng)
+
+    if temperature:
+        assert decode_loop_peak_bytes(model, allocating, 16) > 2 * vocab * 8

@@ -302,6 +302,94 @@ def test_attention_blocks(dt, t, b, h):
     check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
 
 
+# ---------------------------------------------------------------- the KV cache: kv_write, cached_attention
+
+def torch_cached_attention(qkv, k_cache, v_cache, start, n_head):
+    """The oracle: PyTorch's scaled_dot_product_attention of the new queries over cached
+    positions 0 .. start + T - 1, query r seeing keys up to start + r."""
+    import torch
+    b, t, c3 = qkv.shape
+    d = c3 // 3 // n_head
+    q = torch.from_numpy(qkv[:, :, :c3 // 3].reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
+                         .astype(np.float64))
+    keys = torch.from_numpy(k_cache[:, :, :start + t].astype(np.float64))
+    values = torch.from_numpy(v_cache[:, :, :start + t].astype(np.float64))
+    seen = torch.arange(start + t)[None, :] <= start + torch.arange(t)[:, None]
+    y = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=seen)
+    return y.numpy().transpose(0, 2, 1, 3).reshape(b, t, c3 // 3)
+
+
+# (B, H, S, D, T, start): one new position at the first, a middle and the last place of the
+# cache; blocks of queries that start at 0 or later, past one query block (128 rows).
+CACHE_CASES = [(2, 3, 40, 8, 1, 0), (1, 12, 300, 4, 1, 123), (3, 2, 64, 5, 1, 63),
+               (2, 3, 40, 8, 7, 0), (1, 2, 300, 16, 200, 50), (2, 1, 140, 8, 130, 9),
+               (1, 2, 40, 8, 5, 35)]
+
+
+@pytest.mark.parametrize("b,h,size,d,t,start", CACHE_CASES)
+def test_kv_write_and_cached_attention(dt, b, h, size, d, t, start):
+    _, f = data(dt, seed=size + t)
+    qkv = f(b, t, 3 * h * d, s=1.5)
+    old_k, old_v = f(b, h, size, d), f(b, h, size, d)
+    caches = []
+    for write in (NUMBA["kv_write"], ref.kv_write):
+        k, v = old_k.copy(), old_v.copy()
+        write(k, v, k, v, qkv, np.int64(start))
+        caches.append((k, v))
+    (k, v), (ref_k, ref_v) = caches
+    np.testing.assert_array_equal(k, ref_k)
+    np.testing.assert_array_equal(v, ref_v)
+    keys = qkv[:, :, h * d:2 * h * d].reshape(b, t, h, d).transpose(0, 2, 1, 3)
+    np.testing.assert_array_equal(k[:, :, start:start + t], keys)
+    untouched = np.ones(size, bool)
+    untouched[start:start + t] = False
+    np.testing.assert_array_equal(k[:, :, untouched], old_k[:, :, untouched])
+    np.testing.assert_array_equal(v[:, :, untouched], old_v[:, :, untouched])
+
+    got, want = both("cached_attention", [np.empty((b, t, h * d), dt)], qkv, k, v,
+                     np.int64(start), n_head=h)
+    close(got[0], want[0], dt)
+    close(want[0], torch_cached_attention(qkv, k, v, start, h), dt)
+    if start > 0:   # negative control: the cached keys before the new block do count
+        assert not np.allclose(want[0], torch_cached_attention(qkv, k[:, :, start:],
+                                                               v[:, :, start:], 0, h))
+
+
+def test_cached_attention_from_zero_is_causal_attention(dt):
+    _, f = data(dt, seed=9)
+    qkv = f(2, 37, 48, s=1.5)
+    k, v = np.zeros((2, 4, 50, 4), dt), np.zeros((2, 4, 50, 4), dt)
+    NUMBA["kv_write"](k, v, k, v, qkv, np.int64(0))
+    got = np.empty((2, 37, 16), dt)
+    NUMBA["cached_attention"](got, qkv, k, v, np.int64(0), n_head=4)
+    want = np.empty_like(got)
+    ref.attention(want, np.empty((2, 4, 37), dt), qkv, n_head=4)
+    close(got, want, dt)
+
+
+@pytest.mark.parametrize("name", ["kv_write", "cached_attention"])
+@pytest.mark.parametrize("start,t", [(-1, 1), (40, 1), (36, 5)])
+def test_cache_kernels_refuse_positions_outside_the_cache(dt, name, start, t):
+    _, f = data(dt)
+    qkv, k, v = f(1, t, 24), f(1, 2, 40, 4), f(1, 2, 40, 4)
+    args = (k, v, k, v, qkv) if name == "kv_write" else (np.empty((1, t, 8), dt), qkv, k, v)
+    attrs = {} if name == "kv_write" else dict(n_head=2)
+    for table in (NUMBA, ref.__dict__):
+        with pytest.raises(ValueError, match=f"positions {start} .. {start + t - 1} do not fit "
+                                             "a cache of 40"):
+            table[name](*args, np.int64(start), **attrs)
+
+
+def test_narrow_and_arange():
+    x = np.arange(24.0).reshape(2, 3, 4)
+    out = np.empty((2, 1, 4))
+    ref.narrow(out, x, axis=1, start=2)
+    np.testing.assert_array_equal(out, x[:, 2:3])
+    positions = np.empty(3, np.int64)
+    ref.arange(positions, np.int64(5))
+    assert positions.tolist() == [5, 6, 7]
+
+
 # ---------------------------------------------------------------- cross-entropy
 
 def test_cross_entropy(dt, case):
