@@ -154,6 +154,8 @@ class CompiledModel(Generation):
         self.config = model.config
         self.dtype = model.dtype
         self.table = with_add_acc(kernels.COMPILED if table is None else table)
+        # Generation's plans: the same kernels, with paths for the few rows of a decode step.
+        self.decode_table = dict(kernels.DECODE if table is None else table)
         self.max_plans = max_plans
         self.trace_count = 0
         self._traces = OrderedDict()     # (shape, has_targets) -> forward Graph
@@ -243,7 +245,8 @@ class CompiledModel(Generation):
             self._plans.move_to_end(key)
         else:
             graph = fuse(prune(self._cached_graph(shape)))
-            self._plans[key] = (graph, Executable(graph, plan_buffers(graph), self.table, cache))
+            self._plans[key] = (graph, Executable(graph, plan_buffers(graph), self.decode_table,
+                                                  cache))
             if len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
         self._last = self._plans[key]

@@ -8,7 +8,8 @@ matmul). This package imports nothing from `tracer` or `gpt2`; it applies `cpu.c
 anything loads NumPy.
 
 Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout ops (arange,
-narrow) take the reference kernels.
+narrow) take the reference kernels. `DECODE` is the table generation's plans run on: `COMPILED`
+with paths for a handful of rows (`decode.FEW_ROWS_TABLE`).
 """
 from kernels import cpu
 
@@ -33,6 +34,7 @@ NUMBA = {**elementwise.TABLE, **gemm.TABLE, **embedding.TABLE, **normalisation.T
          **attention.TABLE, **loss.TABLE}
 NUMBA.update(decode.TABLE)
 COMPILED = {**REFERENCE, **NUMBA}
+DECODE = {**COMPILED, **decode.FEW_ROWS_TABLE}
 
 # Optimiser kernels over flat 1-D arrays: one fused pass each.
 adamw = optimiser.adamw

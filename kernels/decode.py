@@ -1,5 +1,6 @@
-"""Kernels for inference with a KV cache: writing keys and values into the cache, and attention of
-new queries over every cached position.
+"""Kernels for inference with a KV cache: writing keys and values into the cache, attention of new
+queries over every cached position, and the table decoding runs on, in which the ops take a path
+made for a handful of rows.
 
 The caches are (B, H, S, D): a head's keys are S contiguous rows of D, so the positions 0 .. n - 1
 are one (n, D) block that loops and BLAS read as it is. Queries come straight from the fused qkv
@@ -13,24 +14,55 @@ cached_attention runs one of two kernels:
   S = scale Q K[:n]^T and Y = P V[:n] as BLAS GEMMs from the jitted kernel (`kernels.blas`),
   n = start + the block's last row + 1: tiles wholly in the future are never computed.
 Both run the softmax in the arrays' own precision (`exp_native`), as `kernels.attention` does.
+
+A decode step is one row per sequence, and ~100 kernel calls over 0.5 GB of weights (GPT-2 124M,
+float32). Two things cost there that a training step never sees, measured on a 2-core AMD EPYC:
+- waking the kernels' thread pool: 100-130 us per parallel launch (the pool sleeps between
+  kernels, see `kernels.common`), against 5-9 us for a one-row LayerNorm on one thread. With ~50
+  such calls per token that was 5 ms of a 25 ms step. So `FEW_ROWS_TABLE` runs LayerNorm, the bias
+  and GELU serially on up to FEW_ROWS rows (the same jitted source, built without threads), and
+  attention serially while it reads a few MB of cache.
+- a GEMM of a few rows: OpenBLAS's sgemm took 60-75 ms for GPT-2's weights at 2-8 rows, 2.5-3x
+  its GEMV at one row; `_skinny_linear` (4 weight rows x 2 input rows per pass) takes 35-50 ms.
+  One row stays with BLAS's GEMV, which streams the weights at about the copy bandwidth.
 """
 import math
+import types
 
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
+from kernels import gemm as gemm_kernels
+from kernels import normalisation, reference
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
-from kernels.common import PARALLEL, is_fast, is_small
+from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
+from kernels.elementwise import bias_gelu_rows, gelu_form
 from kernels.scalar import exp_native, row_max
 
 Q_BLOCK = 128       # query rows per prefill task, as in kernels.attention
+FEW_ROWS = 16       # up to this many rows, FEW_ROWS_TABLE's paths
+W_BLOCK = 32        # weight rows per task of the skinny GEMM
+# Attention reading less K and V cache than this runs on one thread. Measured at H 12, D 64: one
+# thread read 1000 cached positions (6 MB) in 180 us, two took 260 us with the wake-up.
+SERIAL_CACHE_BYTES = 4 << 20
+
+
+def serial_build(kernel, name):
+    """A parallel Numba kernel compiled again without threads, under `name`: same source, its
+    prange a plain range. The name keeps its on-disk cache apart from the parallel build's, since
+    Numba keys a cache by the function's name, source and signature, not by the parallel flag."""
+    src = kernel.py_func
+    fn = types.FunctionType(src.__code__, src.__globals__, name, src.__defaults__,
+                            src.__closure__)
+    fn.__qualname__ = name
+    return njit(cache=True, fastmath=FASTMATH, error_model="numpy")(fn)
 
 
 @njit(cache=True)
 def _kv_write(k_cache, v_cache, qkv, start):
     """k_cache, v_cache (B, H, S, D)[:, :, start + r] = the keys, values of qkv (B, T, 3C) row r.
-    Serial: a decode step writes 2 C values per row, far less than a thread launch costs."""
+    Serial: a decode step writes 2 C values per row, far less than a thread launch costs, and a
+    prefill's copy is a small part of it."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
     n_head, d = k_cache.shape[1], k_cache.shape[3]
@@ -51,7 +83,7 @@ def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
     start + T - 1; k_out, v_out are k_cache, v_cache themselves (written in place)."""
     s0 = int(start)
     reference.check_positions(s0, qkv.shape[1], k_cache.shape[2])
-    if is_fast(k_out, v_out, qkv) and is_small(qkv):
+    if is_fast(k_out, v_out, qkv):
         _kv_write(k_out, v_out, qkv, s0)
     else:
         reference.kv_write(k_out, v_out, k_cache, v_cache, qkv, start)
@@ -149,10 +181,109 @@ def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
         return
     scale = qkv.dtype.type(1.0 / math.sqrt(k_cache.shape[3]))
     if t == 1:
-        _attend_one(out, qkv, k_cache, v_cache, s0, scale)
+        read = 2 * (s0 + 1) * k_cache[:, :, 0].nbytes
+        attend = _attend_one_serial if read < SERIAL_CACHE_BYTES else _attend_one
+        attend(out, qkv, k_cache, v_cache, s0, scale)
     else:
         with one_blas_thread():
             _attend_block(out, qkv, k_cache, v_cache, s0, scale, GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
 
 
+_attend_one_serial = serial_build(_attend_one, "_attend_one_serial")
+
+
+# ---------------------------------------------------------------- few rows: the decode table
+
+_layernorm_rows_serial = serial_build(normalisation._layernorm_rows, "_layernorm_rows_serial")
+_bias_gelu_rows_serial = serial_build(bias_gelu_rows, "_bias_gelu_rows_serial")
+
+
+@njit(**PARALLEL)
+def _skinny_linear(out, x, w, b, has_bias):
+    """out (N, O) = x (N, I) @ w (O, I).T (+ b (O,)) for a few rows N. One task per W_BLOCK weight
+    rows; per pass 4 weight rows and 2 input rows (8 sums, 6 loads per step of i), so each weight
+    row is read from memory once and from L1 N / 2 times."""
+    n, n_in = x.shape
+    n_out = w.shape[0]
+    for blk in prange((n_out + W_BLOCK - 1) // W_BLOCK):
+        o1 = min(n_out, blk * W_BLOCK + W_BLOCK)
+        for o in range(blk * W_BLOCK, o1, 4):
+            last = o1 - 1
+            w0, w1, w2, w3 = w[o], w[min(o + 1, last)], w[min(o + 2, last)], w[min(o + 3, last)]
+            acc = np.empty((4, 2), w.dtype)
+            for r in range(0, n, 2):
+                x0, x1 = x[r], x[min(r + 1, n - 1)]
+                zero = w0[0] - w0[0]
+                a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = zero
+                for i in range(n_in):
+                    u, v = x0[i], x1[i]
+                    a00 += w0[i] * u
+                    a01 += w0[i] * v
+                    a10 += w1[i] * u
+                    a11 += w1[i] * v
+                    a20 += w2[i] * u
+                    a21 += w2[i] * v
+                    a30 += w3[i] * u
+                    a31 += w3[i] * v
+                acc[0, 0], acc[0, 1], acc[1, 0], acc[1, 1] = a00, a01, a10, a11
+                acc[2, 0], acc[2, 1], acc[3, 0], acc[3, 1] = a20, a21, a30, a31
+                for k in range(min(4, o1 - o)):
+                    bias = b[o + k] if has_bias else zero
+                    for j in range(min(2, n - r)):
+                        out[r + j, o + k] = acc[k, j] + bias
+
+
+def _few_rows(*arrays):
+    return rows(arrays[0]).shape[0] <= FEW_ROWS and is_fast(*arrays)
+
+
+def linear(out, x, w, b=None):
+    """out (..., O) = x (..., I) @ w (O, I).T + b (O,); 2 to FEW_ROWS rows on the skinny GEMM,
+    the rest as `kernels.gemm.linear` (one row: BLAS's GEMV)."""
+    x2 = rows(x)
+    if 1 < x2.shape[0] and _few_rows(out, x2, w, w[0] if b is None else b):
+        _skinny_linear(rows(out), x2, w, w[0] if b is None else b, b is not None)
+    else:
+        gemm_kernels.linear(out, x, w, b)
+
+
+def linear_gelu(out, pre, x, w, b=None, *, form):
+    """pre (..., O) = x (..., I) @ w (O, I).T + b (O,), out = gelu(pre); up to FEW_ROWS rows with
+    the bias and GELU on one thread."""
+    if _few_rows(out, pre, x, w):
+        linear(pre, x, w)
+        pre2 = rows(pre)
+        _bias_gelu_rows_serial(rows(out), pre2, pre2[0] if b is None else b, b is not None,
+                               gelu_form(form))
+    else:
+        gemm_kernels.linear_gelu(out, pre, x, w, b, form=form)
+
+
+def layernorm(out, mean, rstd, x, w, b=None, *, eps):
+    """out (..., C) normalised over C, mean and rstd (...) kept; up to FEW_ROWS rows on one
+    thread."""
+    if _few_rows(x, out, mean, rstd, w, w if b is None else b):
+        x2 = rows(x)
+        _layernorm_rows_serial(x2, rows(out), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
+                               w if b is None else b, False, b is not None, float(eps))
+    else:
+        normalisation.layernorm(out, mean, rstd, x, w, b, eps=eps)
+
+
+def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
+    """sum_out = x + r (r (..., C) a trailing part of x's shape), then out, mean, rstd =
+    layernorm(sum_out); up to FEW_ROWS rows on one thread."""
+    c = x.shape[-1]
+    if _few_rows(x, sum_out, out, mean, rstd, r, w, w if b is None else b) \
+            and sum_out.shape == x.shape and is_suffix(r.shape, x.shape):
+        _layernorm_rows_serial(rows(sum_out), rows(out), mean.reshape(-1), rstd.reshape(-1),
+                               rows(x), r.reshape(-1, c), w, w if b is None else b, True,
+                               b is not None, float(eps))
+    else:
+        normalisation.residual_layernorm(sum_out, out, mean, rstd, x, r, w, b, eps=eps)
+
+
 TABLE = {"kv_write": kv_write, "cached_attention": cached_attention}
+# What decoding runs on top of the compiled table: the paths above for few rows.
+FEW_ROWS_TABLE = {"linear": linear, "linear_gelu": linear_gelu, "layernorm": layernorm,
+                  "residual_layernorm": residual_layernorm}

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import gpt2
+import kernels
 from gpt2.config import cache_shapes
 from tracer import Parameter
 from tracer import functional as F
@@ -145,6 +146,21 @@ def test_one_decode_plan_serves_every_position():
     assert cm.trace_count == 3                     # one more prefill length, the same decode
     cm.generate(prompt(2, 20), 10, temperature=0)  # slides past block_size: prefill at 24
     assert cm.trace_count == 5
+
+
+def test_generation_plans_run_the_decode_table_unless_told_otherwise():
+    model = moved_model(block_size=16)
+    for table, want in ((None, kernels.DECODE), (kernels.REFERENCE, kernels.REFERENCE)):
+        cm = gpt2.compile(model, table=table)
+        cm.decoder(1).prefill(prompt(1, 3))
+        steps = {node.op.name: fn for (fn, _, _), node in zip(cm._last[1].steps,
+                                                             cm._last[1].step_nodes)}
+        assert steps["linear"] is want["linear"] and steps["kv_write"] is want["kv_write"]
+        cm(prompt(1, 3))                      # a plain forward keeps the table it was given
+        steps = {node.op.name: fn for (fn, _, _), node in zip(cm._last[1].steps,
+                                                             cm._last[1].step_nodes)}
+        assert steps["linear"] is (kernels.COMPILED if table is None else table)["linear"]
+    assert kernels.DECODE["linear"] is not kernels.COMPILED["linear"]
 
 
 def test_prefill_returns_the_last_position_only():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import kernels
-from kernels import attention, common, optimiser, scalar
+from kernels import attention, common, decode, optimiser, scalar
 from kernels import reference as ref
 
 NUMBA = kernels.NUMBA
@@ -64,7 +64,8 @@ def data(dt, seed=0):
 
 def test_table_names_and_signatures():
     assert set(NUMBA) <= set(kernels.OP_NAMES)
-    for name, fn in NUMBA.items():
+    assert set(kernels.DECODE) == set(kernels.COMPILED)
+    for name, fn in {**NUMBA, **kernels.DECODE}.items():
         assert inspect.signature(fn) == inspect.signature(getattr(ref, name)), name
     for name in ("adamw", "sum_of_squares", "scale_in_place"):
         assert inspect.signature(getattr(optimiser, name)) == inspect.signature(getattr(ref, name))
@@ -327,7 +328,8 @@ CACHE_CASES = [(2, 3, 40, 8, 1, 0), (1, 12, 300, 4, 1, 123), (3, 2, 64, 5, 1, 63
 
 
 @pytest.mark.parametrize("b,h,size,d,t,start", CACHE_CASES)
-def test_kv_write_and_cached_attention(dt, b, h, size, d, t, start):
+def test_kv_write_and_cached_attention(dt, monkeypatch, b, h, size, d, t, start):
+    writes = count_calls(monkeypatch, "_kv_write")
     _, f = data(dt, seed=size + t)
     qkv = f(b, t, 3 * h * d, s=1.5)
     old_k, old_v = f(b, h, size, d), f(b, h, size, d)
@@ -353,6 +355,7 @@ def test_kv_write_and_cached_attention(dt, b, h, size, d, t, start):
     if start > 0:   # negative control: the cached keys before the new block do count
         assert not np.allclose(want[0], torch_cached_attention(qkv, k[:, :, start:],
                                                                v[:, :, start:], 0, h))
+    assert writes == [1]
 
 
 def test_cached_attention_from_zero_is_causal_attention(dt):
@@ -378,6 +381,81 @@ def test_cache_kernels_refuse_positions_outside_the_cache(dt, name, start, t):
         with pytest.raises(ValueError, match=f"positions {start} .. {start + t - 1} do not fit "
                                              "a cache of 40"):
             table[name](*args, np.int64(start), **attrs)
+
+
+@pytest.mark.parametrize("serial", [True, False])
+def test_cached_attention_one_position_on_one_thread_or_two(dt, monkeypatch, serial):
+    monkeypatch.setattr(decode, "SERIAL_CACHE_BYTES", 1 << 40 if serial else 0)
+    calls = count_calls(monkeypatch, "_attend_one_serial" if serial else "_attend_one")
+    _, f = data(dt, seed=4)
+    qkv, k, v = f(3, 1, 60, s=1.5), f(3, 4, 30, 5), f(3, 4, 30, 5)
+    got, want = both("cached_attention", [np.empty((3, 1, 20), dt)], qkv, k, v, np.int64(17),
+                     n_head=4)
+    close(got[0], want[0], dt)
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- the decode table: few rows
+
+def count_calls(monkeypatch, name):
+    """Count the calls of decode.<name> (a list holding the count)."""
+    calls, kernel = [0], getattr(decode, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(decode, name, counted)
+    return calls
+
+
+DECODE = kernels.DECODE
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 8, decode.FEW_ROWS, decode.FEW_ROWS + 1])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_rows_linear(dt, monkeypatch, n, with_bias):
+    """Between 2 and FEW_ROWS rows on the skinny GEMM, one row and more than FEW_ROWS through
+    kernels.gemm; output widths that split a weight block and a 4-row pass."""
+    calls = count_calls(monkeypatch, "_skinny_linear")
+    _, f = data(dt, seed=n)
+    for n_out in (1, 6, decode.W_BLOCK + 3):
+        x, w, b = f(1, n, 13), f(n_out, 13), f(n_out) if with_bias else None
+        got, want = np.full((1, n, n_out), np.nan, dt), np.full((1, n, n_out), np.nan, dt)
+        DECODE["linear"](got, x, w, b)
+        ref.linear(want, x, w, b)
+        close(got, want, dt)
+        for form in ("tanh", "erf"):
+            out, pre = np.full_like(got, np.nan), np.full_like(got, np.nan)
+            DECODE["linear_gelu"](out, pre, x, w, b, form=form)
+            want_out, want_pre = np.empty_like(got), np.empty_like(got)
+            ref.linear_gelu(want_out, want_pre, x, w, b, form=form)
+            close(pre, want_pre, dt)
+            close(out, want_out, dt)
+    assert calls == [9 if 1 < n <= decode.FEW_ROWS else 0]
+
+
+@pytest.mark.parametrize("n", [1, 5, decode.FEW_ROWS, decode.FEW_ROWS + 1])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_rows_layernorm(dt, monkeypatch, n, with_bias):
+    calls = count_calls(monkeypatch, "_layernorm_rows_serial")
+    _, f = data(dt, seed=n)
+    x, r, w = f(1, n, 13), f(n, 13), f(13, s=0.5)
+    b = f(13) if with_bias else None
+    outs = [np.empty((1, n, 13), dt), np.empty((1, n), dt), np.empty((1, n), dt)]
+    got, want = both("layernorm", outs, x, w, b, eps=1e-5)
+    for g, wnt in zip(got, want):
+        close(g, wnt, dt)
+    DECODE["layernorm"](*got, x, w, b, eps=1e-5)
+    for g, wnt in zip(got, want):
+        close(g, wnt, dt)
+    got = [np.full((1, n, 13), np.nan, dt)] + [np.full_like(o, np.nan) for o in outs]
+    DECODE["residual_layernorm"](*got, x, r, w, b, eps=1e-5)
+    want = [np.empty_like(o) for o in got]
+    ref.residual_layernorm(*want, x, r, w, b, eps=1e-5)
+    for g, wnt in zip(got, want):
+        close(g, wnt, dt)
+    assert calls == [2 if n <= decode.FEW_ROWS else 0]
 
 
 def test_narrow_and_arange():
