@@ -1,86 +1,177 @@
-"""Generation speed: KV-cache decoding vs full recomputation, GPT-2 124M on the CPU.
+"""Generation speed: our compiled decoding against transformers' `generate`, GPT-2 124M on the CPU.
 
-Full recomputation runs the eager forward on the whole prefix for every new token (the way a
-training-style forward generates); the KV cache processes the prompt once, then one position per
-token. Both decode greedily from the same random-init model, so their tokens should agree.
+Both engines run the same weights (ours written with `save_pretrained`, read back by
+`transformers.GPT2LMHeadModel`), greedy, from the same prompts, batch 1 and 8, runs interleaved.
+A run is one `generate` call: the prompt's prefill, then one decode step per new token; tok/s
+counts new tokens over the whole call.
 
-    python bench/generate_speed.py                      # 124M, float32, prompt 16, 32 new tokens
-    python bench/generate_speed.py --prompt 64 --new 64 --dtype float64
+The ceiling: a decode step reads every weight once (the lm_head included) and the KV cache of
+every position so far, whatever the batch, so no engine can go faster than
+    ceiling tok/s = B x copy bandwidth / bytes read per step,
+with the copy bandwidth measured in the same run: (bytes read + bytes written) / time of a
+256 MiB np.copyto (`bench.machine.copy_bandwidth`), and the cache counted at the run's mean
+context. The prefill line times a 1024-token prompt against the compiled forward at that shape,
+with and without targets (with them: the forward of a training step).
+
+    python bench/generate_speed.py                      # 124M float32, prompt 32, 64 new tokens
+    python bench/generate_speed.py --ckpt path/to/gpt2 --batches 1 --repeats 7
 """
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import gpt2                                                    # noqa: E402
+import gpt2                                                    # noqa: E402  (before NumPy)
 import numpy as np                                            # noqa: E402
-from gpt2.generate import KVCacheDecoder, generate             # noqa: E402
-from tracer import no_grad                                     # noqa: E402
+from bench import machine                                     # noqa: E402
+from tracer import no_grad                                    # noqa: E402
 
 
-def recompute_generate(model, idx, n_new):
-    """Greedy decoding with one eager forward over the whole (cropped) prefix per token."""
-    seq = np.asarray(idx, dtype=np.int64)
-    block = model.config.block_size
-    with no_grad():
-        for _ in range(n_new):
-            logits, _ = model(seq[:, -block:])
-            nxt = logits.data[:, -1].argmax(-1)
-            seq = np.concatenate([seq, nxt[:, None]], axis=1)
-    return seq
+def bytes_per_step(model, batch, context):
+    """Bytes a decode step reads: every parameter but the two embedding tables in full, the tied
+    wte in full as the lm_head, one wpe row, and keys and values of `context` positions per
+    layer and row."""
+    cfg = model.config
+    weights = sum(p.data.nbytes for name, p in model.parameters().items()
+                  if name != "transformer.wpe.weight")
+    wpe_row = model.parameters()["transformer.wpe.weight"].data[0].nbytes
+    cache = 2 * cfg.n_layer * batch * context * cfg.n_embd * model.dtype.itemsize
+    return weights + wpe_row + cache
+
+
+def timed(fn):
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
+def ours_generate(cm, idx, n_new):
+    return cm.generate(idx, n_new, temperature=0)
+
+
+def hf_generate(torch, hf, idx, n_new):
+    ids = torch.from_numpy(idx)
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                          do_sample=False, pad_token_id=0)
+    return out.numpy()
+
+
+def decode_steps(cm, idx, n_new):
+    """Our decode steps alone: seconds per step after the prefill."""
+    dec = cm.decoder(idx.shape[0])
+    logits = dec.prefill(idx)
+    ids = np.empty((idx.shape[0], 1), np.int64)
+    t = time.perf_counter()
+    for _ in range(n_new - 1):
+        np.argmax(logits, axis=-1, out=ids[:, 0])
+        logits = dec.step(ids)
+    return (time.perf_counter() - t) / (n_new - 1)
+
+
+def prefill_vs_forward(model, cm, length, repeats):
+    """Best seconds of: a prefill of `length` tokens, the compiled forward (no targets) and the
+    forward of a training step (targets, gradients on) at (1, length)."""
+    idx = np.random.default_rng(1).integers(0, model.config.vocab_size, (1, length))
+    dec = cm.decoder(1)
+
+    def forward():
+        with no_grad():
+            cm(idx)
+
+    runs = {"prefill": lambda: dec.prefill(idx), "compiled forward": forward,
+            "training forward": lambda: cm(idx, idx)}
+    best = {}
+    for name, fn in runs.items():
+        fn()
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            best[name] = min(best.get(name, float("inf")), timed(fn)[0])
+    return best
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prompt", type=int, default=16, help="prompt length in tokens")
-    ap.add_argument("--new", type=int, default=32, help="tokens to generate")
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    ap.add_argument("--layers", type=int, default=12)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--embd", type=int, default=768)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ckpt", help="a Hugging Face GPT-2 directory or checkpoint (default: "
+                                   "GPT-2 124M at random init)")
+    ap.add_argument("--prompt", type=int, default=32, help="prompt length in tokens")
+    ap.add_argument("--new", type=int, default=64, help="new tokens per run")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine and batch")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
+    ap.add_argument("--prefill", type=int, default=1024,
+                    help="prompt length of the prefill comparison (0: skip it)")
     args = ap.parse_args()
 
-    cfg = gpt2.GPTConfig(n_layer=args.layers, n_head=args.heads, n_embd=args.embd,
-                         block_size=1024, vocab_size=50257)
-    t0 = time.perf_counter()
-    model = gpt2.GPT(cfg, dtype=args.dtype, seed=args.seed)
-    print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, {args.dtype}, "
-          f"built in {time.perf_counter() - t0:.1f} s")
-    idx = np.random.default_rng(args.seed).integers(0, cfg.vocab_size, (args.batch, args.prompt))
-    n_tok = args.batch * args.new
+    import torch
+    import transformers
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    print(machine.cpu_line())
+    print(machine.blas_line() + f"; PyTorch {torch.__version__} on {args.threads} threads, "
+          f"transformers {transformers.__version__}")
 
-    # Warm-up: one short run of each path (first BLAS calls, page faults on the weights).
-    generate(model, idx, 2, temperature=0)
-    recompute_generate(model, idx, 1)
+    if args.ckpt:
+        model = gpt2.GPT.from_pretrained(args.ckpt, dtype="float32")
+    else:
+        model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50257), dtype="float32", seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None       # every run makes all its tokens
+    cm = gpt2.compile(model)
+    print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, float32; prompt "
+          f"{args.prompt} tokens, {args.new} new tokens, greedy; {args.repeats} interleaved runs")
 
-    t0 = time.perf_counter()
-    out_kv = generate(model, idx, args.new, temperature=0)
-    t_kv = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(0, model.config.vocab_size, (b, args.prompt))
+               for b in args.batches}
+    engines = {"ours": lambda idx: ours_generate(cm, idx, args.new),
+               "transformers": lambda idx: hf_generate(torch, hf, idx, args.new)}
+    for b in args.batches:                          # warm-up: plans, first BLAS calls, pages
+        for fn in engines.values():
+            fn(prompts[b])
+    seconds = {(name, b): [] for name in engines for b in args.batches}
+    outputs = {}
+    for _ in range(args.repeats):
+        for b in args.batches:
+            for name, fn in engines.items():
+                dt, outputs[name, b] = timed(lambda: fn(prompts[b]))
+                seconds[name, b].append(dt)
+    step = {b: min(decode_steps(cm, prompts[b], args.new) for _ in range(2))
+            for b in args.batches}
+    bandwidth = machine.copy_bandwidth()
 
-    # The cached path split into its two phases.
-    dec = KVCacheDecoder(model, args.batch)
-    t0 = time.perf_counter()
-    logits = dec.prefill(idx)
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.new - 1):
-        logits = dec.step(logits.argmax(-1))
-    t_step = (time.perf_counter() - t0) / max(args.new - 1, 1)
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s = (bytes read + bytes written) / time "
+          "of a 256 MiB np.copyto, best of 10, measured after the runs")
+    print()
+    print("| batch | ours tok/s | transformers tok/s | ours / transformers | ours decode steps "
+          "tok/s | bytes read per step | ceiling tok/s | ours / ceiling | greedy tokens agree |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for b in args.batches:
+        ours = b * args.new / statistics.median(seconds["ours", b])
+        theirs = b * args.new / statistics.median(seconds["transformers", b])
+        step_bytes = bytes_per_step(model, b, args.prompt + args.new / 2)
+        ceiling = b * bandwidth / step_bytes
+        agree = np.mean(outputs["ours", b][:, args.prompt:]
+                        == outputs["transformers", b][:, args.prompt:])
+        print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {b / step[b]:.1f} | "
+              f"{step_bytes / 1e6:.0f} MB | {ceiling:.1f} | {b / step[b] / ceiling:.2f} | "
+              f"{agree:.0%} |")
+    print("tok/s: medians over the runs; decode steps: best of two passes over the new tokens "
+          "after a prefill, the ceiling's own terms")
 
-    t0 = time.perf_counter()
-    out_full = recompute_generate(model, idx, args.new)
-    t_full = time.perf_counter() - t0
-
-    agree = float(np.mean(out_kv[:, args.prompt:] == out_full[:, args.prompt:]))
-    print(f"prompt {args.prompt} tokens, {args.new} new tokens, batch {args.batch}")
-    print(f"KV cache      : {t_kv:7.2f} s  {n_tok / t_kv:8.2f} tokens/s   "
-          f"(prefill {t_prefill * 1e3:.0f} ms, then {t_step * 1e3:.1f} ms per token)")
-    print(f"recompute     : {t_full:7.2f} s  {n_tok / t_full:8.2f} tokens/s")
-    print(f"speed-up      : {t_full / t_kv:.2f}x;  greedy tokens agree: {agree * 100:.0f}%")
+    if args.prefill:
+        best = prefill_vs_forward(model, cm, args.prefill, repeats=3)
+        print()
+        print(f"prefill of a {args.prefill}-token prompt, batch 1, best of 3: " + ", ".join(
+            f"{name} {t * 1e3:.0f} ms" for name, t in best.items())
+            + f"; prefill / compiled forward {best['prefill'] / best['compiled forward']:.2f}, "
+            f"prefill / training forward {best['prefill'] / best['training forward']:.2f}")
 
 
 if __name__ == "__main__":
