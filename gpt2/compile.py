@@ -16,7 +16,8 @@ Generation runs two more graphs traced from the same `model.forward`, with a KV 
 
 The cache is graph state: buffers kept between runs, shared by the prefill plans and the decode
 plan, written in place by `kv_write` nodes. The position is the graph input `start`, so one decode
-plan serves every position.
+plan serves every position. These plans run in the model's dtype, autocast or not: lower-precision
+decoding would be made in `_cached_executable`.
 """
 from collections import OrderedDict
 from dataclasses import dataclass

@@ -237,26 +237,26 @@ def _few_rows(*arrays):
     return rows(arrays[0]).shape[0] <= FEW_ROWS and is_fast(*arrays)
 
 
-def linear(out, x, w, b=None):
-    """out (..., O) = x (..., I) @ w (O, I).T + b (O,); 2 to FEW_ROWS rows on the skinny GEMM,
-    the rest as `kernels.gemm.linear` (one row: BLAS's GEMV)."""
+def linear(out, x, w, b=None, *, compute=None):
+    """out (..., O) = x (..., I) @ w (O, I).T + b (O,); 2 to FEW_ROWS rows in the arrays' own
+    precision on the skinny GEMM, the rest as `kernels.gemm.linear` (one row: BLAS's GEMV)."""
     x2 = rows(x)
-    if 1 < x2.shape[0] and _few_rows(out, x2, w, w[0] if b is None else b):
+    if compute is None and 1 < x2.shape[0] and _few_rows(out, x2, w, w[0] if b is None else b):
         _skinny_linear(rows(out), x2, w, w[0] if b is None else b, b is not None)
     else:
-        gemm_kernels.linear(out, x, w, b)
+        gemm_kernels.linear(out, x, w, b, compute=compute)
 
 
-def linear_gelu(out, pre, x, w, b=None, *, form):
-    """pre (..., O) = x (..., I) @ w (O, I).T + b (O,), out = gelu(pre); up to FEW_ROWS rows with
-    the bias and GELU on one thread."""
-    if _few_rows(out, pre, x, w):
+def linear_gelu(out, pre, x, w, b=None, *, form, compute=None):
+    """pre (..., O) = x (..., I) @ w (O, I).T + b (O,), out = gelu(pre); up to FEW_ROWS rows in
+    the arrays' own precision with the bias and GELU on one thread."""
+    if compute is None and _few_rows(out, pre, x, w):
         linear(pre, x, w)
         pre2 = rows(pre)
         _bias_gelu_rows_serial(rows(out), pre2, pre2[0] if b is None else b, b is not None,
                                gelu_form(form))
     else:
-        gemm_kernels.linear_gelu(out, pre, x, w, b, form=form)
+        gemm_kernels.linear_gelu(out, pre, x, w, b, form=form, compute=compute)
 
 
 def layernorm(out, mean, rstd, x, w, b=None, *, eps):

@@ -163,6 +163,16 @@ def test_generation_plans_run_the_decode_table_unless_told_otherwise():
     assert kernels.DECODE["linear"] is not kernels.COMPILED["linear"]
 
 
+def test_autocast_model_generates_in_its_own_dtype():
+    """autocast is for training steps; decoding through such a compiled model runs float32."""
+    model = moved_model(block_size=24, dtype="float32")
+    idx = prompt(2, 5)
+    cm = gpt2.compile(model, autocast="bfloat16")
+    ours = cm.generate(idx, 12, temperature=0)
+    assert np.array_equal(ours, model.generate(idx, 12, temperature=0))
+    assert all(v.dtype == np.float32 for v, _ in cm.graph.params)
+
+
 def test_prefill_returns_the_last_position_only():
     model = moved_model(block_size=16)
     cm = gpt2.compile(model)

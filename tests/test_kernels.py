@@ -303,7 +303,7 @@ def test_attention_blocks(dt, t, b, h):
     check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
 
 
-# ---------------------------------------------------------------- the KV cache: kv_write, cached_attention
+# ---------------------------------------------------------------- the KV cache
 
 def torch_cached_attention(qkv, k_cache, v_cache, start, n_head):
     """The oracle: PyTorch's scaled_dot_product_attention of the new queries over cached

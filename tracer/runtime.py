@@ -2,8 +2,8 @@
 
 Every node output is a view into one arena at its planned offset; inputs are copied into buffers
 the plan owns; parameters are read in place; state (a KV cache) is a buffer of its own that
-persists between runs and is written in place, and several plans may share it. Building the step list resolves all of that once,
-so a step is just `for fn, args, kw in steps: fn(*args, **kw)`.
+persists between runs and is written in place, and several plans may share it. Building the step
+list resolves all of that once, so a step is just `for fn, args, kw in steps: fn(*args, **kw)`.
 """
 import time
 

@@ -3,9 +3,10 @@
 Every value a node produces lives in a *storage*. Views (reshape) share their input's storage, and
 an op that may overwrite an input (op.inplace) takes over that input's storage when the input is
 read for the last time there. An op that writes state (op.writes) outputs the state's own buffer,
-which lives outside the arena like a parameter. Each storage is alive from the step that first writes it to the last
-step that reads it (graph outputs: to the end). Storages are then packed into one arena, largest
-first, each at the lowest aligned offset where it overlaps no storage alive at the same time.
+which lives outside the arena like a parameter. Each storage is alive from the step that first
+writes it to the last step that reads it (graph outputs: to the end). Storages are then packed into
+one arena, largest first, each at the lowest aligned offset where it overlaps no storage alive at
+the same time.
 """
 from dataclasses import dataclass, field
 
