@@ -8,10 +8,11 @@ counts new tokens over the whole call.
 The ceiling: a decode step reads every weight once (the lm_head included) and the KV cache of
 every position so far, whatever the batch, so no engine can go faster than
     ceiling tok/s = B x copy bandwidth / bytes read per step,
-with the copy bandwidth measured in the same run: (bytes read + bytes written) / time of a
-256 MiB np.copyto (`bench.machine.copy_bandwidth`), and the cache counted at the run's mean
-context. The prefill line times a 1024-token prompt against the compiled forward at that shape,
-with and without targets (with them: the forward of a training step).
+with the copy bandwidth measured in the same run, after each round of runs, the best sample kept:
+(bytes read + bytes written) / time of a 256 MiB np.copyto (`bench.machine.copy_bandwidth`); the
+cache is counted at the run's mean context. The prefill line times a 1024-token prompt against
+the compiled forward at that shape, with and without targets (with them: the forward of a
+training step).
 
     python bench/generate_speed.py                      # 124M float32, prompt 32, 64 new tokens
     python bench/generate_speed.py --ckpt path/to/gpt2 --batches 1 --repeats 7
@@ -71,6 +72,20 @@ def decode_steps(cm, idx, n_new):
         np.argmax(logits, axis=-1, out=ids[:, 0])
         logits = dec.step(ids)
     return (time.perf_counter() - t) / (n_new - 1)
+
+
+def weight_products(model, batch):
+    """Seconds for x @ W.T over every weight matrix a decode step reads (the lm_head's included),
+    back to back through NumPy's BLAS, with nothing in between: what the step's GEMMs cost
+    alone."""
+    mats = [p.data for name, p in model.parameters().items()
+            if p.data.ndim == 2 and name != "transformer.wpe.weight"]
+    x = np.ones((batch, max(w.shape[1] for w in mats)), model.dtype)
+    outs = [np.empty((batch, w.shape[0]), model.dtype) for w in mats]
+    t = time.perf_counter()
+    for w, out in zip(mats, outs):
+        np.matmul(x[:, :w.shape[1]], w.T, out=out)
+    return time.perf_counter() - t
 
 
 def prefill_vs_forward(model, cm, length, repeats):
@@ -136,34 +151,44 @@ def main():
         for fn in engines.values():
             fn(prompts[b])
     seconds = {(name, b): [] for name in engines for b in args.batches}
+    step = {b: float("inf") for b in args.batches}
+    products = {b: float("inf") for b in args.batches}
+    bandwidth = 0.0
     outputs = {}
     for _ in range(args.repeats):
         for b in args.batches:
             for name, fn in engines.items():
                 dt, outputs[name, b] = timed(lambda: fn(prompts[b]))
                 seconds[name, b].append(dt)
-    step = {b: min(decode_steps(cm, prompts[b], args.new) for _ in range(2))
-            for b in args.batches}
-    bandwidth = machine.copy_bandwidth()
+            step[b] = min(step[b], decode_steps(cm, prompts[b], args.new))
+            products[b] = min(products[b], weight_products(model, b))
+        bandwidth = max(bandwidth, machine.copy_bandwidth(repeats=3))
 
-    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s = (bytes read + bytes written) / time "
-          "of a 256 MiB np.copyto, best of 10, measured after the runs")
     print()
-    print("| batch | ours tok/s | transformers tok/s | ours / transformers | ours decode steps "
-          "tok/s | bytes read per step | ceiling tok/s | ours / ceiling | greedy tokens agree |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | ours tok/s | transformers tok/s | ours / transformers | greedy tokens agree |")
+    print("|---|---|---|---|---|")
     for b in args.batches:
         ours = b * args.new / statistics.median(seconds["ours", b])
         theirs = b * args.new / statistics.median(seconds["transformers", b])
-        step_bytes = bytes_per_step(model, b, args.prompt + args.new / 2)
-        ceiling = b * bandwidth / step_bytes
         agree = np.mean(outputs["ours", b][:, args.prompt:]
                         == outputs["transformers", b][:, args.prompt:])
-        print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {b / step[b]:.1f} | "
-              f"{step_bytes / 1e6:.0f} MB | {ceiling:.1f} | {b / step[b] / ceiling:.2f} | "
-              f"{agree:.0%} |")
-    print("tok/s: medians over the runs; decode steps: best of two passes over the new tokens "
-          "after a prefill, the ceiling's own terms")
+        print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {agree:.0%} |")
+    print("tok/s: new tokens over the whole generate call (prefill included), median of the runs")
+    print()
+    print(f"ceiling: copy bandwidth {bandwidth / 1e9:.1f} GB/s, counted as (bytes read + bytes "
+          "written) / time of a 256 MiB np.copyto, the best of the runs' samples")
+    print("| batch | bytes read per step | ceiling tok/s | BLAS over the weights alone tok/s | "
+          "ours decode steps tok/s | steps / ceiling | ours generate / ceiling |")
+    print("|---|---|---|---|---|---|---|")
+    for b in args.batches:
+        step_bytes = bytes_per_step(model, b, args.prompt + args.new / 2)
+        ceiling = b * bandwidth / step_bytes
+        ours = b * args.new / statistics.median(seconds["ours", b])
+        print(f"| {b} | {step_bytes / 1e6:.0f} MB | {ceiling:.1f} | {b / products[b]:.1f} | "
+              f"{b / step[b]:.1f} | {b / step[b] / ceiling:.2f} | {ours / ceiling:.2f} |")
+    print("decode steps: the steps after a prefill alone; BLAS alone: x @ W.T over every weight "
+          "matrix back to back (weight_products); both best of the runs. Bytes: every weight "
+          "(the lm_head's included) and the KV cache at the mean context")
 
     if args.prefill:
         best = prefill_vs_forward(model, cm, args.prefill, repeats=3)

@@ -123,6 +123,8 @@ def test_cache_is_state_the_plans_own_and_write_in_place():
     check_plan(plan)
     state_bytes = sum(a.nbytes for a in dec.cache.values())
     assert cm.memory.state_bytes == state_bytes and cm.memory.planned_bytes < state_bytes
+    assert cm.memory.naive_bytes == sum(o.nbytes for n in graph.nodes for o in n.outputs
+                                        if n.op.name != "kv_write")
     text = str(graph)
     assert "state: 4 buffers kept between runs" in text
     assert f"(in place: %{writes[0].outputs[0].id} is transformer.h.0.attn.k_cache" in text

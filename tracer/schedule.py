@@ -90,7 +90,8 @@ def plan_buffers(graph, forward_only_outputs=()):
 
     plan = Plan(order, n_forward, storage_of, external_view, nbytes, lifetime)
     plan.offset, plan.arena_bytes = _pack(nbytes, lifetime)
-    plan.naive_bytes = sum(o.nbytes for n in order for o in n.outputs)
+    plan.naive_bytes = sum(o.nbytes for n in order for k, o in enumerate(n.outputs)
+                           if k not in n.op.writes)          # state is not the plan's to place
     plan.held_bytes = sum(nbytes[s] for s, (a, b) in lifetime.items()
                           if a < n_forward <= b and n_forward < end)
     return plan
