@@ -32,13 +32,13 @@ from bench import machine                                     # noqa: E402
 from tracer import no_grad                                    # noqa: E402
 
 
-def bytes_per_step(model, batch, context):
+def bytes_per_step(model, batch, context, gemm_itemsize):
     """Bytes a decode step reads: every parameter but the two embedding tables in full, the tied
     wte in full as the lm_head, one wpe row, and keys and values of `context` positions per
-    layer and row."""
+    layer and row. The weight matrices count gemm_itemsize bytes a value (2: their bf16 copies)."""
     cfg = model.config
-    weights = sum(p.data.nbytes for name, p in model.parameters().items()
-                  if name != "transformer.wpe.weight")
+    weights = sum(p.data.size * (gemm_itemsize if p.data.ndim == 2 else p.data.itemsize)
+                  for name, p in model.parameters().items() if name != "transformer.wpe.weight")
     wpe_row = model.parameters()["transformer.wpe.weight"].data[0].nbytes
     cache = 2 * cfg.n_layer * batch * context * cfg.n_embd * model.dtype.itemsize
     return weights + wpe_row + cache
@@ -118,6 +118,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per engine and batch")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch's threads")
+    ap.add_argument("--no-bf16", action="store_true", help="leave out ours bf16")
     ap.add_argument("--prefill", type=int, default=1024,
                     help="prompt length of the prefill comparison (0: skip it)")
     args = ap.parse_args()
@@ -138,20 +139,25 @@ def main():
         model.save_pretrained(tmp)
         hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None       # every run makes all its tokens
-    cm = gpt2.compile(model)
+    compiled = {"ours": gpt2.compile(model)}
+    if not args.no_bf16:
+        compiled["ours bf16"] = gpt2.compile(model, autocast="bfloat16")
     print(f"model: {model.num_parameters() / 1e6:.1f}M parameters, float32; prompt "
-          f"{args.prompt} tokens, {args.new} new tokens, greedy; {args.repeats} interleaved runs")
+          f"{args.prompt} tokens, {args.new} new tokens, greedy; {args.repeats} interleaved runs; "
+          "ours bf16: compiled with autocast='bfloat16', its linear layers reading bf16 weights "
+          f"(float32 sums), bf16 units: {machine.bf16_units()}")
 
     rng = np.random.default_rng(0)
     prompts = {b: rng.integers(0, model.config.vocab_size, (b, args.prompt))
                for b in args.batches}
-    engines = {"ours": lambda idx: ours_generate(cm, idx, args.new),
-               "transformers": lambda idx: hf_generate(torch, hf, idx, args.new)}
+    engines = {name: (lambda idx, cm=cm: ours_generate(cm, idx, args.new))
+               for name, cm in compiled.items()}
+    engines["transformers"] = lambda idx: hf_generate(torch, hf, idx, args.new)
     for b in args.batches:                          # warm-up: plans, first BLAS calls, pages
         for fn in engines.values():
             fn(prompts[b])
     seconds = {(name, b): [] for name in engines for b in args.batches}
-    step = {b: float("inf") for b in args.batches}
+    step = {(name, b): float("inf") for name in compiled for b in args.batches}
     products = {b: float("inf") for b in args.batches}
     bandwidth = 0.0
     outputs = {}
@@ -160,38 +166,45 @@ def main():
             for name, fn in engines.items():
                 dt, outputs[name, b] = timed(lambda: fn(prompts[b]))
                 seconds[name, b].append(dt)
-            step[b] = min(step[b], decode_steps(cm, prompts[b], args.new))
+            for name, cm in compiled.items():
+                step[name, b] = min(step[name, b], decode_steps(cm, prompts[b], args.new))
             products[b] = min(products[b], weight_products(model, b))
         bandwidth = max(bandwidth, machine.copy_bandwidth(repeats=3))
 
     print()
-    print("| batch | ours tok/s | transformers tok/s | ours / transformers | greedy tokens agree |")
+    print("| batch | engine | tok/s | / transformers | greedy tokens equal transformers' |")
     print("|---|---|---|---|---|")
     for b in args.batches:
-        ours = b * args.new / statistics.median(seconds["ours", b])
         theirs = b * args.new / statistics.median(seconds["transformers", b])
-        agree = np.mean(outputs["ours", b][:, args.prompt:]
-                        == outputs["transformers", b][:, args.prompt:])
-        print(f"| {b} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x | {agree:.0%} |")
+        for name in engines:
+            rate = b * args.new / statistics.median(seconds[name, b])
+            agree = np.mean(outputs[name, b][:, args.prompt:]
+                            == outputs["transformers", b][:, args.prompt:])
+            print(f"| {b} | {name} | {rate:.1f} | {rate / theirs:.2f}x | {agree:.0%} |")
     print("tok/s: new tokens over the whole generate call (prefill included), median of the runs")
     print()
     print(f"ceiling: copy bandwidth {bandwidth / 1e9:.1f} GB/s, counted as (bytes read + bytes "
           "written) / time of a 256 MiB np.copyto, the best of the runs' samples")
-    print("| batch | bytes read per step | ceiling tok/s | BLAS over the weights alone tok/s | "
-          "ours decode steps tok/s | steps / ceiling | ours generate / ceiling |")
+    print("| batch | engine | bytes read per step | ceiling tok/s | decode steps tok/s | "
+          "steps / ceiling | generate / ceiling |")
     print("|---|---|---|---|---|---|---|")
     for b in args.batches:
-        step_bytes = bytes_per_step(model, b, args.prompt + args.new / 2)
-        ceiling = b * bandwidth / step_bytes
-        ours = b * args.new / statistics.median(seconds["ours", b])
-        print(f"| {b} | {step_bytes / 1e6:.0f} MB | {ceiling:.1f} | {b / products[b]:.1f} | "
-              f"{b / step[b]:.1f} | {b / step[b] / ceiling:.2f} | {ours / ceiling:.2f} |")
-    print("decode steps: the steps after a prefill alone; BLAS alone: x @ W.T over every weight "
-          "matrix back to back (weight_products); both best of the runs. Bytes: every weight "
-          "(the lm_head's included) and the KV cache at the mean context")
+        for name in compiled:
+            step_bytes = bytes_per_step(model, b, args.prompt + args.new / 2,
+                                        2 if name == "ours bf16" else model.dtype.itemsize)
+            ceiling = b * bandwidth / step_bytes
+            rate = b * args.new / statistics.median(seconds[name, b])
+            print(f"| {b} | {name} | {step_bytes / 1e6:.0f} MB | {ceiling:.1f} | "
+                  f"{b / step[name, b]:.1f} | {b / step[name, b] / ceiling:.2f} | "
+                  f"{rate / ceiling:.2f} |")
+    print("decode steps: the steps after a prefill alone, best of the runs. Bytes: every weight "
+          "(the lm_head's included; the weight matrices in bf16 for ours bf16) and the KV cache "
+          "at the mean context. float32 GEMVs through NumPy's BLAS over every weight matrix back "
+          "to back, nothing in between (weight_products), best of the runs: " + ", ".join(
+              f"batch {b} {b / products[b]:.1f} tok/s" for b in args.batches))
 
     if args.prefill:
-        best = prefill_vs_forward(model, cm, args.prefill, repeats=3)
+        best = prefill_vs_forward(model, compiled["ours"], args.prefill, repeats=3)
         print()
         print(f"prefill of a {args.prefill}-token prompt, batch 1, best of 3: " + ", ".join(
             f"{name} {t * 1e3:.0f} ms" for name, t in best.items())

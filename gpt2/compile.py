@@ -16,8 +16,8 @@ Generation runs two more graphs traced from the same `model.forward`, with a KV 
 
 The cache is graph state: buffers kept between runs, shared by the prefill plans and the decode
 plan, written in place by `kv_write` nodes. The position is the graph input `start`, so one decode
-plan serves every position. These plans run in the model's dtype, autocast or not: lower-precision
-decoding would be made in `_cached_executable`.
+plan serves every position. A model compiled with autocast="bfloat16" decodes with its linear
+layers reading bf16 weights, accumulating in float32 (float32 activations, LayerNorm, attention).
 """
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -134,6 +134,7 @@ class Decoder:
     def _run(self, ids, start):
         exe = self._compiled._cached_executable(ids.shape, self.cache)
         exe.set_inputs(idx=ids, start=start)
+        refresh_bf16_copies(exe)
         exe.run_forward()
         self.length = start + ids.shape[1]
         return exe.outputs["logits"][:, 0]
@@ -231,7 +232,9 @@ class CompiledModel(Generation):
                                            start)
             return {"logits": logits}
 
-        graph = trace(forward, [("idx", shape, np.int64), ("start", (), np.int64)], names, state)
+        with autocasting(self.autocast):
+            graph = trace(forward, [("idx", shape, np.int64), ("start", (), np.int64)], names,
+                          state)
         self.trace_count += 1
         self._traces[key] = graph
         if len(self._traces) > self.max_plans:
@@ -239,13 +242,15 @@ class CompiledModel(Generation):
         return graph
 
     def _cached_executable(self, shape, cache):
-        """The plan for ids of `shape` over `cache`: one place where generation's graphs are made
-        into plans (what a lower-precision decode would change)."""
+        """The plan for ids of `shape` over `cache`. Under autocast its GEMMs read the weights'
+        bf16 copies (half the bytes a decode step streams); activations stay float32."""
         key = (shape, "cache")
         if key in self._plans:
             self._plans.move_to_end(key)
         else:
             graph = fuse(prune(self._cached_graph(shape)))
+            if self.autocast is not None:
+                graph = bf16_weights(graph)
             self._plans[key] = (graph, Executable(graph, plan_buffers(graph), self.decode_table,
                                                   cache))
             if len(self._plans) > self.max_plans:
@@ -285,9 +290,7 @@ class CompiledModel(Generation):
         training = targets is not None and is_grad_enabled()
         exe = self._executable(idx.shape, targets is not None, training)
         exe.set_inputs(idx=idx, **({"targets": targets} if targets is not None else {}))
-        for v, p in exe.graph.params:
-            if v.dtype == BFLOAT16:
-                p.refresh_bf16()
+        refresh_bf16_copies(exe)
         exe.run_forward()
         self._generation += 1
         if self._logits is not None:
@@ -305,6 +308,14 @@ class CompiledModel(Generation):
             exe.run_backward()       # the plan adds every gradient into its Parameter's .grad
         else:
             self.grad_sync.run_backward(exe)
+
+
+def refresh_bf16_copies(exe):
+    """Bring the bf16 copies a plan reads up to date with their float32 weights (a no-op for a copy
+    the optimiser has kept current)."""
+    for v, p in exe.graph.params:
+        if v.dtype == BFLOAT16:
+            p.refresh_bf16()
 
 
 def with_add_acc(table):

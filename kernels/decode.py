@@ -34,6 +34,7 @@ from numba import njit, prange
 
 from kernels import gemm as gemm_kernels
 from kernels import normalisation, reference
+from kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
 from kernels.elementwise import bias_gelu_rows, gelu_form
@@ -233,25 +234,60 @@ def _skinny_linear(out, x, w, b, has_bias):
                         out[r + j, o + k] = acc[k, j] + bias
 
 
+@njit(**PARALLEL)
+def _bf16_linear(out, x, w, b, has_bias):
+    """out (N, O) float32 = x (N, I) @ w (O, I).T (+ b (O,)) for a few rows N, w bf16 bits (uint16)
+    widened as they are read, x rounded to bf16 once, float32 sums: memory sees 2 bytes per
+    weight. Per pass 4 weight rows and one input row, so one row does no wasted work."""
+    n, n_in = x.shape
+    n_out = w.shape[0]
+    xs = np.empty((n, n_in), np.float32)
+    for r in range(n):
+        for i in range(n_in):
+            xs[r, i] = bf16_value(bf16_bits(x[r, i]))
+    for blk in prange((n_out + W_BLOCK - 1) // W_BLOCK):
+        o1 = min(n_out, blk * W_BLOCK + W_BLOCK)
+        for o in range(blk * W_BLOCK, o1, 4):
+            last = o1 - 1
+            w0, w1, w2, w3 = w[o], w[min(o + 1, last)], w[min(o + 2, last)], w[min(o + 3, last)]
+            for r in range(n):
+                xr = xs[r]
+                a0 = a1 = a2 = a3 = np.float32(0.0)
+                for i in range(n_in):
+                    u = xr[i]
+                    a0 += bf16_value(w0[i]) * u
+                    a1 += bf16_value(w1[i]) * u
+                    a2 += bf16_value(w2[i]) * u
+                    a3 += bf16_value(w3[i]) * u
+                for k, a in enumerate((a0, a1, a2, a3)):
+                    if o + k < o1:
+                        out[r, o + k] = a + b[o + k] if has_bias else a
+
+
 def _few_rows(*arrays):
     return rows(arrays[0]).shape[0] <= FEW_ROWS and is_fast(*arrays)
 
 
 def linear(out, x, w, b=None, *, compute=None):
-    """out (..., O) = x (..., I) @ w (O, I).T + b (O,); 2 to FEW_ROWS rows in the arrays' own
-    precision on the skinny GEMM, the rest as `kernels.gemm.linear` (one row: BLAS's GEMV)."""
-    x2 = rows(x)
-    if compute is None and 1 < x2.shape[0] and _few_rows(out, x2, w, w[0] if b is None else b):
-        _skinny_linear(rows(out), x2, w, w[0] if b is None else b, b is not None)
+    """out (..., O) = x (..., I) @ w (O, I).T + b (O,). Up to FEW_ROWS rows: in the arrays' own
+    precision on the skinny GEMM from 2 rows (one row stays with BLAS's GEMV); a bf16 GEMM on bf16
+    weights on `_bf16_linear`, which reads them as they are. The rest as `kernels.gemm.linear`."""
+    x2, out2 = rows(x), rows(out)
+    bias = out2[0] if b is None else b          # a stand-in of out's dtype when there is none
+    if compute is None and 1 < x2.shape[0] and _few_rows(out2, x2, w, bias):
+        _skinny_linear(out2, x2, w, bias, b is not None)
+    elif compute is not None and w.dtype == BFLOAT16 and w.flags.c_contiguous \
+            and out2.dtype == np.float32 and _few_rows(out2, x2, bias):
+        _bf16_linear(out2, x2, w.view(np.uint16), bias, b is not None)
     else:
         gemm_kernels.linear(out, x, w, b, compute=compute)
 
 
 def linear_gelu(out, pre, x, w, b=None, *, form, compute=None):
-    """pre (..., O) = x (..., I) @ w (O, I).T + b (O,), out = gelu(pre); up to FEW_ROWS rows in
-    the arrays' own precision with the bias and GELU on one thread."""
-    if compute is None and _few_rows(out, pre, x, w):
-        linear(pre, x, w)
+    """pre (..., O) = x (..., I) @ w (O, I).T + b (O,), out = gelu(pre); up to FEW_ROWS rows as
+    `linear`, with the bias and GELU on one thread."""
+    if out.dtype == pre.dtype and _few_rows(out, pre, x):
+        linear(pre, x, w, compute=compute)
         pre2 = rows(pre)
         _bias_gelu_rows_serial(rows(out), pre2, pre2[0] if b is None else b, b is not None,
                                gelu_form(form))

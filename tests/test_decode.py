@@ -9,6 +9,7 @@ import transformers
 import gpt2
 import kernels
 from gpt2.config import cache_shapes
+from kernels.bf16 import BFLOAT16
 from tracer import Parameter
 from tracer import functional as F
 from tracer.autodiff import joint_graph
@@ -165,14 +166,30 @@ def test_generation_plans_run_the_decode_table_unless_told_otherwise():
     assert kernels.DECODE["linear"] is not kernels.COMPILED["linear"]
 
 
-def test_autocast_model_generates_in_its_own_dtype():
-    """autocast is for training steps; decoding through such a compiled model runs float32."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_autocast_model_decodes_on_bf16_weights(batch):
+    """Compiled with autocast, the decode plan's GEMMs read the bf16 copies; every step's logits
+    equal the eager autocast forward's (which rounds the same operands) and differ from float32's
+    by bf16's rounding, not less."""
     model = moved_model(block_size=24, dtype="float32")
-    idx = prompt(2, 5)
     cm = gpt2.compile(model, autocast="bfloat16")
-    ours = cm.generate(idx, 12, temperature=0)
-    assert np.array_equal(ours, model.generate(idx, 12, temperature=0))
-    assert all(v.dtype == np.float32 for v, _ in cm.graph.params)
+    ids = prompt(batch, 9)
+    dec = cm.decoder(batch)
+    steps = [dec.prefill(ids[:, :6]).copy()] + \
+        [dec.step(ids[:, t:t + 1]).copy() for t in range(6, 9)]
+    gemm_weights = {v.name for v, _ in cm.graph.params if v.dtype == BFLOAT16}
+    assert "transformer.h.0.mlp.c_fc.weight" in gemm_weights
+    assert "transformer.wte.weight" in gemm_weights              # the tied lm_head too
+    assert all(v.dtype == np.float32 for v, _ in cm.graph.params if v.name not in gemm_weights)
+    for t, got in zip(range(6, 10), steps):
+        with gpt2.autocast("bfloat16"):
+            want = np.asarray(model(ids[:, :t])[0].data)[:, -1]
+        float32 = np.asarray(model(ids[:, :t])[0].data)[:, -1]
+        scale = np.abs(want).max()
+        assert np.abs(got - want).max() < 1e-5 * scale
+        assert np.abs(float32 - want).max() > 1e-4 * scale
+    greedy = cm.generate(ids, 12, temperature=0)
+    assert np.array_equal(greedy[:, :9], ids) and greedy.shape == (batch, 21)
 
 
 def test_prefill_returns_the_last_position_only():

@@ -13,6 +13,7 @@ import pytest
 import kernels
 from kernels import attention, common, decode, optimiser, scalar
 from kernels import reference as ref
+from kernels.bf16 import BFLOAT16
 
 NUMBA = kernels.NUMBA
 
@@ -433,6 +434,28 @@ def test_few_rows_linear(dt, monkeypatch, n, with_bias):
             close(pre, want_pre, dt)
             close(out, want_out, dt)
     assert calls == [9 if 1 < n <= decode.FEW_ROWS else 0]
+
+
+@pytest.mark.parametrize("n", [1, 3, decode.FEW_ROWS, decode.FEW_ROWS + 1])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_few_rows_bf16_linear(monkeypatch, n, with_bias):
+    """A bf16 GEMM on bf16 weights, up to FEW_ROWS rows on _bf16_linear: equal to float64 products
+    of the bf16-rounded operands within float32 summation error; more rows go to kernels.gemm."""
+    calls = count_calls(monkeypatch, "_bf16_linear")
+    rng = np.random.default_rng(n)
+    for n_in, n_out in ((13, 1), (13, decode.W_BLOCK + 3), (768, 50)):
+        x = rng.standard_normal((1, n, n_in)).astype(np.float32)
+        w32 = rng.standard_normal((n_out, n_in)).astype(np.float32)
+        w = w32.astype(BFLOAT16)
+        b = rng.standard_normal(n_out).astype(np.float32) if with_bias else None
+        want = x.astype(BFLOAT16).astype(np.float64) @ w.astype(np.float64).T
+        want += 0.0 if b is None else b
+        got = np.full((1, n, n_out), np.nan, np.float32)
+        DECODE["linear"](got, x, w, b, compute="bfloat16")
+        assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+        unrounded = x.astype(np.float64) @ w32.astype(np.float64).T + (0.0 if b is None else b)
+        assert np.abs(unrounded - want).max() > 1e-4 * np.abs(want).max()   # rounding is seen
+    assert calls == [3 if n <= decode.FEW_ROWS else 0]
 
 
 @pytest.mark.parametrize("n", [1, 5, decode.FEW_ROWS, decode.FEW_ROWS + 1])

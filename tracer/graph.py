@@ -101,11 +101,11 @@ class Graph:
 
     def with_nodes(self, nodes, **fields):
         """A copy of this graph with other nodes and, by keyword, other inputs, params, grads,
-        consts or outputs (passes build graphs this way instead of changing one)."""
+        consts, state or outputs (passes build graphs this way instead of changing one)."""
         g = Graph()
         g._next_id = self._next_id
         g.inputs, g.params, g.grads = self.inputs, self.params, self.grads
-        g.consts, g.outputs = self.consts, self.outputs
+        g.consts, g.state, g.outputs = self.consts, self.state, self.outputs
         for name, value in fields.items():
             setattr(g, name, value)
         g.nodes = nodes
