@@ -11,7 +11,9 @@ from dataclasses import fields
 import numpy as np
 
 DEFAULT_DATA = os.path.join("data", "stdlib")
-SAMPLE_PROMPT = "def "
+# No trailing space: GPT-2's BPE puts a word's space in front of it (" foo"), so in this corpus a
+# lone space token is indentation, and a prompt ending in one was continued with blank indentation.
+SAMPLE_PROMPT = "def"
 
 
 def _prepare_default_corpus(data_dir):
@@ -128,7 +130,8 @@ def build_parser():
     pp.add_argument("--seed", type=int, default=0)
 
     pt = sub.add_parser("train", help="train a model (compiled unless --eager)")
-    pt.add_argument("--preset", default="small", help="tiny, small or gpt2-124M")
+    pt.add_argument("--preset", default="default",
+                    help="default (what `python -m gpt2` trains), tiny, small or gpt2-124M")
     pt.add_argument("--data-dir", default=DEFAULT_DATA)
     pt.add_argument("--out-dir", default="out")
     for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),

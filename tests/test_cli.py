@@ -213,3 +213,23 @@ def test_trained_checkpoint_loads_with_from_pretrained(corpus, tmp_path):
     direct.load_state_dict(saved["params"])
     idx = np.arange(10).reshape(2, 5)
     np.testing.assert_array_equal(model(idx)[0].data, direct(idx)[0].data)
+
+
+def test_the_first_run_trains_the_default_preset_and_keeps_small_for_parity():
+    """`python -m gpt2` trains the default preset (the 5-minute choice); the seed's small config
+    stays as it was, under its name."""
+    assert train_mod.TrainConfig().resolve().preset == "default"
+    assert train_mod.PRESETS["default"] != train_mod.PRESETS["small"]
+    assert train_mod.PRESETS["small"] == dict(n_layer=4, n_head=4, n_embd=128, block_size=64,
+                                          batch_size=12, steps=600, lr=2e-3, warmup=50)
+    assert cli.build_parser().parse_args(["train"]).preset == "default"
+
+
+def test_the_sample_prompt_does_not_end_in_a_lone_space_token():
+    """GPT-2's BPE writes "def foo" as "def", " foo": a prompt ending in a space token reads as
+    indentation to a model of this corpus, which then continued it with blank indentation."""
+    from gpt2.tokenizer import get_tokenizer
+    enc = get_tokenizer()
+    ids = enc.encode(cli.SAMPLE_PROMPT)
+    assert not enc.decode(ids[-1:]).isspace()
+    assert enc.encode("def foo")[:len(ids)] == ids        # the prompt begins real code
