@@ -43,6 +43,7 @@ def compiled_step(cm, model, idx, targets):
     (dict(n_head=1), (2, 6)),
     (dict(), (2, 1)),
     (dict(n_layer=1), (1, 12)),
+    (dict(n_layer=1, block_size=1024), (1, 1024)),     # GPT-2's context: many attention tiles
 ])
 def test_compiled_matches_eager_float64(kw, shape):
     model = gpt2.GPT(tiny_config(**kw), dtype="float64", seed=3)
