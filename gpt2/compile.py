@@ -244,28 +244,15 @@ class CompiledModel(Generation):
     def _cached_executable(self, shape, cache):
         """The plan for ids of `shape` over `cache`. Under autocast its GEMMs read the weights'
         bf16 copies (half the bytes a decode step streams); activations stay float32."""
-        key = (shape, "cache")
-        if key in self._plans:
-            self._plans.move_to_end(key)
-        else:
+        def make():
             graph = fuse(prune(self._cached_graph(shape)))
             if self.autocast is not None:
                 graph = bf16_weights(graph)
-            self._plans[key] = (graph, Executable(graph, plan_buffers(graph), self.decode_table,
-                                                  cache))
-            if len(self._plans) > self.max_plans:
-                self._plans.popitem(last=False)
-        self._last = self._plans[key]
-        exe = self._last[1]
-        if exe.parameters_moved():
-            exe.bind_parameters()
-        return exe
+            return graph, Executable(graph, plan_buffers(graph), self.decode_table, cache)
+        return self._plan((shape, "cache"), make)
 
     def _executable(self, shape, has_targets, training):
-        key = (shape, has_targets, training)
-        if key in self._plans:
-            self._plans.move_to_end(key)
-        else:
+        def make():
             forward = self._forward_graph(shape, has_targets)
             if training:
                 graph = accumulate_gradients(fuse(joint_graph(forward)), grad_name)
@@ -274,7 +261,16 @@ class CompiledModel(Generation):
             if self.autocast is not None:
                 graph = bf16_activations(bf16_weights(graph))
             plan = plan_buffers(graph, forward_only_outputs=("logits",) if training else ())
-            self._plans[key] = (graph, Executable(graph, plan, self.table))
+            return graph, Executable(graph, plan, self.table)
+        return self._plan((shape, has_targets, training), make)
+
+    def _plan(self, key, make):
+        """The (graph, Executable) cached under key, made by make() on a miss (least recently used
+        out past max_plans); its parameters rebound if they moved."""
+        if key in self._plans:
+            self._plans.move_to_end(key)
+        else:
+            self._plans[key] = make()
             if len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
         self._last = self._plans[key]

@@ -15,9 +15,9 @@ from gpt2 import cli, loading
 IDX = np.random.default_rng(7).integers(0, 97, size=(2, 16))
 
 
-def tiny(gelu="tanh", eps=1e-5, bias=True, dtype="float64", seed=0):
+def tiny(gelu="tanh", eps=1e-5, bias=True, dtype="float64", seed=0, block_size=16):
     """A tiny model with every parameter moved off its init (biases and LayerNorms included)."""
-    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97,
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=block_size, vocab_size=97,
                          bias=bias, gelu=gelu, layer_norm_eps=eps)
     model = gpt2.GPT(cfg, dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed + 100)
