@@ -43,11 +43,11 @@ _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 def bf16_bits(x):
     """The bf16 nearest to a float32 x (ties to even), as uint16 bits; NaN stays NaN."""
     b = np.int64(np.float32(x).view(np.uint32))        # 64-bit: the sum below cannot wrap
-    # An if statement, not a conditional expression: inlined into another inlined helper, the
-    # latter's phi node fell out of scope in Numba 0.68.
-    if x != x:
-        return np.uint16((b >> 16) | 0x40)             # quiet NaN
-    return np.uint16((b + 0x7FFF + ((b >> 16) & 1)) >> 16)
+    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    quiet_nan = (b >> 16) | 0x40
+    # Selected by arithmetic, not by a branch: a branch here, inlined into an inlined helper, left
+    # Numba 0.68 a phi node out of scope (NumbaIRAssumptionWarning).
+    return np.uint16(rounded + np.int64(x != x) * (quiet_nan - rounded))
 
 
 @njit(cache=True, inline="always")
