@@ -25,6 +25,8 @@ float32). Two things cost there that a training step never sees, measured on a 2
 - a GEMM of a few rows: OpenBLAS's sgemm took 60-75 ms for GPT-2's weights at 2-8 rows, 2.5-3x
   its GEMV at one row; `_skinny_linear` (4 weight rows x 2 input rows per pass) takes 35-50 ms.
   One row stays with BLAS's GEMV, which streams the weights at about the copy bandwidth.
+A model compiled with bf16 autocast decodes on its weights' bf16 copies: `_bf16_linear` reads half
+the bytes, widening each weight in registers (no bf16 units needed).
 """
 import math
 import types
