@@ -33,13 +33,30 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
-from kernels.common import PARALLEL, is_fast
+from kernels.common import FASTMATH, PARALLEL, is_fast
 from kernels.scalar import exp_native, row_max
 
 # Query rows per block. Measured at B1 H12 T1024 (float32, AMD EPYC Zen 3): 32 rows ran at 59
 # GFLOP/s, 64 at 71, 96 to 192 at 76-79, 256 at 73; the tile GEMMs run at 80-115 GFLOP/s, their
 # inner dimension being the head size (64).
 Q_BLOCK = 128
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def causal_softmax_row(row, n_seen):
+    """row[:n_seen] = exp(row - its max), unnormalised, and row[n_seen:] = 0 (the masked keys);
+    returns the max and the sum, which the caller turns into 1 / sum or a log-sum-exp."""
+    seen = row[:n_seen]
+    m = row_max(seen)
+    total = m - m
+    for j in range(n_seen):
+        e = exp_native(seen[j] - m)
+        seen[j] = e
+        total += e
+    masked = row[n_seen:]
+    for j in range(masked.shape[0]):
+        masked[j] = 0.0
+    return m, total
 
 
 @njit(**PARALLEL)
@@ -58,7 +75,6 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
         inv_l = np.empty(q_block, qkv.dtype)
         ints = np.empty(8, np.int32)
         floats = np.empty(2, qkv.dtype)
-        zero = scale - scale
         first, last = task % pairs, nq - 1 - task % pairs
         for qb in range(first, last + 1, max(1, last - first)):
             i0 = qb * q_block
@@ -67,16 +83,7 @@ def _attention_forward(out, lse, qkv, n_head, scale, gemm_address, q_block):
             gemm(gemm_address, p, qkv[b, i0:i1, h0:h0 + d], qkv[b, :i1, c + h0:c + h0 + d], False,
                  True, scale, 0.0, ints, floats)
             for r in range(i1 - i0):
-                keys = p[r, :i0 + r + 1]
-                m = row_max(keys)
-                total = zero
-                for j in range(keys.shape[0]):
-                    e = exp_native(keys[j] - m)
-                    keys[j] = e
-                    total += e
-                masked = p[r, i0 + r + 1:]
-                for j in range(masked.shape[0]):
-                    masked[j] = 0.0
+                m, total = causal_softmax_row(p[r], i0 + r + 1)
                 lse[bh, i0 + r] = m + math.log(total)
                 inv_l[r] = 1.0 / total
             y = out[b, i0:i1, h0:h0 + d]

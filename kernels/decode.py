@@ -36,6 +36,7 @@ from numba import njit, prange
 
 from kernels import gemm as gemm_kernels
 from kernels import normalisation, reference
+from kernels.attention import causal_softmax_row
 from kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
@@ -150,20 +151,10 @@ def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_bloc
         inv_l = np.empty(i1 - i0, qkv.dtype)
         ints = np.empty(8, np.int32)
         floats = np.empty(2, qkv.dtype)
-        zero = scale - scale
         gemm(gemm_address, p, qkv[b, i0:i1, h * d:h * d + d], k_cache[b, h, :n_keys], False,
              True, scale, 0.0, ints, floats)
         for r in range(i1 - i0):
-            seen = p[r, :start + i0 + r + 1]
-            m = row_max(seen)
-            total = zero
-            for j in range(seen.shape[0]):
-                e = exp_native(seen[j] - m)
-                seen[j] = e
-                total += e
-            future = p[r, start + i0 + r + 1:]
-            for j in range(future.shape[0]):
-                future[j] = 0.0
+            _, total = causal_softmax_row(p[r], start + i0 + r + 1)
             inv_l[r] = 1.0 / total
         y = out[b, i0:i1, h * d:h * d + d]
         gemm(gemm_address, y, p, v_cache[b, h, :n_keys], False, False, 1.0, 0.0, ints, floats)
