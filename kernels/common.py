@@ -69,8 +69,8 @@ def is_fast(*arrays):
 
 # A parallel launch costs ~40 us here (threads asleep between kernels, see the top): below this
 # size NumPy's single-threaded loop is faster for the plain memory-bound ops (add, mul, scale,
-# column sums, the embedding gather, the bias add), which then take the NumPy path. Measured
-# crossover for add: ~3 MB; for column sums, whose NumPy loop is faster still, past 12 MB.
+# the embedding gather, the bias add), which then take the NumPy path. Measured crossover for add:
+# ~3 MB.
 # Tests set it to 0 to run the kernels on small arrays.
 SMALL_BYTES = 4 << 20
 

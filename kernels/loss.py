@@ -7,26 +7,43 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import CHUNKS, PARALLEL, SEG, ids, is_fast, rows
-from kernels.scalar import exp_native, row_max
+from kernels.common import PARALLEL, SEG, ids, is_fast, rows
+from kernels.scalar import exp, exp_native, row_max
 
 
 @njit(**PARALLEL)
 def _cross_entropy_rows(lse, x, targets):
     """lse (N,) of the rows of logits x (N, V); returns mean over rows of lse - x[target] (float64,
-    row terms added in row order). exp runs in the arrays' precision; each segment of SEG logits
-    is summed in it, the segment sums in float64."""
+    row terms added in row order).
+
+    One sweep over x, exps only: a row's exps are taken against a reference m that need not be its
+    maximum. m starts at the row's first logit, so the sum holds exp(0) = 1 and the logits more
+    than ~87 below m, whose exps flush to 0, add under 1e-38 each. Only a segment whose sum
+    overflows (a logit ~88 above m: float32's limit), or is NaN, is summed again in L1 against
+    its own maximum, after the running sum is rescaled. Each segment of SEG logits is summed in
+    the arrays' precision, the segment sums in float64 (the rescale factor is a float64 exp)."""
     n, v = x.shape
     terms = np.empty(n, np.float64)
+    zero = np.zeros(1, x.dtype)[0]
     for i in prange(n):
         xi = x[i]
-        m = row_max(xi)
+        m = xi[0]
         s = 0.0
         for j0 in range(0, v, SEG):
             seg = xi[j0:j0 + SEG]
-            part = m - m
+            part = zero
             for j in range(seg.shape[0]):
                 part += exp_native(seg[j] - m)
+            if not part < np.inf:                # overflow, NaN logits, or m is -inf
+                top = row_max(seg)
+                if top == -np.inf:               # all -inf: adds nothing
+                    continue
+                if top > m:
+                    s *= exp(np.float64(m) - np.float64(top))
+                    m = top
+                part = zero
+                for j in range(seg.shape[0]):
+                    part += exp_native(seg[j] - m)
             s += part
         row = m + math.log(s)
         lse[i] = row
@@ -38,28 +55,19 @@ def _cross_entropy_rows(lse, x, targets):
 
 
 @njit(**PARALLEL)
-def _cross_entropy_backward_rows(dx, x, targets, lse, g):
-    """dx (N, V) = (exp(x - lse) - onehot(targets)) * g, in the arrays' precision (g is of their
-    dtype); dx may be x itself (segments go through scratch, and the target logit is read before
-    its row is overwritten)."""
+def _cross_entropy_backward_rows(x, targets, lse, g):
+    """x (N, V) of logits becomes dlogits = (exp(x - lse) - onehot(targets)) * g in place, in the
+    arrays' precision (g is of their dtype). In place by design: a loop whose output is its input
+    at the same index vectorises without LLVM's overlap check (see kernels.common), and needs no
+    scratch pass."""
     n, v = x.shape
-    nch = min(n, CHUNKS)
-    scratch = np.empty((nch, SEG), dx.dtype)
-    for ch in prange(nch):
-        tmp = scratch[ch]
-        for i in range(ch * n // nch, (ch + 1) * n // nch):
-            t = targets[i]
-            li = lse[i]
-            xt = x[i, t]
-            for j0 in range(0, v, SEG):
-                w = min(v - j0, SEG)
-                xseg = x[i, j0:j0 + w]
-                for j in range(w):
-                    tmp[j] = exp_native(xseg[j] - li) * g
-                dseg = dx[i, j0:j0 + w]
-                for j in range(w):
-                    dseg[j] = tmp[j]
-            dx[i, t] = (exp_native(xt - li) - 1) * g
+    for i in prange(n):
+        xi = x[i]
+        li = lse[i]
+        xt = xi[targets[i]]
+        for j in range(v):
+            xi[j] = exp_native(xi[j] - li) * g
+        xi[targets[i]] = (exp_native(xt - li) - 1) * g
 
 
 def cross_entropy(loss, lse, logits, targets):
@@ -71,11 +79,18 @@ def cross_entropy(loss, lse, logits, targets):
 
 
 def cross_entropy_backward(dlogits, dloss, logits, targets, lse):
-    """dlogits (..., V) = (softmax(logits) - onehot(targets)) * dloss / N; dlogits may be logits."""
-    if is_fast(dlogits, logits, lse):
-        x2 = rows(logits)
-        _cross_entropy_backward_rows(rows(dlogits), x2, ids(targets), lse.reshape(-1),
-                                     x2.dtype.type(float(np.asarray(dloss)) / x2.shape[0]))
+    """dlogits (..., V) = (softmax(logits) - onehot(targets)) * dloss / N; dlogits may be logits
+    (the compiled step writes it there). Otherwise the logits are copied into dlogits first and the
+    kernel runs in place on them."""
+    if is_fast(dlogits, logits, lse) and dlogits.shape == logits.shape:
+        d2 = rows(dlogits)
+        if not np.may_share_memory(dlogits, logits):
+            np.copyto(dlogits, logits)
+        elif d2.ctypes.data != rows(logits).ctypes.data:         # a partial overlap
+            reference.cross_entropy_backward(dlogits, dloss, logits, targets, lse)
+            return
+        _cross_entropy_backward_rows(d2, ids(targets), lse.reshape(-1),
+                                     d2.dtype.type(float(np.asarray(dloss)) / d2.shape[0]))
     else:
         reference.cross_entropy_backward(dlogits, dloss, logits, targets, lse)
 

@@ -9,6 +9,7 @@ import math
 import numba
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import kernels
 from kernels import attention, common, decode, optimiser, scalar
@@ -242,6 +243,30 @@ def test_erf_matches_libm():
         want = math.erf(v)
         got = scalar.erf(v)
         assert abs(got - want) <= 1e-15 * abs(want) + 1e-300, (v, got, want)
+
+
+@numba.njit
+def _exp_each(fn, y):
+    out = np.empty_like(y)
+    for j in range(y.shape[0]):
+        out[j] = fn(y[j])
+    return out
+
+
+def test_exp_within_an_ulp_of_libm():
+    """The vectorisable exps behind softmax, cross-entropy and GELU, over their whole normal range
+    and at the edges: float64 `exp` against math.exp, float32 `exp32` against float64 exp."""
+    y64 = np.linspace(-708.0, 709.0, 400_001)
+    want = np.exp(y64)
+    assert np.max(np.abs(_exp_each(scalar.exp, y64) - want) / np.spacing(want)) <= 1.0
+    y32 = np.linspace(-86.9, 88.7, 2_000_001).astype(np.float32)
+    want = np.exp(y32.astype(np.float64))
+    got = _exp_each(scalar.exp32, y32).astype(np.float64)
+    assert np.max(np.abs(got - want) / np.spacing(want.astype(np.float32))) <= 1.1
+    edges = np.float32([-np.inf, -1e4, -87.0, 88.72, 88.9, 1e4, np.inf, np.nan, 0.0])
+    got = _exp_each(scalar.exp32, edges)
+    assert got[:3].tolist() == [0.0] * 3 and got[3] == np.float32(np.exp(np.float64(edges[3])))
+    assert np.isposinf(got[4:7]).all() and np.isnan(got[7]) and got[8] == 1.0
 
 
 @pytest.mark.parametrize("form", ["tanh", "erf"])
@@ -511,6 +536,27 @@ def test_cross_entropy(dt, case):
     close(inplace, want[0], dt)
 
 
+def test_cross_entropy_rows_longer_than_a_segment(dt):
+    """Rows of several SEG-long segments, each sum taken against the row's first logit: an
+    ascending row whose exps overflow that reference segment after segment, a first segment
+    entirely -inf (the reference itself -inf), and one logit 200 above the rest in a last,
+    partial segment."""
+    rng, f = data(dt, seed=3)
+    v = 2 * common.SEG + 5
+    logits = f(4, v, s=3.0)
+    logits[1] = np.linspace(-150.0, 150.0, v)
+    logits[2, :common.SEG] = -np.inf
+    logits[3, -1] = 200.0
+    targets = np.array([0, v - 1, v - 2, 5])
+    got, want = both("cross_entropy", [np.empty((), dt), np.empty(4, dt)], logits, targets)
+    close(got[0], want[0], dt)
+    close(got[1], want[1], dt)
+    dloss = np.array(1.3, dt)
+    got, want = both("cross_entropy_backward", [np.empty((4, v), dt)], dloss, logits, targets,
+                     want[1])
+    close(got[0], want[0], dt)
+
+
 # ---------------------------------------------------------------- optimiser
 
 def test_optimiser(dt):
@@ -543,7 +589,8 @@ def test_optimiser(dt):
 
 def test_determinism(dt):
     """Reductions with several chunks, blocks and heads agree bit for bit run to run, and with
-    the thread count changed: every partial sum covers a block fixed by the shape."""
+    the thread count changed (Numba's and BLAS's): every partial sum covers a block fixed by the
+    shape."""
     rng, f = data(dt)
     b, t, c, h, v = 4, 2 * attention.Q_BLOCK + 45, 96, 4, 300
     x, dy, w = f(b, t, c), f(b, t, c), f(c)
@@ -561,7 +608,9 @@ def test_determinism(dt):
         y, lse, dqkv = np.empty((b, t, c), dt), np.empty((b, h, t), dt), np.empty_like(qkv)
         NUMBA["attention"](y, lse, qkv, n_head=h)
         NUMBA["attention_backward"](dqkv, dy, qkv, y, lse, n_head=h)
-        return ln + [emb, y, lse, dqkv, np.array(optimiser.sum_of_squares(big))]
+        db = np.empty(3 * c, dt)
+        NUMBA["linear_backward_b"](db, qkv)
+        return ln + [emb, y, lse, dqkv, db, np.array(optimiser.sum_of_squares(big))]
 
     first = run()
     for again in (run(), run_with_threads(1, run)):          # same again; and on one thread
@@ -570,10 +619,12 @@ def test_determinism(dt):
 
 
 def run_with_threads(n, fn):
+    """fn() with Numba's and every BLAS's threads limited to n."""
     before = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
-        return fn()
+        with threadpool_limits(n, user_api="blas"):
+            return fn()
     finally:
         numba.set_num_threads(before)
 
