@@ -11,7 +11,8 @@ zero_grad). Memory-bound kernels report the bytes they must move (every input re
 output written once; an embedding reads only the rows it gathers) over their time, as a fraction of
 the copy bandwidth measured in the same run. The GELU that linear_gelu fuses after its GEMM is
 timed apart on that node's own arrays. Attention reports its GFLOP/s against the GEMM rate measured
-here. Writes bench/results/profile_<size>.md.
+here (the better of a measurement before the profile and one after it) and against the rate of
+the step's own GEMM nodes. Writes bench/results/profile_<size>.md.
 """
 import argparse
 import os
@@ -55,6 +56,20 @@ def attention_flops(node):
     return (2 * unit, 2 * unit) if node.op.name == "attention" else (5 * unit, 4 * unit)
 
 
+def gemm_flops(node, args):
+    """FLOPs of a GEMM node: 2 x its output's size x the contracted length."""
+    name = node.op.name
+    if name == "linear":                                  # out, x, w
+        return 2 * args[0].size * args[1].shape[-1]
+    if name == "linear_gelu":                             # out, pre, x, w
+        return 2 * args[1].size * args[2].shape[-1]
+    if name == "linear_backward_x":                       # dx, dy, w
+        return 2 * args[0].size * args[1].shape[-1]
+    if name in ("linear_backward_w", "linear_backward_w_acc"):    # dw, dy, x
+        return 2 * args[0].size * (args[1].size // args[1].shape[-1])
+    return 0
+
+
 def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -96,6 +111,10 @@ def main():
         opt.zero_grad()
     unfused = median_time(torch_style, args.steps)
 
+    rate = max(rate, machine.gemm_rate())
+    gemm_time = sum(t for node, t in nodes if node.op.name in GEMM_OPS)
+    step_gemm_rate = sum(gemm_flops(node, args_of[id(node)]) for node, _ in nodes
+                         if node.op.name in GEMM_OPS) / max(gemm_time, 1e-12)
     by_kind = {}
     for node, t in nodes:
         count, total, nbytes, flops = by_kind.get(node.op.name, (0, 0.0, 0, (0, 0)))
@@ -121,7 +140,8 @@ def main():
              f"T{spec['seq']}), float32: {step * 1e3:.1f} ms in all.", "",
              machine.cpu_line(), machine.blas_line(),
              f"Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
-             f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s.",
+             f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s (the step's own GEMM nodes: "
+             f"{step_gemm_rate / 1e9:.0f}).",
              f"Memory plan of the training step: {cm.memory}.", "",
              "| op | nodes | ms | share | GB moved | fraction of copy bandwidth |",
              "|---|---|---|---|---|---|"]
@@ -139,7 +159,8 @@ def main():
         lines.append(
             f"Attention forward + backward: {att_time * 1e3:.1f} ms, "
             f"{computed / att_time / 1e9:.0f} GFLOP/s counting the causal FLOPs it computes "
-            f"({computed / att_time / rate:.2f} of the GEMM rate), "
+            f"({computed / att_time / rate:.2f} of the GEMM rate, "
+            f"{computed / att_time / step_gemm_rate:.2f} of the step's GEMMs), "
             f"{model_flops / att_time / 1e9:.0f} counting model FLOPs only "
             f"({model_flops / att_time / rate:.2f}).")
     lines.append(f"Optimiser, PyTorch-style (clip_grad_norm, step, zero_grad): "
