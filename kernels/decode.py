@@ -13,7 +13,7 @@ cached_attention runs one of two kernels:
 - a block of new positions (prefill): per (batch, head, block of query rows) the score tile
   S = scale Q K[:n]^T and Y = P V[:n] as BLAS GEMMs from the jitted kernel (`kernels.blas`),
   n = start + the block's last row + 1: tiles wholly in the future are never computed.
-Both run the softmax in the arrays' own precision (`exp_native`), as `kernels.attention` does.
+Both run the softmax in the arrays' own precision through `kernels.attention.causal_softmax_row`.
 
 A decode step is one row per sequence, and ~100 kernel calls over 0.5 GB of weights (GPT-2 124M,
 float32). Two things cost there that a training step never sees, measured on a 2-core AMD EPYC:
@@ -41,7 +41,6 @@ from kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
 from kernels.elementwise import bias_gelu_rows, gelu_form
-from kernels.scalar import exp_native, row_max
 
 Q_BLOCK = 128       # query rows per prefill task, as in kernels.attention
 FEW_ROWS = 16       # up to this many rows, FEW_ROWS_TABLE's paths
@@ -113,12 +112,7 @@ def _attend_one(out, qkv, k_cache, v_cache, start, scale):
             for e in range(d):
                 acc += q[e] * kj[e]
             scores[j] = acc * scale
-        m = row_max(scores)
-        total = scale - scale
-        for j in range(n_keys):
-            p = exp_native(scores[j] - m)
-            scores[j] = p
-            total += p
+        total = causal_softmax_row(scores, n_keys)[1]
         y = out[b, 0, h * d:h * d + d]
         for e in range(d):
             y[e] = 0.0
