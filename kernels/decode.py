@@ -112,7 +112,7 @@ def _attend_one(out, qkv, k_cache, v_cache, start, scale):
             for e in range(d):
                 acc += q[e] * kj[e]
             scores[j] = acc * scale
-        total = causal_softmax_row(scores, n_keys)[1]
+        _, total = causal_softmax_row(scores, n_keys)
         y = out[b, 0, h * d:h * d + d]
         for e in range(d):
             y[e] = 0.0

@@ -7,8 +7,17 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import PARALLEL, SEG, ids, is_fast, rows
+from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, rows
 from kernels.scalar import exp, exp_native, row_max
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _exp_sum(seg, m, zero):
+    """sum of exp(seg - m), in seg's precision."""
+    part = zero
+    for j in range(seg.shape[0]):
+        part += exp_native(seg[j] - m)
+    return part
 
 
 @njit(**PARALLEL)
@@ -31,9 +40,7 @@ def _cross_entropy_rows(lse, x, targets):
         s = 0.0
         for j0 in range(0, v, SEG):
             seg = xi[j0:j0 + SEG]
-            part = zero
-            for j in range(seg.shape[0]):
-                part += exp_native(seg[j] - m)
+            part = _exp_sum(seg, m, zero)
             if not part < np.inf:                # overflow, NaN logits, or m is -inf
                 top = row_max(seg)
                 if top == -np.inf:               # all -inf: adds nothing
@@ -41,9 +48,7 @@ def _cross_entropy_rows(lse, x, targets):
                 if top > m:
                     s *= exp(np.float64(m) - np.float64(top))
                     m = top
-                part = zero
-                for j in range(seg.shape[0]):
-                    part += exp_native(seg[j] - m)
+                part = _exp_sum(seg, m, zero)
             s += part
         row = m + math.log(s)
         lse[i] = row
