@@ -44,6 +44,9 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 # ("python") guards every division with a zero check that may raise, and that branch keeps LLVM from
 # vectorising the loop: the GELU kernels ran 3x slower with it.
 PARALLEL = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
+# Inside a parallel kernel np.zeros (an array expression) becomes a parallel loop of its own, one
+# more launch per call: LayerNorm's backward at (1024, 768) ran 0.68 ms with its three regions and
+# 0.28 ms with one. Kernels allocate with np.empty and clear their scratch inside the prange.
 
 # In-place calls (out is a, dx is dy, dlogits is logits) would defeat vectorisation: LLVM guards a
 # vector loop with an overlap check between the arrays, and an output that *is* an input fails it,

@@ -1,4 +1,5 @@
 """Embedding gather and its scatter-add backward, deterministic with repeated ids."""
+import numpy as np
 from numba import njit, prange
 
 from kernels import reference
@@ -37,11 +38,16 @@ def _embedding_backward_rows(dweight, dout, idx):
 
 
 def embedding(out, weight, idx):
-    """out (..., C) = weight (V, C)[idx (...)]."""
-    if is_fast(out, weight) and not is_small(out):
-        _embedding_rows(rows(out), weight, ids(idx))
-    else:
+    """out (..., C) = weight (V, C)[idx (...)]; the ids are in range (checked where they enter)."""
+    if not is_fast(out, weight):
         reference.embedding(out, weight, idx)
+    elif is_small(out, 0.25):
+        # mode="raise" (the default) gathers into a temporary and copies it over: 2-2.5x the
+        # time of "clip" at 64-4096 rows of GPT-2's table. Below ~1 MB of rows NumPy's one thread
+        # is faster than a parallel launch (0.16 vs 0.26 ms for 256 rows, cache cold).
+        np.take(weight, ids(idx), axis=0, out=rows(out), mode="clip")
+    else:
+        _embedding_rows(rows(out), weight, ids(idx))
 
 
 def embedding_backward(dweight, dout, idx):

@@ -33,7 +33,7 @@ def _cross_entropy_rows(lse, x, targets):
     the arrays' precision, the segment sums in float64 (the rescale factor is a float64 exp)."""
     n, v = x.shape
     terms = np.empty(n, np.float64)
-    zero = np.zeros(1, x.dtype)[0]
+    zero = np.full(1, 0.0, x.dtype)[0]
     for i in prange(n):
         xi = x[i]
         m = xi[0]

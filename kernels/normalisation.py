@@ -65,13 +65,16 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
     in chunk order in float64. dx may alias dy (a row of dx goes through scratch)."""
     n, c = x.shape
     nch = min(n, _LN_CHUNKS)
-    pdw = np.zeros((nch, c), x.dtype)
-    pdb = np.zeros((nch, c), x.dtype)
+    pdw = np.empty((nch, c), x.dtype)
+    pdb = np.empty((nch, c), x.dtype)
     scratch = np.empty((nch, c), dx.dtype)
     inv_c = np.full(1, 1.0 / c, x.dtype)[0]
     for ch in prange(nch):
         pw = pdw[ch]
         pb = pdb[ch]
+        for j in range(c):
+            pw[j] = 0.0
+            pb[j] = 0.0
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
             mu = mean[i]
@@ -95,9 +98,12 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
             di = dx[i]
             for j in range(c):
                 di[j] = tmp[j]
-    accw = np.zeros(c, np.float64)
-    accb = np.zeros(c, np.float64)
-    for ch in range(nch):
+    accw = np.empty(c, np.float64)
+    accb = np.empty(c, np.float64)
+    for j in range(c):
+        accw[j] = pdw[0, j]
+        accb[j] = pdb[0, j]
+    for ch in range(1, nch):
         for j in range(c):
             accw[j] += pdw[ch, j]
             accb[j] += pdb[ch, j]

@@ -43,7 +43,7 @@ def _sum_of_squares_flat(x):
     """sum of x (n,) squared in float64: fixed blocks of 32768 elements, partials added in order."""
     n = x.shape[0]
     nblk = (n + _SUMSQ_BLOCK - 1) // _SUMSQ_BLOCK
-    part = np.zeros(nblk, np.float64)
+    part = np.empty(nblk, np.float64)
     for k in prange(nblk):
         xs = x[k * _SUMSQ_BLOCK:(k + 1) * _SUMSQ_BLOCK]
         s = 0.0

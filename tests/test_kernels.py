@@ -180,6 +180,17 @@ def test_embedding(dt, case):
     close(got, want, dt)
 
 
+@pytest.mark.parametrize("small_bytes", [0, 1 << 30], ids=["kernel", "numpy"])
+def test_embedding_gather_on_both_paths(dt, monkeypatch, small_bytes):
+    monkeypatch.setattr(common, "SMALL_BYTES", small_bytes)
+    rng, f = data(dt)
+    weight = f(50, 33)
+    idx = np.concatenate([[49, 0, 49], rng.integers(0, 50, 20)]).reshape(1, 23)
+    out = np.full((1, 23, 33), np.nan, dt)
+    NUMBA["embedding"](out, weight, idx)
+    np.testing.assert_array_equal(out[0], weight[idx[0]])
+
+
 def test_embedding_backward_repeated_ids(dt):
     _, f = data(dt)
     idx = np.array([[3, 3, 3, 0, 3, 1]])

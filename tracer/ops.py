@@ -143,7 +143,14 @@ def _broadcast(a, b):
 
 
 def _unbroadcast(g, aval):
-    return g if tuple(g.shape) == tuple(aval.shape) else bind1("sum_to", g, shape=tuple(aval.shape))
+    """g summed down to aval's shape; where broadcasting added only axes of size 1 (the (T, C)
+    position table at batch 1), a reshape: a view, no pass over g."""
+    shape = tuple(aval.shape)
+    if tuple(g.shape) == shape:
+        return g
+    if int(np.prod(g.shape)) == int(np.prod(shape)):
+        return bind1("reshape", g, shape=shape)
+    return bind1("sum_to", g, shape=shape)
 
 
 def _aval(x):
