@@ -101,9 +101,9 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
     accw = np.empty(c, np.float64)
     accb = np.empty(c, np.float64)
     for j in range(c):
-        accw[j] = pdw[0, j]
-        accb[j] = pdb[0, j]
-    for ch in range(1, nch):
+        accw[j] = 0.0
+        accb[j] = 0.0
+    for ch in range(nch):
         for j in range(c):
             accw[j] += pdw[ch, j]
             accb[j] += pdb[ch, j]
