@@ -12,7 +12,7 @@ import pytest
 from threadpoolctl import threadpool_limits
 
 import kernels
-from kernels import attention, common, decode, optimiser, scalar
+from kernels import attention, common, decode, optimiser, scalar, tile
 from kernels import reference as ref
 from kernels.bf16 import BFLOAT16
 
@@ -338,6 +338,29 @@ def test_attention(dt, case):
 @pytest.mark.parametrize("b,h", [(1, 1), (3, 1), (1, 12), (3, 12)])
 def test_attention_blocks(dt, t, b, h):
     check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
+
+
+# Row counts on both sides of a block of 4 and past a query block, columns filling part of a panel,
+# one panel and several, inner sizes from 1 to GPT-2's head size.
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 4), (4, 16, 64), (5, 37, 8), (130, 70, 64),
+                                   (128, 1024, 64)])
+def test_panel_product(dt, m, n, d):
+    """The score-tile microkernel against NumPy's matmul, from strided views as attention passes
+    them: rows of q and k inside a wider array, the product into a wider scratch."""
+    rng, f = data(dt, seed=m + n)
+    width = tile.panel_width(np.dtype(dt))
+    n_panels = -(-n // width)
+    qk = f(max(m, n), 3 * d + 2)
+    q, k = qk[:m, 1:1 + d], qk[:n, 2 + d:2 + 2 * d]
+    panels = np.full((n_panels, d, width), np.nan, dt)
+    tile.pack_panels(panels, k)
+    assert (panels.transpose(0, 2, 1).reshape(-1, d)[n:] == 0).all()      # padding is zero
+    out = np.full((m, n_panels * width + 3), np.nan, dt)
+    tile.panel_product(out[:, :n_panels * width], q, panels, dt(0.125))
+    want = 0.125 * (q.astype(np.float64) @ k.T.astype(np.float64))
+    close(out[:, :n], want, dt)
+    assert (out[:, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
+    assert not np.allclose(out[:, :n], want / 0.125)          # alpha is applied
 
 
 # ---------------------------------------------------------------- the KV cache
