@@ -11,9 +11,9 @@ fully masked tiles are never computed:
 
 "tile": the score products, whose inner dimension is the head size, run on `kernels.tile`'s
 register-blocked microkernel against the head's keys (and values) packed once per call, not once
-per tile; at B1 H12 T1024 float32 (Zen 3, side by side) that took forward + backward from 73-75
-to 63-67 ms. Their rows are padded to whole panels, so the score scratch has a row stride of its
-own. The long-inner-dimension products stay with BLAS.
+per tile; at B1 H12 T1024 float32 (Zen 3, interleaved with the all-BLAS version, caches cold)
+forward + backward took 0.96-0.975 of the time. Score rows are padded to whole panels, so the
+score scratch has a row stride of its own. The long-inner-dimension products stay with BLAS.
 
 A row block holds its whole score rows (T keys at most), so the softmax is exact, not online; only
 the per-row log-sum-exp is kept for the backward, so saved memory is O(T) and scratch is one
