@@ -42,7 +42,7 @@ from kernels import reference
 from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import FASTMATH, PARALLEL, is_fast
 from kernels.scalar import exp_native, row_max
-from kernels.tile import pack_head_panels, pack_panels, panel_product, panel_width
+from kernels.tile import pack_head_keys, pack_panels, panel_product, panel_width
 
 # Query rows per block. Measured at B1 H12 T1024 (float32, AMD EPYC Zen 3), all-BLAS tiles: 32 rows
 # ran at 59 GFLOP/s, 64 at 71, 96 to 192 at 76-79, 256 at 73. With the score microkernel 64 to 256
@@ -70,7 +70,7 @@ def causal_softmax_row(row, n_seen):
 @njit(**PARALLEL)
 def _attention_forward(out, lse, qkv, key_panels, n_head, scale, gemm_address, q_block):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token;
-    key_panels (B*H, P, D, W): every head's keys, packed by `pack_head_panels`."""
+    key_panels (B*H, P, D, W): every head's keys, packed by `pack_head_keys`."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
     d = c // n_head
@@ -189,7 +189,7 @@ def attention(out, lse, qkv, *, n_head):
         width = panel_width(qkv.dtype)
         key_panels = np.empty((b * n_head, (t + width - 1) // width, c3 // 3 // n_head, width),
                               qkv.dtype)
-        pack_head_panels(key_panels, qkv, int(n_head), 1)
+        pack_head_keys(key_panels, qkv, int(n_head))
         with one_blas_thread():
             _attention_forward(out, lse.reshape(b * n_head, t), qkv, key_panels, int(n_head),
                                qkv.dtype.type(1.0 / math.sqrt(c3 // 3 // n_head)),

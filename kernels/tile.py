@@ -11,9 +11,10 @@ took 0.96-0.975 of the all-BLAS time (medians of 30 interleaved pairs, four runs
 B4 T256 (0.996): the products that stay with BLAS and the softmax passes are the larger part.
 
 Layout: B's columns are cut into panels of W = 2 vectors (16 float32 or 8 float64 with AVX2, twice
-that with AVX-512), each stored (D, W) contiguous, so one panel (4 KiB at D 64 on AVX2) stays in L1 while every block of 4 query rows runs
-over it. A block keeps its 4 x W results in 8 vector registers for the whole inner loop (8
-independent FMA chains: two FMA pipes with a latency of 4); 4 rows of A are broadcast per step.
+that with AVX-512), each stored (D, W) contiguous, so one panel (4 KiB at D 64 on AVX2) stays in L1
+while every block of 4 query rows runs over it. A block keeps its 4 x W results in 8 vector
+registers for the whole inner loop (8 independent FMA chains: two FMA pipes with a latency of 4);
+4 rows of A are broadcast per step.
 The vector code is written as LLVM IR (`_block`), since Numba exposes no vector types. C's width is
 the panels' (a multiple of W; the caller pads), so only rows past the last whole block of 4 are
 left to scalar code.
@@ -50,7 +51,7 @@ def _block(typingctx, c_addr, ldc, a_addr, lda, b_addr, depth, alpha):
         lane0 = ir.Constant(ir.IntType(32), 0)
         broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
         fma = builder.module.declare_intrinsic(
-            "llvm.fma.v%d%s" % (lanes, "f32" if lanes == 8 else "f64"),
+            "llvm.fma.v%d%s" % (lanes, "f32" if isinstance(element, ir.FloatType) else "f64"),
             fnty=ir.FunctionType(vector, [vector] * 3))
 
         def broadcast(x):
@@ -124,13 +125,13 @@ def pack_panels(panels, x):
 
 
 @njit(**PARALLEL)
-def pack_head_panels(panels, qkv, n_head, part):
-    """panels (B*H, P, D, W): every head's q (part 0), k (1) or v (2) of qkv (B, T, 3C), packed."""
+def pack_head_keys(panels, qkv, n_head):
+    """panels (B*H, P, D, W): every head's keys (the k third of qkv (B, T, 3C)), packed."""
     bsz = qkv.shape[0]
     c = qkv.shape[2] // 3
     d = c // n_head
     for bh in prange(bsz * n_head):
-        h0 = part * c + (bh % n_head) * d
+        h0 = c + (bh % n_head) * d
         pack_panels(panels[bh], qkv[bh // n_head, :, h0:h0 + d])
 
 
