@@ -1,23 +1,23 @@
-"""A register-blocked product for attention's score tiles: C (m, n) = alpha A (m, D) B (D, n), with
-D the head size (64 in GPT-2) and B given as column panels packed once per head.
+"""A register-blocked product for attention's tiles: C (m, P W) = alpha A (m, depth) B, or C += that,
+with B cut into P column strips ("panels") of W columns.
 
-Why not BLAS: these products have a short inner dimension, and OpenBLAS's sgemm (Haswell kernels)
-ran the causal sequence of score tiles (128 query rows against 128 to 1024 keys, D 64) at 53-67
-GFLOP/s on one Zen 3 thread; this microkernel ran the same sequence at 66-78, side by side (the
-model's large GEMMs run at ~90). BLAS repacks both operands on every call; here the queries are read
-in place and the keys are packed once per head, not once per tile. Inside attention, on two threads
-with the caches cold as in a training step, the gain is smaller: forward + backward at B1 H12 T1024
-took 0.96-0.975 of the all-BLAS time (medians of 30 interleaved pairs, four runs), and the same at
-B4 T256 (0.996): the products that stay with BLAS and the softmax passes are the larger part.
+Why not BLAS: attention's products are small and many (per block of 64 query rows: 64 x i1 x 64 for
+the scores, 64 x 64 x i1 for P V), and BLAS repacks both operands on every call. On one Zen 3 thread,
+over the causal sequence of 128-row tiles at T 1024 and D 64, OpenBLAS's sgemm (Haswell kernels) ran
+the score tiles at 53-67 GFLOP/s and this kernel at 66-78; P V at 51-67 against 59-84 here, side by
+side in four runs (the machine's noise moves both together; the model's large GEMMs run near 90).
+Here A is read in place and B is packed once per head, or read in place when its rows are already
+unit-stride (a tile of P or dS as B).
 
-Layout: B's columns are cut into panels of W = 2 vectors (16 float32 or 8 float64 with AVX2, twice
-that with AVX-512), each stored (D, W) contiguous, so one panel (4 KiB at D 64 on AVX2) stays in L1
-while every block of 4 query rows runs over it. A block keeps its 4 x W results in 8 vector
-registers for the whole inner loop (8 independent FMA chains: two FMA pipes with a latency of 4);
-4 rows of A are broadcast per step.
-The vector code is written as LLVM IR (`_block`), since Numba exposes no vector types. C's width is
-the panels' (a multiple of W; the caller pads), so only rows past the last whole block of 4 are
-left to scalar code.
+Layout: a panel holds W = 2 vectors of columns (16 float32 or 8 float64 with AVX2, twice that with
+AVX-512) for every k of the inner dimension, row k at B + k ldb. A block of 6 rows of C keeps its
+6 x W results in 12 vector registers for the whole inner loop (12 independent FMA chains cover the
+two FMA pipes' latency of 4 with room; the two B vectors and one broadcast make 15 of the 16 AVX2
+registers), and 6 rows of A are broadcast per step. 6 rows measured 0-6% faster than 4 on the
+score and P V sequences, 4-15% on the key gradients' (Zen 3, same runs).
+The rows past the last whole block of 6 run the same code with 1 to 5 rows. The vector code is
+written as LLVM IR (`_make_block`), since Numba exposes no vector types. C's width is the panels'
+(the caller pads), and A's rows are unit-stride along the inner dimension.
 """
 from llvmlite import binding, ir
 from numba import njit, prange, types
@@ -25,10 +25,10 @@ from numba.extending import intrinsic
 
 from kernels.common import FASTMATH, PARALLEL
 
-BLOCK_ROWS = 4
+BLOCK_ROWS = 6
 PANEL_VECTORS = 2
 # The CPU's vector registers: 64 bytes with AVX-512, 32 with AVX2 (wider IR vectors on AVX2 would be
-# split into pairs, 16 accumulators and their operands no longer fitting the 16 registers).
+# split into pairs, the accumulators and their operands no longer fitting the 16 registers).
 VECTOR_BYTES = 64 if binding.get_host_cpu_features().get("avx512f", False) else 32
 
 
@@ -37,79 +37,160 @@ def panel_width(dtype):
     return PANEL_VECTORS * VECTOR_BYTES // dtype.itemsize
 
 
-@intrinsic
-def _block(typingctx, c_addr, ldc, a_addr, lda, b_addr, depth, alpha):
-    """C[:4, :W] = alpha A[:4, :depth] B, B one packed panel (depth, W). Addresses are integers,
-    leading dimensions in elements; alpha's type is the element type. depth >= 1."""
-    def codegen(context, builder, signature, args):
-        c_addr, ldc, a_addr, lda, b_addr, depth, alpha = args
-        element = context.get_value_type(signature.args[6])
-        lanes = VECTOR_BYTES // context.get_abi_sizeof(element)
-        vector = ir.VectorType(element, lanes)
-        i64 = ir.IntType(64)
-        undef = ir.Constant(vector, ir.Undefined)
-        lane0 = ir.Constant(ir.IntType(32), 0)
-        broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
-        fma = builder.module.declare_intrinsic(
-            "llvm.fma.v%d%s" % (lanes, "f32" if isinstance(element, ir.FloatType) else "f64"),
-            fnty=ir.FunctionType(vector, [vector] * 3))
+def _make_block(rows, accumulate):
+    """An intrinsic block(c, ldc, a, lda, b, ldb, depth, alpha): C[:rows, :W] = alpha A B, or
+    C += alpha A B when accumulate, for A (rows, depth) and one panel B (depth, W). Addresses are
+    integers, leading dimensions in elements; alpha's type is the element type. depth >= 1."""
+    @intrinsic
+    def block(typingctx, c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha):
+        def codegen(context, builder, signature, args):
+            c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha = args
+            element = context.get_value_type(signature.args[7])
+            lanes = VECTOR_BYTES // context.get_abi_sizeof(element)
+            vector = ir.VectorType(element, lanes)
+            i64 = ir.IntType(64)
+            undef = ir.Constant(vector, ir.Undefined)
+            lane0 = ir.Constant(ir.IntType(32), 0)
+            broadcast_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes)
+            fma = builder.module.declare_intrinsic(
+                "llvm.fma.v%d%s" % (lanes, "f32" if isinstance(element, ir.FloatType) else "f64"),
+                fnty=ir.FunctionType(vector, [vector] * 3))
 
-        def broadcast(x):
-            return builder.shuffle_vector(builder.insert_element(undef, x, lane0), undef,
-                                          broadcast_mask)
+            def broadcast(x):
+                return builder.shuffle_vector(builder.insert_element(undef, x, lane0), undef,
+                                              broadcast_mask)
 
-        def vector_at(base, offset):
-            return builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())
+            def vector_at(base, offset):
+                return builder.bitcast(builder.gep(base, [offset]), vector.as_pointer())
 
-        a = builder.inttoptr(a_addr, element.as_pointer())
-        b = builder.inttoptr(b_addr, element.as_pointer())
-        c = builder.inttoptr(c_addr, element.as_pointer())
-        width = PANEL_VECTORS * lanes
-        entry = builder.basic_block
-        loop = builder.append_basic_block("depth_loop")
-        done = builder.append_basic_block("depth_done")
-        builder.branch(loop)
+            a = builder.inttoptr(a_addr, element.as_pointer())
+            b = builder.inttoptr(b_addr, element.as_pointer())
+            c = builder.inttoptr(c_addr, element.as_pointer())
+            a_rows = [builder.gep(a, [builder.mul(ir.Constant(i64, r), lda)]) for r in range(rows)]
+            entry = builder.basic_block
+            loop = builder.append_basic_block("depth_loop")
+            done = builder.append_basic_block("depth_done")
+            builder.branch(loop)
 
-        builder.position_at_end(loop)
-        k = builder.phi(i64)
-        sums = [builder.phi(vector) for _ in range(BLOCK_ROWS * PANEL_VECTORS)]
-        b_row = builder.mul(k, ir.Constant(i64, width))
-        b_vectors = [builder.load(vector_at(b, builder.add(b_row, ir.Constant(i64, v * lanes))),
-                                  align=4) for v in range(PANEL_VECTORS)]
-        updated = []
-        for r in range(BLOCK_ROWS):
-            a_value = builder.load(builder.gep(a, [builder.add(
-                builder.mul(ir.Constant(i64, r), lda), k)]))
-            a_vector = broadcast(a_value)
-            for v in range(PANEL_VECTORS):
-                updated.append(builder.call(fma, [a_vector, b_vectors[v],
-                                                  sums[r * PANEL_VECTORS + v]]))
-        k_next = builder.add(k, ir.Constant(i64, 1))
-        builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
-        k.add_incoming(ir.Constant(i64, 0), entry)
-        k.add_incoming(k_next, loop)
-        for s, u in zip(sums, updated):
-            s.add_incoming(ir.Constant(vector, [0.0] * lanes), entry)
-            s.add_incoming(u, loop)
+            builder.position_at_end(loop)
+            k = builder.phi(i64)
+            sums = [builder.phi(vector) for _ in range(rows * PANEL_VECTORS)]
+            b_row = builder.mul(k, ldb)
+            b_vectors = [builder.load(vector_at(b, builder.add(b_row, ir.Constant(i64, v * lanes))),
+                                      align=4) for v in range(PANEL_VECTORS)]
+            updated = []
+            for r in range(rows):
+                a_vector = broadcast(builder.load(builder.gep(a_rows[r], [k])))
+                for v in range(PANEL_VECTORS):
+                    updated.append(builder.call(fma, [a_vector, b_vectors[v],
+                                                      sums[r * PANEL_VECTORS + v]]))
+            k_next = builder.add(k, ir.Constant(i64, 1))
+            builder.cbranch(builder.icmp_signed("<", k_next, depth), loop, done)
+            k.add_incoming(ir.Constant(i64, 0), entry)
+            k.add_incoming(k_next, loop)
+            for s, u in zip(sums, updated):
+                s.add_incoming(ir.Constant(vector, [0.0] * lanes), entry)
+                s.add_incoming(u, loop)
 
-        builder.position_at_end(done)
-        alpha_vector = broadcast(alpha)
-        for r in range(BLOCK_ROWS):
-            c_row = builder.mul(ir.Constant(i64, r), ldc)
-            for v in range(PANEL_VECTORS):
-                builder.store(builder.fmul(updated[r * PANEL_VECTORS + v], alpha_vector),
-                              vector_at(c, builder.add(c_row, ir.Constant(i64, v * lanes))),
-                              align=4)
-        return context.get_dummy_value()
+            builder.position_at_end(done)
+            alpha_vector = broadcast(alpha)
+            for r in range(rows):
+                c_row = builder.mul(ir.Constant(i64, r), ldc)
+                for v in range(PANEL_VECTORS):
+                    where = vector_at(c, builder.add(c_row, ir.Constant(i64, v * lanes)))
+                    total = updated[r * PANEL_VECTORS + v]
+                    if accumulate:
+                        value = builder.call(fma, [total, alpha_vector,
+                                                   builder.load(where, align=4)])
+                    else:
+                        value = builder.fmul(total, alpha_vector)
+                    builder.store(value, where, align=4)
+            return context.get_dummy_value()
 
-    i = types.int64
-    return types.void(i, i, i, i, i, i, alpha), codegen
+        i = types.int64
+        return types.void(i, i, i, i, i, i, i, alpha), codegen
+
+    return block
+
+
+_SET = [_make_block(rows, False) for rows in range(1, BLOCK_ROWS + 1)]
+_ADD = [_make_block(rows, True) for rows in range(1, BLOCK_ROWS + 1)]
+_SET1, _SET2, _SET3, _SET4, _SET5, _SET6 = _SET
+_ADD1, _ADD2, _ADD3, _ADD4, _ADD5, _ADD6 = _ADD
+
+
+@njit(cache=True, inline="always")
+def _rows_block(rows, accumulate, c, ldc, a, lda, b, ldb, depth, alpha):
+    """The block for 1 to 6 rows, setting or accumulating (Numba cannot index a list of
+    intrinsics, so the choice is spelled out)."""
+    if accumulate:
+        if rows == 6:
+            _ADD6(c, ldc, a, lda, b, ldb, depth, alpha)
+        elif rows == 5:
+            _ADD5(c, ldc, a, lda, b, ldb, depth, alpha)
+        elif rows == 4:
+            _ADD4(c, ldc, a, lda, b, ldb, depth, alpha)
+        elif rows == 3:
+            _ADD3(c, ldc, a, lda, b, ldb, depth, alpha)
+        elif rows == 2:
+            _ADD2(c, ldc, a, lda, b, ldb, depth, alpha)
+        else:
+            _ADD1(c, ldc, a, lda, b, ldb, depth, alpha)
+    elif rows == 6:
+        _SET6(c, ldc, a, lda, b, ldb, depth, alpha)
+    elif rows == 5:
+        _SET5(c, ldc, a, lda, b, ldb, depth, alpha)
+    elif rows == 4:
+        _SET4(c, ldc, a, lda, b, ldb, depth, alpha)
+    elif rows == 3:
+        _SET3(c, ldc, a, lda, b, ldb, depth, alpha)
+    elif rows == 2:
+        _SET2(c, ldc, a, lda, b, ldb, depth, alpha)
+    else:
+        _SET1(c, ldc, a, lda, b, ldb, depth, alpha)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def _product(c, a, b_addr, panel_step, ldb, depth, alpha, accumulate):
+    """c (m, P W) = alpha a (m, depth) B, or += when accumulate; panel p of B starts p panel_step
+    elements past b_addr, its rows ldb apart."""
+    m = c.shape[0]
+    size = c.itemsize
+    width = PANEL_VECTORS * VECTOR_BYTES // size
+    ldc = c.strides[0] // size
+    lda = a.strides[0] // size
+    for p in range(c.shape[1] // width):
+        b = b_addr + p * panel_step * size
+        c_panel = c.ctypes.data + p * width * size
+        for r0 in range(0, m, BLOCK_ROWS):
+            _rows_block(min(BLOCK_ROWS, m - r0), accumulate, c_panel + r0 * ldc * size, ldc,
+                        a.ctypes.data + r0 * lda * size, lda, b, ldb, depth, alpha)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def panel_product(c, a, panels, alpha, accumulate):
+    """c (m, P W) = alpha a (m, D) B, or c += that when accumulate, with B (D, P W) packed as
+    panels (P, D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). Rows of c, a
+    and the panels must be unit-stride; there must be as many panels as c has."""
+    size = panels.itemsize
+    if panels.shape[1]:
+        _product(c, a, panels.ctypes.data, panels.strides[0] // size, panels.strides[1] // size,
+                 panels.shape[1], alpha, accumulate)
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def matrix_product(c, a, b, alpha, accumulate):
+    """c (m, n) = alpha a (m, k) b (k, n), or c += that when accumulate, with b read in place: n a
+    whole number of panels (`panel_width`), rows of c, a and b unit-stride."""
+    if b.shape[0]:
+        _product(c, a, b.ctypes.data, PANEL_VECTORS * VECTOR_BYTES // b.itemsize,
+                 b.strides[0] // b.itemsize, b.shape[0], alpha, accumulate)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def pack_panels(panels, x):
     """panels (P, D, W): x (n, D) transposed into column panels, panels[p, e, l] = x[p W + l, e];
-    zero past row n."""
+    zero past row n. B = x^T for a product with x's rows as columns (keys for the scores)."""
     n_panels, depth, width = panels.shape
     n = x.shape[0]
     for p in range(n_panels):
@@ -124,36 +205,30 @@ def pack_panels(panels, x):
                     panels[p, e, lane] = 0.0
 
 
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
+def pack_rows(panels, x):
+    """panels (P, n, W): x (n, D) cut into strips of W columns, panels[p, j, l] = x[j, p W + l];
+    zero past column D. B = x itself, packed so a long inner dimension streams one contiguous
+    strip (rows of x in place can sit many KiB apart and collide in the cache)."""
+    n_panels, n, width = panels.shape
+    d = x.shape[1]
+    for p in range(n_panels):
+        strip = panels[p]
+        for j in range(n):
+            row = x[j]
+            for lane in range(width):
+                e = p * width + lane
+                strip[j, lane] = row[e] if e < d else 0.0
+
+
 @njit(**PARALLEL)
-def pack_head_keys(panels, qkv, n_head):
-    """panels (B*H, P, D, W): every head's keys (the k third of qkv (B, T, 3C)), packed."""
+def pack_heads(key_panels, value_rows, qkv, n_head):
+    """Every head's keys as column panels, key_panels (B*H, P, D, W), and its values as strips,
+    value_rows (B*H, P', T, W), from qkv (B, T, 3C)."""
     bsz = qkv.shape[0]
     c = qkv.shape[2] // 3
     d = c // n_head
     for bh in prange(bsz * n_head):
-        h0 = c + (bh % n_head) * d
-        pack_panels(panels[bh], qkv[bh // n_head, :, h0:h0 + d])
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def panel_product(c, a, panels, alpha):
-    """c (m, P W) = alpha a (m, D) B, B (D, P W) packed as panels (P, D, W). Rows of c and a must
-    be unit-stride; panels C-contiguous."""
-    m = c.shape[0]
-    n_panels, depth, width = panels.shape
-    size = c.itemsize
-    ldc = c.strides[0] // size
-    lda = a.strides[0] // size
-    whole = m - m % BLOCK_ROWS
-    for p in range(n_panels):
-        b_addr = panels.ctypes.data + p * depth * width * size
-        for r0 in range(0, whole, BLOCK_ROWS):
-            _block(c.ctypes.data + (r0 * ldc + p * width) * size, ldc,
-                   a.ctypes.data + r0 * lda * size, lda, b_addr, depth, alpha)
-        for r in range(whole, m):
-            ar = a[r]
-            for lane in range(width):
-                total = alpha - alpha
-                for e in range(depth):
-                    total += ar[e] * panels[p, e, lane]
-                c[r, p * width + lane] = alpha * total
+        h0 = (bh % n_head) * d
+        pack_panels(key_panels[bh], qkv[bh // n_head, :, c + h0:c + h0 + d])
+        pack_rows(value_rows[bh], qkv[bh // n_head, :, 2 * c + h0:2 * c + h0 + d])

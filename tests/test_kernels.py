@@ -340,27 +340,59 @@ def test_attention_blocks(dt, t, b, h):
     check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
 
 
-# Row counts on both sides of a block of 4 and past a query block, columns filling part of a panel,
-# one panel and several, inner sizes from 1 to GPT-2's head size.
-@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 4), (4, 16, 64), (5, 37, 8), (130, 70, 64),
-                                   (128, 1024, 64)])
+# Row counts below, at and past a block of 6 rows and past a query block, columns filling part of a
+# panel, one panel and several, inner sizes from 1 to GPT-2's head size and past it.
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 4), (6, 16, 64), (7, 37, 8), (11, 70, 64),
+                                   (64, 1024, 64), (130, 33, 130)])
 def test_panel_product(dt, m, n, d):
-    """The score-tile microkernel against NumPy's matmul, from strided views as attention passes
-    them: rows of q and k inside a wider array, the product into a wider scratch."""
+    """The microkernel against NumPy's matmul, from strided views as attention passes them: rows of
+    q and k inside a wider array, the product into a wider scratch; B packed as column panels
+    (keys for the scores) and as strips (values for P V), and read in place."""
     rng, f = data(dt, seed=m + n)
     width = tile.panel_width(np.dtype(dt))
     n_panels = -(-n // width)
     qk = f(max(m, n), 3 * d + 2)
     q, k = qk[:m, 1:1 + d], qk[:n, 2 + d:2 + 2 * d]
+    exact = q.astype(np.float64) @ k.T.astype(np.float64)
     panels = np.full((n_panels, d, width), np.nan, dt)
     tile.pack_panels(panels, k)
     assert (panels.transpose(0, 2, 1).reshape(-1, d)[n:] == 0).all()      # padding is zero
     out = np.full((m, n_panels * width + 3), np.nan, dt)
-    tile.panel_product(out[:, :n_panels * width], q, panels, dt(0.125))
-    want = 0.125 * (q.astype(np.float64) @ k.T.astype(np.float64))
-    close(out[:, :n], want, dt)
+    tile.panel_product(out[:, :n_panels * width], q, panels, dt(0.125), False)
+    close(out[:, :n], 0.125 * exact, dt)
     assert (out[:, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
-    assert not np.allclose(out[:, :n], want / 0.125)          # alpha is applied
+    assert not np.allclose(out[:, :n], exact)                 # alpha is applied
+
+    # the same product accumulated onto c, with k^T as strips (depth d, n columns) ...
+    strips = np.full((n_panels, d, width), np.nan, dt)
+    tile.pack_rows(strips, np.ascontiguousarray(k.T))
+    np.testing.assert_array_equal(strips, panels)
+    start = f(m, n_panels * width)
+    acc = start.copy()
+    tile.panel_product(acc, q, strips, dt(0.5), True)
+    close(acc[:, :n], start[:, :n] + 0.5 * exact, dt)
+    assert not np.allclose(acc[:, :n], 0.5 * exact)           # c is added to
+
+    # ... and read in place: b = k^T inside a wider array, whole panels of columns
+    b = np.zeros((d, n_panels * width + 5), dt)
+    b[:, :n] = k.T
+    acc = start.copy()
+    tile.matrix_product(acc, q, b[:, :n_panels * width], dt(0.5), True)
+    close(acc[:, :n], start[:, :n] + 0.5 * exact, dt)
+    tile.matrix_product(acc, q, b[:, :n_panels * width], dt(0.5), False)
+    close(acc[:, :n], 0.5 * exact, dt)
+
+
+def test_pack_rows_pads_columns(dt):
+    """Strips of a (n, D) array whose D is not a whole number of panels: zero past column D."""
+    _, f = data(dt, seed=3)
+    width = tile.panel_width(np.dtype(dt))
+    x = f(9, width + 3)
+    strips = np.full((2, 9, width), np.nan, dt)
+    tile.pack_rows(strips, x)
+    np.testing.assert_array_equal(strips[0], x[:, :width])
+    np.testing.assert_array_equal(strips[1, :, :3], x[:, width:])
+    assert (strips[1, :, 3:] == 0).all()
 
 
 # ---------------------------------------------------------------- the KV cache
