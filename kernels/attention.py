@@ -16,16 +16,17 @@ are copied once per query block; the tiles of P and dS are read in place. dK and
 transposed, (D, T), and are written back once per head. Score rows are padded to whole panels.
 Measured at B1 H12 T1024 float32 (Zen 3, interleaved with the previous version in one process,
 caches cold): the products moved off BLAS, the backward's tiles cut to 64 x 64 (from 128 queries x
-all their keys) and 64-row query blocks together took forward + backward to 0.88-0.89 of its time,
+all their keys) and 64-row query blocks together took forward + backward to 0.88-0.90 of its time,
 0.92 at B4 T256; the score microkernel alone had made 0.96-0.975 of the all-BLAS version before.
 
 The forward's block holds its whole score rows (T keys at most), so its softmax is exact, not
-online; only the per-row log-sum-exp is kept for the backward, so saved memory is O(T), and scratch
-is one (block, T) tile per forward task, two (block, block) tiles per backward task, plus the packed
-keys and values. The elementwise work runs in the arrays' own precision: float32 scores take
-`exp32` (within 1.05 ulp) and float32 sums, twice the vector lanes of float64 math; at B1 H12 T1024
-that cut the forward's softmax from ~25 to ~5 ms, and the tests hold float32 results to the float64
-reference within 1e-5.
+online; only the per-row log-sum-exp is kept for the backward, so saved memory is O(T). Scratch: per
+forward task one (block, T) score tile, beside every head's packed keys and values; per backward
+task the head's keys packed twice (panels and strips) and its values once, two (block, block) tiles,
+dK^T and dV^T (D, T), and block-sized copies of Q_i^T, dY_i^T and dQ_i. The elementwise work runs in
+the arrays' own precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the
+vector lanes of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and
+the tests hold float32 results to the float64 reference within 1e-5.
 
 Parallelism: the forward runs one task per (batch, head, pair of query blocks), pairing block k with
 block n-1-k so every task does the same causal work; its keys and values are packed beforehand, one
@@ -44,11 +45,13 @@ from kernels.scalar import exp_native, row_max
 from kernels.tile import (matrix_product, pack_heads, pack_panels, pack_rows, panel_product,
                           panel_width)
 
-# Query rows per block, and keys per tile in the backward. Measured at B1 H12 T1024 (float32, AMD EPYC
-# Zen 3) on the microkernel, interleaved: 64 ran 0.88-0.90 of the time of the previous version, 48
-# 0.91, 96 0.92, 128 0.92-0.95, 32 0.96. (With BLAS tiles, 32 rows had run at 59 GFLOP/s, 64 at 71,
-# 96 to 192 at 76-79.)
+# Query rows per block, and keys per tile in the backward: a multiple of every panel width (up to 32
+# columns, float32 on AVX-512), as the backward's key tiles must start on a panel. Measured at B1
+# H12 T1024 (float32, AMD EPYC Zen 3) on the microkernel, interleaved: 64 ran 0.88-0.90 of the time
+# of the previous version, 48 0.91, 96 0.92, 128 0.92-0.95, 32 0.96. (With BLAS tiles, 32 rows had
+# run at 59 GFLOP/s, 64 at 71, 96 to 192 at 76-79.)
 Q_BLOCK = 64
+assert Q_BLOCK % 32 == 0
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -71,15 +74,17 @@ def causal_softmax_row(row, n_seen):
 @njit(cache=True)
 def score_stride(n_panels, width):
     """Row stride of a score scratch with room for n_panels panels: an odd number of panels, so the
-    rows of a column strip (read down by the key-gradient products) fall in different cache sets
-    instead of one (an even stride of 64 panels is 4 KiB, the L1's set period)."""
+    rows of a column strip fall in different cache sets, not a few (64 float32 panels, the
+    forward's at T 1024, would make a row 4 KiB, the L1's set period). The P V and dS K products
+    read the tile row by row, the key gradients' column strip by column strip."""
     return (n_panels | 1) * width
 
 
 @njit(**PARALLEL)
-def _attention_forward(out, lse, qkv, key_panels, value_rows, n_head, scale, q_block):
+def _attention_forward(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token;
-    key_panels (B*H, P, D, W) and value_rows (B*H, P', T, W): every head packed by `pack_heads`."""
+    key_panels (B*H, P, D, W) and value_strips (B*H, P', T, W): every head packed by
+    `pack_heads`."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
     d = c // n_head
@@ -92,7 +97,7 @@ def _attention_forward(out, lse, qkv, key_panels, value_rows, n_head, scale, q_b
         b = bh // n_head
         h0 = (bh % n_head) * d
         scores = np.empty(q_block * stride, qkv.dtype)
-        y = np.empty((q_block, value_rows.shape[1] * width), qkv.dtype)
+        y = np.empty((q_block, value_strips.shape[1] * width), qkv.dtype)
         inv_l = np.empty(q_block, qkv.dtype)
         first, last = task % pairs, nq - 1 - task % pairs
         for qb in range(first, last + 1, max(1, last - first)):
@@ -106,7 +111,7 @@ def _attention_forward(out, lse, qkv, key_panels, value_rows, n_head, scale, q_b
                 m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
                 lse[bh, i0 + r] = m + math.log(total)
                 inv_l[r] = 1.0 / total
-            panel_product(y[:i1 - i0], padded, value_rows[bh, :, :i1], qkv.dtype.type(1.0), False)
+            panel_product(y[:i1 - i0], padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False)
             for r in range(i1 - i0):
                 yr = out[b, i0 + r, h0:h0 + d]
                 for e in range(d):
@@ -134,10 +139,10 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
         v = qkv[b, :, 2 * c + h0:2 * c + h0 + d]
         k_panels = np.empty((n_panels_all, d, width), qkv.dtype)
         v_panels = np.empty((n_panels_all, d, width), qkv.dtype)
-        k_rows = np.empty((n_head_panels, t, width), qkv.dtype)
+        k_strips = np.empty((n_head_panels, t, width), qkv.dtype)
         pack_panels(k_panels, k)
         pack_panels(v_panels, v)
-        pack_rows(k_rows, k)
+        pack_rows(k_strips, k)
         p_scratch = np.empty(q_block * stride, qkv.dtype)
         ds_scratch = np.empty(q_block * stride, qkv.dtype)
         dq_tile = np.empty((q_block, n_head_panels * width), qkv.dtype)
@@ -146,8 +151,12 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
         # dS in place as B instead of transposing them as A.
         q_t = np.empty((d, q_block), qkv.dtype)
         dy_t = np.empty((d, q_block), qkv.dtype)
-        dk_t = np.zeros((d, n_panels_all * width), qkv.dtype)
-        dv_t = np.zeros((d, n_panels_all * width), qkv.dtype)
+        dk_t = np.empty((d, n_panels_all * width), qkv.dtype)
+        dv_t = np.empty((d, n_panels_all * width), qkv.dtype)
+        for e in range(d):
+            for j in range(n_panels_all * width):
+                dk_t[e, j] = 0.0
+                dv_t[e, j] = 0.0
         for qb in range(nq):
             i0 = qb * q_block
             i1 = min(t, i0 + q_block)
@@ -163,33 +172,33 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
                 for e in range(d):
                     q_t[e, r] = q[i0 + r, e]
                     dy_t[e, r] = gr[e]
-            p_tiles = p_scratch[:rows * stride].reshape(rows, stride)
-            ds_tiles = ds_scratch[:rows * stride].reshape(rows, stride)
+            p_block = p_scratch[:rows * stride].reshape(rows, stride)
+            ds_block = ds_scratch[:rows * stride].reshape(rows, stride)
             for kb in range(qb + 1):
                 j0 = kb * q_block
                 j1 = min(i1, j0 + q_block)
                 p0 = j0 // width
                 n_panels = (j1 + width - 1) // width - p0
-                p_tile = p_tiles[:, :n_panels * width]
-                ds_tile = ds_tiles[:, :n_panels * width]
+                p_tile = p_block[:, :n_panels * width]
+                ds_tile = ds_block[:, :n_panels * width]
                 panel_product(p_tile, q[i0:i1], k_panels[p0:p0 + n_panels], scale, False)
                 panel_product(ds_tile, g, v_panels[p0:p0 + n_panels], one, False)
                 for r in range(rows):
                     seen = min(j1, i0 + r + 1) - j0
                     dr = deltas[r]
                     li = lse[bh, i0 + r]
-                    pr = p_tiles[r, :seen]
-                    dsr = ds_tiles[r, :seen]
+                    pr = p_block[r, :seen]
+                    dsr = ds_block[r, :seen]
                     for j in range(seen):
                         e = exp_native(pr[j] - li)
                         pr[j] = e
                         dsr[j] = e * (dsr[j] - dr)
-                    pm = p_tiles[r, seen:j1 - j0]
-                    dm = ds_tiles[r, seen:j1 - j0]
+                    pm = p_block[r, seen:j1 - j0]
+                    dm = ds_block[r, seen:j1 - j0]
                     for j in range(pm.shape[0]):
                         pm[j] = 0.0
                         dm[j] = 0.0
-                panel_product(dq_tile[:rows], ds_tiles, k_rows[:, j0:j1], scale, kb > 0)
+                panel_product(dq_tile[:rows], ds_tile, k_strips[:, j0:j1], scale, kb > 0)
                 matrix_product(dk_t[:, j0:j0 + n_panels * width], q_t, ds_tile, scale, True)
                 matrix_product(dv_t[:, j0:j0 + n_panels * width], dy_t, p_tile, one, True)
             for r in range(rows):
@@ -198,9 +207,9 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
         # Transposed back in strips of 16 keys, so a strip's rows of dqkv and of dK^T, dV^T stay
         # in L1 (one key at a time read dK^T and dV^T 4 KiB apart: the backward's work outside
         # the products and the softmax took ~7 ms per call at B1 H12 T1024 that way, ~6 this way).
-        for j0 in range(0, t, 16):
+        for strip in range(0, t, 16):
             for e in range(d):
-                for j in range(j0, min(t, j0 + 16)):
+                for j in range(strip, min(t, strip + 16)):
                     dqkv[b, j, c + h0 + e] = dk_t[e, j]
                     dqkv[b, j, 2 * c + h0 + e] = dv_t[e, j]
 
@@ -220,9 +229,9 @@ def attention(out, lse, qkv, *, n_head):
         width = panel_width(qkv.dtype)
         d = c3 // 3 // n_head
         key_panels = np.empty((b * n_head, (t + width - 1) // width, d, width), qkv.dtype)
-        value_rows = np.empty((b * n_head, (d + width - 1) // width, t, width), qkv.dtype)
-        pack_heads(key_panels, value_rows, qkv, int(n_head))
-        _attention_forward(out, lse.reshape(b * n_head, t), qkv, key_panels, value_rows,
+        value_strips = np.empty((b * n_head, (d + width - 1) // width, t, width), qkv.dtype)
+        pack_heads(key_panels, value_strips, qkv, int(n_head))
+        _attention_forward(out, lse.reshape(b * n_head, t), qkv, key_panels, value_strips,
                            int(n_head), qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK)
     else:
         reference.attention(out, lse, qkv, n_head=n_head)

@@ -42,7 +42,7 @@ from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
 from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
 from kernels.elementwise import bias_gelu_rows, gelu_form
 
-Q_BLOCK = 128       # query rows per prefill task, as in kernels.attention
+Q_BLOCK = 128       # query rows per prefill task
 FEW_ROWS = 16       # up to this many rows, FEW_ROWS_TABLE's paths
 W_BLOCK = 32        # weight rows per task of the skinny GEMM
 # Attention reading less K and V cache than this runs on one thread. Measured at H 12, D 64: one

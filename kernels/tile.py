@@ -1,13 +1,13 @@
-"""A register-blocked product for attention's tiles: C (m, P W) = alpha A (m, depth) B, or C += that,
-with B cut into P column strips ("panels") of W columns.
+"""A register-blocked product for attention's tiles: C (m, P W) = alpha A (m, depth) B, or
+C += that, with B cut into P column strips ("panels") of W columns.
 
 Why not BLAS: attention's products are small and many (per block of 64 query rows: 64 x i1 x 64 for
-the scores, 64 x 64 x i1 for P V), and BLAS repacks both operands on every call. On one Zen 3 thread,
-over the causal sequence of 128-row tiles at T 1024 and D 64, OpenBLAS's sgemm (Haswell kernels) ran
-the score tiles at 53-67 GFLOP/s and this kernel at 66-78; P V at 51-67 against 59-84 here, side by
-side in four runs (the machine's noise moves both together; the model's large GEMMs run near 90).
-Here A is read in place and B is packed once per head, or read in place when its rows are already
-unit-stride (a tile of P or dS as B).
+the forward's scores, 64 x 64 x i1 for its P V), and BLAS repacks both operands on every call. On
+one Zen 3 thread, over the causal sequence of 128-row score and P V tiles at T 1024 and D 64,
+OpenBLAS's sgemm (Haswell kernels) ran the score tiles at 53-67 GFLOP/s and this kernel at 66-78; P
+V at 51-67 against 59-84 here, side by side in four runs (the machine's noise moves both together;
+the model's large GEMMs run near 90). Here A is read in place and B is packed once per head, or read
+in place when its rows are already unit-stride (a tile of P or dS as B).
 
 Layout: a panel holds W = 2 vectors of columns (16 float32 or 8 float64 with AVX2, twice that with
 AVX-512) for every k of the inner dimension, row k at B + k ldb. A block of 6 rows of C keeps its
@@ -32,9 +32,15 @@ PANEL_VECTORS = 2
 VECTOR_BYTES = 64 if binding.get_host_cpu_features().get("avx512f", False) else 32
 
 
+@njit(cache=True)
+def columns_per_panel(itemsize):
+    """Columns per panel: two vectors of elements of itemsize bytes."""
+    return PANEL_VECTORS * VECTOR_BYTES // itemsize
+
+
 def panel_width(dtype):
-    """Columns per panel: two vectors of the dtype."""
-    return PANEL_VECTORS * VECTOR_BYTES // dtype.itemsize
+    """Columns per panel for arrays of dtype."""
+    return columns_per_panel(dtype.itemsize)
 
 
 def _make_block(rows, accumulate):
@@ -153,10 +159,17 @@ def _rows_block(rows, accumulate, c, ldc, a, lda, b, ldb, depth, alpha):
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def _product(c, a, b_addr, panel_step, ldb, depth, alpha, accumulate):
     """c (m, P W) = alpha a (m, depth) B, or += when accumulate; panel p of B starts p panel_step
-    elements past b_addr, its rows ldb apart."""
+    elements past b_addr, its rows ldb apart. Depth 0 makes the product 0."""
+    if depth == 0:
+        if not accumulate:
+            c[:, :] = 0.0
+        return
+    # The vector code takes its element type from alpha: a float64 alpha with float32 arrays
+    # would read them as float64.
+    alpha = c.dtype.type(alpha)
     m = c.shape[0]
     size = c.itemsize
-    width = PANEL_VECTORS * VECTOR_BYTES // size
+    width = columns_per_panel(size)
     ldc = c.strides[0] // size
     lda = a.strides[0] // size
     for p in range(c.shape[1] // width):
@@ -173,18 +186,16 @@ def panel_product(c, a, panels, alpha, accumulate):
     panels (P, D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). Rows of c, a
     and the panels must be unit-stride; there must be as many panels as c has."""
     size = panels.itemsize
-    if panels.shape[1]:
-        _product(c, a, panels.ctypes.data, panels.strides[0] // size, panels.strides[1] // size,
-                 panels.shape[1], alpha, accumulate)
+    _product(c, a, panels.ctypes.data, panels.strides[0] // size, panels.strides[1] // size,
+             panels.shape[1], alpha, accumulate)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def matrix_product(c, a, b, alpha, accumulate):
     """c (m, n) = alpha a (m, k) b (k, n), or c += that when accumulate, with b read in place: n a
     whole number of panels (`panel_width`), rows of c, a and b unit-stride."""
-    if b.shape[0]:
-        _product(c, a, b.ctypes.data, PANEL_VECTORS * VECTOR_BYTES // b.itemsize,
-                 b.strides[0] // b.itemsize, b.shape[0], alpha, accumulate)
+    _product(c, a, b.ctypes.data, columns_per_panel(b.itemsize), b.strides[0] // b.itemsize,
+             b.shape[0], alpha, accumulate)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -222,13 +233,13 @@ def pack_rows(panels, x):
 
 
 @njit(**PARALLEL)
-def pack_heads(key_panels, value_rows, qkv, n_head):
+def pack_heads(key_panels, value_strips, qkv, n_head):
     """Every head's keys as column panels, key_panels (B*H, P, D, W), and its values as strips,
-    value_rows (B*H, P', T, W), from qkv (B, T, 3C)."""
+    value_strips (B*H, P', T, W), from qkv (B, T, 3C)."""
     bsz = qkv.shape[0]
     c = qkv.shape[2] // 3
     d = c // n_head
     for bh in prange(bsz * n_head):
         h0 = (bh % n_head) * d
         pack_panels(key_panels[bh], qkv[bh // n_head, :, c + h0:c + h0 + d])
-        pack_rows(value_rows[bh], qkv[bh // n_head, :, 2 * c + h0:2 * c + h0 + d])
+        pack_rows(value_strips[bh], qkv[bh // n_head, :, 2 * c + h0:2 * c + h0 + d])

@@ -331,19 +331,28 @@ def test_attention(dt, case):
     check_attention(dt, b, t, h, c // h)
 
 
-# T on both sides of a query block and of the old key block (64), past several blocks, and GPT-2's
-# context; one head and twelve, one sequence and three.
-@pytest.mark.parametrize("t", [1, 63, 64, 65, attention.Q_BLOCK - 1, attention.Q_BLOCK,
-                               attention.Q_BLOCK + 1, 200, 1024])
+# T on both sides of a query block (and of a backward key tile) and of two, past several blocks,
+# and GPT-2's context; one head and twelve, one sequence and three.
+@pytest.mark.parametrize("t", [1, attention.Q_BLOCK - 1, attention.Q_BLOCK, attention.Q_BLOCK + 1,
+                               2 * attention.Q_BLOCK - 1, 2 * attention.Q_BLOCK,
+                               2 * attention.Q_BLOCK + 1, 200, 1024])
 @pytest.mark.parametrize("b,h", [(1, 1), (3, 1), (1, 12), (3, 12)])
 def test_attention_blocks(dt, t, b, h):
     check_attention(dt, b, t, h, d=4 if h > 1 else 8, seed=t)
 
 
-# Row counts below, at and past a block of 6 rows and past a query block, columns filling part of a
-# panel, one panel and several, inner sizes from 1 to GPT-2's head size and past it.
-@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 4), (6, 16, 64), (7, 37, 8), (11, 70, 64),
-                                   (64, 1024, 64), (130, 33, 130)])
+# Head sizes of several panels, whole (GPT-2's 64) and not (20): the value and key strips, and the
+# P V and dQ products, span more than one panel.
+@pytest.mark.parametrize("t,d", [(65, 20), (200, 64)])
+def test_attention_wide_heads(dt, t, d):
+    check_attention(dt, 2, t, 3, d, seed=d)
+
+
+# Row counts below, at and past a block of 6 rows (edges of 1 to 5 rows) and past a query block,
+# columns filling part of a panel, one panel and several, inner sizes from 1 to GPT-2's head size
+# and past it.
+@pytest.mark.parametrize("m,n,d", [(1, 1, 1), (3, 5, 4), (6, 16, 64), (7, 37, 8), (8, 70, 64),
+                                   (11, 70, 64), (64, 1024, 64), (130, 33, 130)])
 def test_panel_product(dt, m, n, d):
     """The microkernel against NumPy's matmul, from strided views as attention passes them: rows of
     q and k inside a wider array, the product into a wider scratch; B packed as column panels
@@ -357,42 +366,40 @@ def test_panel_product(dt, m, n, d):
     panels = np.full((n_panels, d, width), np.nan, dt)
     tile.pack_panels(panels, k)
     assert (panels.transpose(0, 2, 1).reshape(-1, d)[n:] == 0).all()      # padding is zero
-    out = np.full((m, n_panels * width + 3), np.nan, dt)
-    tile.panel_product(out[:, :n_panels * width], q, panels, dt(0.125), False)
-    close(out[:, :n], 0.125 * exact, dt)
-    assert (out[:, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
-    assert not np.allclose(out[:, :n], exact)                 # alpha is applied
+    out = np.full((m + 2, n_panels * width + 3), np.nan, dt)     # NaN guards right and below
+    tile.panel_product(out[:m, :n_panels * width], q, panels, dt(0.125), False)
+    close(out[:m, :n], 0.125 * exact, dt)
+    assert (out[:m, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
+    assert np.isnan(out[m:]).all()
+    assert not np.allclose(out[:m, :n], exact)                # alpha is applied
 
     # the same product accumulated onto c, with k^T as strips (depth d, n columns) ...
     strips = np.full((n_panels, d, width), np.nan, dt)
     tile.pack_rows(strips, np.ascontiguousarray(k.T))
     np.testing.assert_array_equal(strips, panels)
     start = f(m, n_panels * width)
-    acc = start.copy()
-    tile.panel_product(acc, q, strips, dt(0.5), True)
-    close(acc[:, :n], start[:, :n] + 0.5 * exact, dt)
-    assert not np.allclose(acc[:, :n], 0.5 * exact)           # c is added to
+    acc = np.full((m + 2, n_panels * width), np.nan, dt)
+    acc[:m] = start
+    tile.panel_product(acc[:m], q, strips, dt(0.5), True)
+    close(acc[:m, :n], start[:, :n] + 0.5 * exact, dt)
+    assert np.isnan(acc[m:]).all()
+    assert not np.allclose(acc[:m, :n], 0.5 * exact)          # c is added to
 
     # ... and read in place: b = k^T inside a wider array, whole panels of columns
     b = np.zeros((d, n_panels * width + 5), dt)
     b[:, :n] = k.T
-    acc = start.copy()
-    tile.matrix_product(acc, q, b[:, :n_panels * width], dt(0.5), True)
-    close(acc[:, :n], start[:, :n] + 0.5 * exact, dt)
-    tile.matrix_product(acc, q, b[:, :n_panels * width], dt(0.5), False)
-    close(acc[:, :n], 0.5 * exact, dt)
+    acc[:m] = start
+    tile.matrix_product(acc[:m], q, b[:, :n_panels * width], dt(0.5), True)
+    close(acc[:m, :n], start[:, :n] + 0.5 * exact, dt)
+    tile.matrix_product(acc[:m], q, b[:, :n_panels * width], dt(0.5), False)
+    close(acc[:m, :n], 0.5 * exact, dt)
+    assert np.isnan(acc[m:]).all()
 
-
-def test_pack_rows_pads_columns(dt):
-    """Strips of a (n, D) array whose D is not a whole number of panels: zero past column D."""
-    _, f = data(dt, seed=3)
-    width = tile.panel_width(np.dtype(dt))
-    x = f(9, width + 3)
-    strips = np.full((2, 9, width), np.nan, dt)
-    tile.pack_rows(strips, x)
-    np.testing.assert_array_equal(strips[0], x[:, :width])
-    np.testing.assert_array_equal(strips[1, :, :3], x[:, width:])
-    assert (strips[1, :, 3:] == 0).all()
+    # depth 0: the product is 0 when set, and c is left as it is when accumulated
+    tile.matrix_product(acc[:m], q[:, :0], b[:0, :n_panels * width], dt(0.5), True)
+    close(acc[:m, :n], 0.5 * exact, dt)
+    tile.matrix_product(acc[:m], q[:, :0], b[:0, :n_panels * width], dt(0.5), False)
+    assert (acc[:m] == 0).all()
 
 
 # ---------------------------------------------------------------- the KV cache
