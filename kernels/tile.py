@@ -43,14 +43,15 @@ def panel_width(dtype):
     return columns_per_panel(dtype.itemsize)
 
 
-def _make_block(rows, accumulate):
-    """An intrinsic block(c, ldc, a, lda, b, ldb, depth, alpha): C[:rows, :W] = alpha A B, or
-    C += alpha A B when accumulate, for A (rows, depth) and one panel B (depth, W). Addresses are
-    integers, leading dimensions in elements; alpha's type is the element type. depth >= 1."""
+def _make_block(rows):
+    """An intrinsic block(c, ldc, a, lda, b, ldb, depth, alpha, accumulate): C[:rows, :W] =
+    alpha A B, or C += alpha A B when accumulate, for A (rows, depth) and one panel B (depth, W).
+    Addresses are integers, leading dimensions in elements; alpha's type is the element type.
+    depth >= 1."""
     @intrinsic
-    def block(typingctx, c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha):
+    def block(typingctx, c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha, accumulate):
         def codegen(context, builder, signature, args):
-            c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha = args
+            c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha, accumulate = args
             element = context.get_value_type(signature.args[7])
             lanes = VECTOR_BYTES // context.get_abi_sizeof(element)
             vector = ir.VectorType(element, lanes)
@@ -100,60 +101,46 @@ def _make_block(rows, accumulate):
 
             builder.position_at_end(done)
             alpha_vector = broadcast(alpha)
-            for r in range(rows):
-                c_row = builder.mul(ir.Constant(i64, r), ldc)
-                for v in range(PANEL_VECTORS):
-                    where = vector_at(c, builder.add(c_row, ir.Constant(i64, v * lanes)))
-                    total = updated[r * PANEL_VECTORS + v]
-                    if accumulate:
-                        value = builder.call(fma, [total, alpha_vector,
-                                                   builder.load(where, align=4)])
-                    else:
-                        value = builder.fmul(total, alpha_vector)
-                    builder.store(value, where, align=4)
+            targets = [vector_at(c, builder.add(builder.mul(ir.Constant(i64, r), ldc),
+                                                ir.Constant(i64, v * lanes)))
+                       for r in range(rows) for v in range(PANEL_VECTORS)]
+            with builder.if_else(accumulate) as (adding, setting):
+                with adding:
+                    for where, total in zip(targets, updated):
+                        builder.store(builder.call(fma, [total, alpha_vector,
+                                                         builder.load(where, align=4)]),
+                                      where, align=4)
+                with setting:
+                    for where, total in zip(targets, updated):
+                        builder.store(builder.fmul(total, alpha_vector), where, align=4)
             return context.get_dummy_value()
 
         i = types.int64
-        return types.void(i, i, i, i, i, i, i, alpha), codegen
+        return types.void(i, i, i, i, i, i, i, alpha, types.boolean), codegen
 
     return block
 
 
-_SET = [_make_block(rows, False) for rows in range(1, BLOCK_ROWS + 1)]
-_ADD = [_make_block(rows, True) for rows in range(1, BLOCK_ROWS + 1)]
-_SET1, _SET2, _SET3, _SET4, _SET5, _SET6 = _SET
-_ADD1, _ADD2, _ADD3, _ADD4, _ADD5, _ADD6 = _ADD
+_BLOCK1, _BLOCK2, _BLOCK3, _BLOCK4, _BLOCK5, _BLOCK6 = [_make_block(rows)
+                                                      for rows in range(1, BLOCK_ROWS + 1)]
 
 
 @njit(cache=True, inline="always")
 def _rows_block(rows, accumulate, c, ldc, a, lda, b, ldb, depth, alpha):
-    """The block for 1 to 6 rows, setting or accumulating (Numba cannot index a list of
-    intrinsics, so the choice is spelled out)."""
-    if accumulate:
-        if rows == 6:
-            _ADD6(c, ldc, a, lda, b, ldb, depth, alpha)
-        elif rows == 5:
-            _ADD5(c, ldc, a, lda, b, ldb, depth, alpha)
-        elif rows == 4:
-            _ADD4(c, ldc, a, lda, b, ldb, depth, alpha)
-        elif rows == 3:
-            _ADD3(c, ldc, a, lda, b, ldb, depth, alpha)
-        elif rows == 2:
-            _ADD2(c, ldc, a, lda, b, ldb, depth, alpha)
-        else:
-            _ADD1(c, ldc, a, lda, b, ldb, depth, alpha)
-    elif rows == 6:
-        _SET6(c, ldc, a, lda, b, ldb, depth, alpha)
+    """The block for 1 to 6 rows (Numba cannot index a list of intrinsics, so the choice is
+    spelled out)."""
+    if rows == 6:
+        _BLOCK6(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
     elif rows == 5:
-        _SET5(c, ldc, a, lda, b, ldb, depth, alpha)
+        _BLOCK5(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
     elif rows == 4:
-        _SET4(c, ldc, a, lda, b, ldb, depth, alpha)
+        _BLOCK4(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
     elif rows == 3:
-        _SET3(c, ldc, a, lda, b, ldb, depth, alpha)
+        _BLOCK3(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
     elif rows == 2:
-        _SET2(c, ldc, a, lda, b, ldb, depth, alpha)
+        _BLOCK2(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
     else:
-        _SET1(c, ldc, a, lda, b, ldb, depth, alpha)
+        _BLOCK1(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
