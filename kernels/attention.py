@@ -25,10 +25,10 @@ forward task one (block, T) score tile, beside every head's keys and values pack
 kept per shape (`_packed_heads`: 6 MiB at B1 T1024 float32 that a fresh allocation paged in again
 every call; reusing it took the forward to 0.98 of its time on Zen 3); per backward task the head's
 keys packed twice (panels and strips) and its values once, two (block, block) tiles, dK^T and dV^T
-(D, T), and block-sized copies of Q_i^T, dY_i^T and dQ_i. The elementwise work runs in
-the arrays' own precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the
-vector lanes of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and
-the tests hold float32 results to the float64 reference within 1e-5.
+(D, T), and block-sized copies of Q_i^T, dY_i^T and dQ_i. The elementwise work runs in the arrays'
+own precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the vector
+lanes of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and the
+tests hold float32 results to the float64 reference within 1e-5.
 
 Parallelism: the forward runs one task per (batch, head, pair of query blocks), pairing block k with
 block n-1-k so every task does the same causal work; its keys and values are packed first, in the
