@@ -8,33 +8,37 @@ fully masked tiles are never computed:
     forward:  S = scale Q_i K[:i1]^T  ->  P = softmax rows, masked  ->  Y_i = P V[:i1]
     backward, per tile of keys [j0, j1), j1 <= i1:
               S, dP = dY_i V_j^T  ->  dS = P (dP - rowsum(dY_i Y_i))
-              dQ_i += scale dS K_j,  dK_j^T += scale Q_i^T dS,  dV_j^T += dY_i^T P
+              dQ_i += scale dS K_j,  dK_j += scale dS^T Q_i,  dV_j += P^T dY_i
 
 Every product runs on `kernels.tile`'s microkernel, not BLAS: keys (and values) are packed once per
-head, as column panels for the scores and as strips for the products over keys; Q_i^T and dY_i^T
-are copied once per query block; the tiles of P and dS are read in place. dK and dV accumulate
-transposed, (D, T), and are written back once per head. Score rows are padded to whole panels.
+head, as column panels for the scores and as strips for the products over keys; Q_i and dY_i are
+cut into strips once per query block; the tiles of P and dS are read in place, transposed where
+the product needs them so. Y, dQ, dK and dV are written straight into out and dqkv. Score rows are
+padded to whole panels.
 Measured at B1 H12 T1024 float32 (Zen 3, interleaved with the previous version in one process,
 caches cold): the products moved off BLAS, the backward's tiles cut to 64 x 64 (from 128 queries x
 all their keys) and 64-row query blocks together took forward + backward to 0.88-0.90 of its time,
 0.92 at B4 T256; the score microkernel alone had made 0.96-0.975 of the all-BLAS version before.
+Reading the tiles transposed in place instead of accumulating dK^T and dV^T (and transposing Q_i,
+dY_i and the results) took the backward's work outside the products from ~20 to ~10 ms per call on
+one thread, but the whole kernel only to 0.96-1.00 of its time (interleaved, B1 T1024).
 
 The forward's block holds its whole score rows (T keys at most), so its softmax is exact, not
 online; only the per-row log-sum-exp is kept for the backward, so saved memory is O(T). Scratch: per
 forward task one (block, T) score tile, beside every head's keys and values packed into a workspace
 kept per shape (`_packed_heads`: 6 MiB at B1 T1024 float32 that a fresh allocation paged in again
 every call; reusing it took the forward to 0.98 of its time on Zen 3); per backward task the head's
-keys packed twice (panels and strips) and its values once, two (block, block) tiles, dK^T and dV^T
-(D, T), and block-sized copies of Q_i^T, dY_i^T and dQ_i. The elementwise work runs in the arrays'
-own precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the vector
-lanes of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and the
-tests hold float32 results to the float64 reference within 1e-5.
+keys packed twice (panels and strips) and its values once, two (block, block) tiles, and the strips
+of Q_i and dY_i. The elementwise work runs in the arrays' own precision: float32 scores take `exp32`
+(within 1.05 ulp) and float32 sums, twice the vector lanes of float64 math; at B1 H12 T1024 that cut
+the forward's softmax from ~25 to ~5 ms, and the tests hold float32 results to the float64 reference
+within 1e-5.
 
 Parallelism: the forward runs one task per (batch, head, pair of query blocks), pairing block k with
 block n-1-k so every task does the same causal work; its keys and values are packed first, in the
 same kernel call, one task per head. The backward runs one task per (batch, head), which packs its
-own: that task alone adds into its head's dK and dV, in block order, so the sums are race-free and
-the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1).
+own: that task alone adds into its head's dQ, dK and dV, in block order, so the sums are race-free
+and the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1).
 """
 import functools
 import math
@@ -45,8 +49,7 @@ from numba import njit, prange
 from kernels import reference
 from kernels.common import FASTMATH, PARALLEL, is_fast
 from kernels.scalar import exp_native, row_max
-from kernels.tile import (matrix_product, pack_heads, pack_panels, pack_rows, panel_product,
-                          panel_width)
+from kernels.tile import pack_heads, pack_panels, pack_rows, panel_product, panel_width
 
 # Query rows per block, and keys per tile in the backward: a multiple of every panel width (up to 32
 # columns, float32 on AVX-512), as the backward's key tiles must start on a panel. Measured at B1
@@ -101,7 +104,6 @@ def _attention_forward(out, lse, qkv, key_panels, value_strips, n_head, scale, q
         b = bh // n_head
         h0 = (bh % n_head) * d
         scores = np.empty(q_block * stride, qkv.dtype)
-        y = np.empty((q_block, value_strips.shape[1] * width), qkv.dtype)
         inv_l = np.empty(q_block, qkv.dtype)
         first, last = task % pairs, nq - 1 - task % pairs
         for qb in range(first, last + 1, max(1, last - first)):
@@ -115,11 +117,12 @@ def _attention_forward(out, lse, qkv, key_panels, value_strips, n_head, scale, q
                 m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
                 lse[bh, i0 + r] = m + math.log(total)
                 inv_l[r] = 1.0 / total
-            panel_product(y[:i1 - i0], padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False)
+            y = out[b, i0:i1, h0:h0 + d]
+            panel_product(y, padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False)
             for r in range(i1 - i0):
-                yr = out[b, i0 + r, h0:h0 + d]
+                yr = y[r]
                 for e in range(d):
-                    yr[e] = y[r, e] * inv_l[r]
+                    yr[e] *= inv_l[r]
 
 
 @njit(**PARALLEL)
@@ -141,6 +144,9 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
         q = qkv[b, :, h0:h0 + d]
         k = qkv[b, :, c + h0:c + h0 + d]
         v = qkv[b, :, 2 * c + h0:2 * c + h0 + d]
+        dq = dqkv[b, :, h0:h0 + d]
+        dk = dqkv[b, :, c + h0:c + h0 + d]
+        dv = dqkv[b, :, 2 * c + h0:2 * c + h0 + d]
         k_panels = np.empty((n_panels_all, d, width), qkv.dtype)
         v_panels = np.empty((n_panels_all, d, width), qkv.dtype)
         k_strips = np.empty((n_head_panels, t, width), qkv.dtype)
@@ -149,18 +155,9 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
         pack_rows(k_strips, k)
         p_scratch = np.empty(q_block * stride, qkv.dtype)
         ds_scratch = np.empty(q_block * stride, qkv.dtype)
-        dq_tile = np.empty((q_block, n_head_panels * width), qkv.dtype)
+        q_strips = np.empty((n_head_panels, q_block, width), qkv.dtype)
+        dy_strips = np.empty((n_head_panels, q_block, width), qkv.dtype)
         deltas = np.empty(q_block, qkv.dtype)
-        # dK and dV accumulate transposed, (D, keys): their products then read the tiles of P and
-        # dS in place as B instead of transposing them as A.
-        q_t = np.empty((d, q_block), qkv.dtype)
-        dy_t = np.empty((d, q_block), qkv.dtype)
-        dk_t = np.empty((d, n_panels_all * width), qkv.dtype)
-        dv_t = np.empty((d, n_panels_all * width), qkv.dtype)
-        for e in range(d):
-            for j in range(n_panels_all * width):
-                dk_t[e, j] = 0.0
-                dv_t[e, j] = 0.0
         for qb in range(nq):
             i0 = qb * q_block
             i1 = min(t, i0 + q_block)
@@ -173,9 +170,8 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
                 for e in range(d):
                     delta += np.float64(gr[e]) * yr[e]
                 deltas[r] = delta
-                for e in range(d):
-                    q_t[e, r] = q[i0 + r, e]
-                    dy_t[e, r] = gr[e]
+            pack_rows(q_strips[:, :rows], q[i0:i1])
+            pack_rows(dy_strips[:, :rows], g)
             p_block = p_scratch[:rows * stride].reshape(rows, stride)
             ds_block = ds_scratch[:rows * stride].reshape(rows, stride)
             for kb in range(qb + 1):
@@ -202,20 +198,11 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
                     for j in range(pm.shape[0]):
                         pm[j] = 0.0
                         dm[j] = 0.0
-                panel_product(dq_tile[:rows], ds_tile, k_strips[:, j0:j1], scale, kb > 0)
-                matrix_product(dk_t[:, j0:j0 + n_panels * width], q_t, ds_tile, scale, True)
-                matrix_product(dv_t[:, j0:j0 + n_panels * width], dy_t, p_tile, one, True)
-            for r in range(rows):
-                for e in range(d):
-                    dqkv[b, i0 + r, h0 + e] = dq_tile[r, e]
-        # Transposed back in strips of 16 keys, so a strip's rows of dqkv and of dK^T, dV^T stay
-        # in L1 (one key at a time read dK^T and dV^T 4 KiB apart: the backward's work outside
-        # the products and the softmax took ~7 ms per call at B1 H12 T1024 that way, ~6 this way).
-        for strip in range(0, t, 16):
-            for e in range(d):
-                for j in range(strip, min(t, strip + 16)):
-                    dqkv[b, j, c + h0 + e] = dk_t[e, j]
-                    dqkv[b, j, 2 * c + h0 + e] = dv_t[e, j]
+                # Key tile kb is first reached by query block kb: set there, added to after.
+                panel_product(dq[i0:i1], ds_tile, k_strips[:, j0:j1], scale, kb > 0)
+                panel_product(dk[j0:j1], ds_block[:, :j1 - j0].T, q_strips[:, :rows], scale,
+                              qb > kb)
+                panel_product(dv[j0:j1], p_block[:, :j1 - j0].T, dy_strips[:, :rows], one, qb > kb)
 
 
 @functools.lru_cache(maxsize=2)

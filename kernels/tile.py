@@ -1,13 +1,13 @@
-"""A register-blocked product for attention's tiles: C (m, P W) = alpha A (m, depth) B, or
-C += that, with B cut into P column strips ("panels") of W columns.
+"""A register-blocked product for attention's tiles: C (m, n) = alpha A (m, depth) B, or C += that,
+with B cut into column strips ("panels") of W columns, the last one zero-padded.
 
 Why not BLAS: attention's products are small and many (per block of 64 query rows: 64 x i1 x 64 for
 the forward's scores, 64 x 64 x i1 for its P V), and BLAS repacks both operands on every call. On
 one Zen 3 thread, over the causal sequence of 128-row score and P V tiles at T 1024 and D 64,
 OpenBLAS's sgemm (Haswell kernels) ran the score tiles at 53-67 GFLOP/s and this kernel at 66-78; P
 V at 51-67 against 59-84 here, side by side in four runs (the machine's noise moves both together;
-the model's large GEMMs run near 90). Here A is read in place and B is packed once per head, or read
-in place when its rows are already unit-stride (a tile of P or dS as B).
+the model's large GEMMs run near 90). Here A is read in place at whatever strides it has (rows of
+q, or a tile of P or dS transposed), B is packed, and C is written in place.
 
 Layout: a panel holds W = 2 vectors of columns (16 float32 or 8 float64 with AVX2, twice that with
 AVX-512) for every k of the inner dimension, row k at B + k ldb. A block of 6 rows of C keeps its
@@ -15,10 +15,11 @@ AVX-512) for every k of the inner dimension, row k at B + k ldb. A block of 6 ro
 two FMA pipes' latency of 4 with room; the two B vectors and one broadcast make 15 of the 16 AVX2
 registers), and 6 rows of A are broadcast per step. 6 rows measured 0-6% faster than 4 on the
 score and P V sequences, 4-15% on the key gradients' (Zen 3, same runs).
-The rows past the last whole block of 6 run the same code with 1 to 5 rows. The vector code is
-written as LLVM IR (`_make_block`), since Numba exposes no vector types. C's width is the panels'
-(the caller pads), and A's rows are unit-stride along the inner dimension.
+The rows past the last whole block of 6 run the same code with 1 to 5 rows; columns past the last
+whole panel go through a small scratch of whole vectors. The vector code is written as LLVM IR
+(`_make_block`), since Numba exposes no vector types.
 """
+import numpy as np
 from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
@@ -44,15 +45,15 @@ def panel_width(dtype):
 
 
 def _make_block(rows):
-    """An intrinsic block(c, ldc, a, lda, b, ldb, depth, alpha, accumulate): C[:rows, :W] =
-    alpha A B, or C += alpha A B when accumulate, for A (rows, depth) and one panel B (depth, W).
-    Addresses are integers, leading dimensions in elements; alpha's type is the element type.
-    depth >= 1."""
+    """An intrinsic block(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate): C[:rows, :W]
+    = alpha A B, or C += alpha A B when accumulate, for A (rows, depth), its element (r, k) at
+    a + r lda + k a_step, and one panel B (depth, W). Addresses are integers, strides in elements;
+    alpha's type is the element type. depth >= 1."""
     @intrinsic
-    def block(typingctx, c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha, accumulate):
+    def block(typingctx, c_addr, ldc, a_addr, lda, a_step, b_addr, ldb, depth, alpha, accumulate):
         def codegen(context, builder, signature, args):
-            c_addr, ldc, a_addr, lda, b_addr, ldb, depth, alpha, accumulate = args
-            element = context.get_value_type(signature.args[7])
+            c_addr, ldc, a_addr, lda, a_step, b_addr, ldb, depth, alpha, accumulate = args
+            element = context.get_value_type(signature.args[8])
             lanes = VECTOR_BYTES // context.get_abi_sizeof(element)
             vector = ir.VectorType(element, lanes)
             i64 = ir.IntType(64)
@@ -83,11 +84,12 @@ def _make_block(rows):
             k = builder.phi(i64)
             sums = [builder.phi(vector) for _ in range(rows * PANEL_VECTORS)]
             b_row = builder.mul(k, ldb)
+            a_column = builder.mul(k, a_step)
             b_vectors = [builder.load(vector_at(b, builder.add(b_row, ir.Constant(i64, v * lanes))),
                                       align=4) for v in range(PANEL_VECTORS)]
             updated = []
             for r in range(rows):
-                a_vector = broadcast(builder.load(builder.gep(a_rows[r], [k])))
+                a_vector = broadcast(builder.load(builder.gep(a_rows[r], [a_column])))
                 for v in range(PANEL_VECTORS):
                     updated.append(builder.call(fma, [a_vector, b_vectors[v],
                                                       sums[r * PANEL_VECTORS + v]]))
@@ -116,7 +118,7 @@ def _make_block(rows):
             return context.get_dummy_value()
 
         i = types.int64
-        return types.void(i, i, i, i, i, i, i, alpha, types.boolean), codegen
+        return types.void(i, i, i, i, i, i, i, i, alpha, types.boolean), codegen
 
     return block
 
@@ -126,27 +128,31 @@ _BLOCK1, _BLOCK2, _BLOCK3, _BLOCK4, _BLOCK5, _BLOCK6 = [_make_block(rows)
 
 
 @njit(cache=True, inline="always")
-def _rows_block(rows, accumulate, c, ldc, a, lda, b, ldb, depth, alpha):
+def _rows_block(rows, accumulate, c, ldc, a, lda, a_step, b, ldb, depth, alpha):
     """The block for 1 to 6 rows (Numba cannot index a list of intrinsics, so the choice is
     spelled out)."""
     if rows == 6:
-        _BLOCK6(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK6(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
     elif rows == 5:
-        _BLOCK5(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK5(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
     elif rows == 4:
-        _BLOCK4(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK4(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
     elif rows == 3:
-        _BLOCK3(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK3(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
     elif rows == 2:
-        _BLOCK2(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK2(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
     else:
-        _BLOCK1(c, ldc, a, lda, b, ldb, depth, alpha, accumulate)
+        _BLOCK1(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def _product(c, a, b_addr, panel_step, ldb, depth, alpha, accumulate):
-    """c (m, P W) = alpha a (m, depth) B, or += when accumulate; panel p of B starts p panel_step
-    elements past b_addr, its rows ldb apart. Depth 0 makes the product 0."""
+def panel_product(c, a, panels, alpha, accumulate):
+    """c (m, n) = alpha a (m, D) B, or c += that when accumulate, with B (D, n) packed as panels
+    (ceil(n / W), D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). a is read
+    in place at its own strides (a transposed view is fine); rows of c and of the panels must be
+    unit-stride. Depth 0 makes the product 0."""
+    m, n = c.shape
+    depth = panels.shape[1]
     if depth == 0:
         if not accumulate:
             c[:, :] = 0.0
@@ -154,35 +160,29 @@ def _product(c, a, b_addr, panel_step, ldb, depth, alpha, accumulate):
     # The vector code takes its element type from alpha: a float64 alpha with float32 arrays
     # would read them as float64.
     alpha = c.dtype.type(alpha)
-    m = c.shape[0]
     size = c.itemsize
     width = columns_per_panel(size)
     ldc = c.strides[0] // size
-    lda = a.strides[0] // size
-    for p in range(c.shape[1] // width):
-        b = b_addr + p * panel_step * size
+    lda, a_step = a.strides[0] // size, a.strides[1] // size
+    panel_step, ldb = panels.strides[0] // size, panels.strides[1] // size
+    whole = n // width
+    for p in range(whole):
+        b = panels.ctypes.data + p * panel_step * size
         c_panel = c.ctypes.data + p * width * size
         for r0 in range(0, m, BLOCK_ROWS):
             _rows_block(min(BLOCK_ROWS, m - r0), accumulate, c_panel + r0 * ldc * size, ldc,
-                        a.ctypes.data + r0 * lda * size, lda, b, ldb, depth, alpha)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def panel_product(c, a, panels, alpha, accumulate):
-    """c (m, P W) = alpha a (m, D) B, or c += that when accumulate, with B (D, P W) packed as
-    panels (P, D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). Rows of c, a
-    and the panels must be unit-stride; there must be as many panels as c has."""
-    size = panels.itemsize
-    _product(c, a, panels.ctypes.data, panels.strides[0] // size, panels.strides[1] // size,
-             panels.shape[1], alpha, accumulate)
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def matrix_product(c, a, b, alpha, accumulate):
-    """c (m, n) = alpha a (m, k) b (k, n), or c += that when accumulate, with b read in place: n a
-    whole number of panels (`panel_width`), rows of c, a and b unit-stride."""
-    _product(c, a, b.ctypes.data, columns_per_panel(b.itemsize), b.strides[0] // b.itemsize,
-             b.shape[0], alpha, accumulate)
+                        a.ctypes.data + r0 * lda * size, lda, a_step, b, ldb, depth, alpha)
+    if whole * width < n:
+        edge = np.empty((BLOCK_ROWS, width), c.dtype)
+        b = panels.ctypes.data + whole * panel_step * size
+        for r0 in range(0, m, BLOCK_ROWS):
+            rows = min(BLOCK_ROWS, m - r0)
+            _rows_block(rows, False, edge.ctypes.data, width, a.ctypes.data + r0 * lda * size,
+                        lda, a_step, b, ldb, depth, alpha)
+            for r in range(rows):
+                c_edge = c[r0 + r, whole * width:]
+                for j in range(n - whole * width):
+                    c_edge[j] = c_edge[j] + edge[r, j] if accumulate else edge[r, j]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -212,11 +212,15 @@ def pack_rows(panels, x):
     d = x.shape[1]
     for p in range(n_panels):
         strip = panels[p]
+        e0 = p * width
+        cols = min(width, d - e0)
         for j in range(n):
-            row = x[j]
-            for lane in range(width):
-                e = p * width + lane
-                strip[j, lane] = row[e] if e < d else 0.0
+            source = x[j, e0:e0 + cols]
+            target = strip[j]
+            for lane in range(cols):
+                target[lane] = source[lane]
+            for lane in range(cols, width):
+                target[lane] = 0.0
 
 
 @njit(**PARALLEL)

@@ -380,8 +380,8 @@ def test_attention_forward_reuses_its_packing_workspace():
                                    (11, 70, 64), (64, 1024, 64), (130, 33, 130)])
 def test_panel_product(dt, m, n, d):
     """The microkernel against NumPy's matmul, from strided views as attention passes them: rows of
-    q and k inside a wider array, the product into a wider scratch; B packed as column panels
-    (keys for the scores) and as strips (values for P V), and read in place."""
+    q and k inside a wider array, A transposed in place, the product into part of a wider array;
+    B packed as column panels (keys for the scores) and as strips (values for P V)."""
     rng, f = data(dt, seed=m + n)
     width = tile.panel_width(np.dtype(dt))
     n_panels = -(-n // width)
@@ -410,21 +410,22 @@ def test_panel_product(dt, m, n, d):
     assert np.isnan(acc[m:]).all()
     assert not np.allclose(acc[:m, :n], 0.5 * exact)          # c is added to
 
-    # ... and read in place: b = k^T inside a wider array, whole panels of columns
-    b = np.zeros((d, n_panels * width + 5), dt)
-    b[:, :n] = k.T
-    acc[:m] = start
-    tile.matrix_product(acc[:m], q, b[:, :n_panels * width], dt(0.5), True)
-    close(acc[:m, :n], start[:, :n] + 0.5 * exact, dt)
-    tile.matrix_product(acc[:m], q, b[:, :n_panels * width], dt(0.5), False)
-    close(acc[:m, :n], 0.5 * exact, dt)
-    assert np.isnan(acc[m:]).all()
+    # ... into exactly n columns of a wider array (the last panel partial: columns past n stay as
+    # they are), set and then added to, with a read transposed in place: a = (q^T)^T
+    q_t = np.ascontiguousarray(q.T)
+    wide = np.full((m + 2, n + 3), np.nan, dt)
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), False)
+    close(wide[:m, :n], 0.5 * exact, dt)
+    wide[:m, :n] = start[:, :n]
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), True)
+    close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
+    assert np.isnan(wide[:, n:]).all() and np.isnan(wide[m:]).all()
 
     # depth 0: the product is 0 when set, and c is left as it is when accumulated
-    tile.matrix_product(acc[:m], q[:, :0], b[:0, :n_panels * width], dt(0.5), True)
-    close(acc[:m, :n], 0.5 * exact, dt)
-    tile.matrix_product(acc[:m], q[:, :0], b[:0, :n_panels * width], dt(0.5), False)
-    assert (acc[:m] == 0).all()
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), True)
+    close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), False)
+    assert (wide[:m, :n] == 0).all() and np.isnan(wide[:, n:]).all()
 
 
 # ---------------------------------------------------------------- the KV cache
