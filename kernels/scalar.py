@@ -295,10 +295,12 @@ def row_max(x):
     """max of a 1-D contiguous float array, in its dtype (NaN entries are not seen). A float max
     reduction does not vectorise in Numba, even under full fastmath, but an integer one does:
     2x the speed of 16 running float maxima."""
+    # The key's bits are the float's: a scalar view turns them back, with no array to allocate
+    # (one per row, 150 thousand allocations per training step at B1 T1024, in attention alone).
     if x.itemsize == 4:
-        out32 = np.full(1, _largest_key(x.view(np.int32), np.int32(31), np.int32(0x7FFFFFFF),
-                                         np.int32(-2**31)), np.int32)
-        return out32.view(x.dtype)[0]
-    out64 = np.full(1, _largest_key(x.view(np.int64), np.int64(63),
-                                     np.int64(0x7FFFFFFFFFFFFFFF), np.int64(-2**63)), np.int64)
-    return out64.view(x.dtype)[0]
+        key32 = _largest_key(x.view(np.int32), np.int32(31), np.int32(0x7FFFFFFF),
+                             np.int32(-2**31))
+        return x.dtype.type(np.int32(key32).view(np.float32))
+    key64 = _largest_key(x.view(np.int64), np.int64(63), np.int64(0x7FFFFFFFFFFFFFFF),
+                         np.int64(-2**63))
+    return x.dtype.type(np.int64(key64).view(np.float64))
