@@ -5,7 +5,8 @@ attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernel
 family (elementwise, gemm, embedding, normalisation, attention, loss, optimiser), with the reference
 ones for the layout ops NumPy already does at its best (permute, split, concat, causal_mask, fill,
 matmul). This package imports nothing from `tracer` or `gpt2`; it applies `cpu.configure()` before
-anything loads NumPy.
+anything loads NumPy, and `common` sets Numba's cache directory (`common.numba_cache_dir`) before
+any kernel is made.
 
 Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout ops (arange,
 narrow) take the reference kernels. `DECODE` is the table generation's plans run on: `COMPILED`
@@ -15,6 +16,7 @@ from kernels import cpu
 
 cpu.configure()
 
+from kernels import common  # noqa: E402,F401  (Numba's cache directory, before any kernel is made)
 from kernels import (attention, elementwise, embedding, gemm, loss, normalisation,  # noqa: E402
                      optimiser, reference)
 from kernels import decode  # noqa: E402

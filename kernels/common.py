@@ -21,6 +21,7 @@ Choices that hold throughout:
   only. No `nnan` (a NaN loss must stay NaN) and no `ninf`: -inf is a legitimate value (masked
   scores, a running maximum's start).
 """
+import hashlib
 import os
 
 import numba
@@ -38,6 +39,28 @@ import numpy as np
 #   loads.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+
+
+def numba_cache_dir(environ, kernel_dir):
+    """Where Numba caches the compiled kernels: a directory named by a digest of every source
+    file in kernel_dir, under $NUMBA_CACHE_DIR, else $GPT2_JIT_CACHE, else ~/.cache/gpt2-jit.
+    Numba checks a cached function against its own file's time stamp only, not against the files
+    whose code it inlined (`kernels.scalar`'s exp, `kernels.tile`'s microkernel, the constants
+    here): after an update, a kernel whose own file did not change would keep running the old
+    code. Any change to a kernel source now starts a fresh cache."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(kernel_dir)):
+        if name.endswith(".py"):
+            with open(os.path.join(kernel_dir, name), "rb") as f:
+                digest.update(name.encode() + b"\0" + f.read() + b"\0")
+    base = environ.get("NUMBA_CACHE_DIR") or environ.get("GPT2_JIT_CACHE") \
+        or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-jit")
+    return os.path.join(os.path.expanduser(base), "numba-" + digest.hexdigest()[:16])
+
+
+# Read by every `cache=True` kernel as it is decorated, so set before any kernel module's body runs
+# (each imports this module first).
+numba.config.CACHE_DIR = numba_cache_dir(os.environ, os.path.dirname(os.path.abspath(__file__)))
 
 FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 # error_model="numpy": a float division by zero gives inf or nan, as in NumPy. Numba's default

@@ -5,6 +5,8 @@ run stays short; Numba compiles once per dtype, not per shape, so the cases add 
 """
 import inspect
 import math
+import os
+import shutil
 import tracemalloc
 
 import numba
@@ -72,6 +74,27 @@ def test_table_names_and_signatures():
         assert inspect.signature(fn) == inspect.signature(getattr(ref, name)), name
     for name in ("adamw", "sum_of_squares", "scale_in_place"):
         assert inspect.signature(getattr(optimiser, name)) == inspect.signature(getattr(ref, name))
+
+
+def test_numba_cache_dir_follows_every_kernel_source(tmp_path, monkeypatch):
+    """The compiled kernels' cache is named by all kernel sources together, so a change to one
+    that others inline (kernels.scalar) cannot leave them running cached old code."""
+    here = os.path.dirname(common.__file__)
+    assert numba.config.CACHE_DIR == common.numba_cache_dir(os.environ, here)
+    copy = tmp_path / "kernels"
+    shutil.copytree(here, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    env = {"GPT2_JIT_CACHE": str(tmp_path / "cache")}
+    same = common.numba_cache_dir(env, str(copy))
+    assert same == common.numba_cache_dir(env, here)
+    assert os.path.dirname(same) == str(tmp_path / "cache")
+    with open(copy / "scalar.py", "a") as f:
+        f.write("\n")
+    assert common.numba_cache_dir(env, str(copy)) != same
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "numba")
+    assert os.path.dirname(common.numba_cache_dir(env, here)) == str(tmp_path / "numba")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert common.numba_cache_dir({}, here).startswith(str(tmp_path / "home" / ".cache" /
+                                                          "gpt2-jit" / "numba-"))
 
 
 # ---------------------------------------------------------------- elementwise
@@ -309,6 +332,49 @@ def test_softmax(dt, case):
     dx = dy.copy()
     NUMBA["softmax_backward"](dx, dx, y)
     close(dx, want[0], dt)
+
+
+@numba.njit(cache=True)
+def _row_maxima(x, rows, with_array):
+    """row_max of each of x's first `rows` rows; with_array, each result also goes through a
+    one-element array, as row_max once did (the allocation counter's control)."""
+    out = np.empty(rows, x.dtype)
+    for r in range(rows):
+        m = scalar.row_max(x[r])
+        if with_array:
+            m = np.full(1, m)[0]
+        out[r] = m
+    return out
+
+
+def nrt_allocations(fn):
+    """How many arrays Numba's runtime allocates while fn runs."""
+    from numba.core.runtime import _nrt_python, rtsys
+    _nrt_python.memsys_enable_stats()
+    before = rtsys.get_allocation_stats().alloc
+    fn()
+    return rtsys.get_allocation_stats().alloc - before
+
+
+def test_row_max(dt):
+    """The largest entry in the array's own dtype, infinities and signed zeros included, with
+    nothing allocated per call (row_max is called once per row of a softmax)."""
+    _, f = data(dt)
+    x = f(6, 37)
+    x[1, 5] = np.inf
+    x[2] = -np.abs(x[2])
+    x[2, 30] = -np.inf
+    x[3] = -np.inf
+    x[4] = 0.0
+    x[4, ::2] = -0.0
+    x[5, 1:] = -np.inf
+    got = _row_maxima(x, 6, False)
+    assert got.dtype == dt
+    np.testing.assert_array_equal(got, x.max(axis=1))
+    assert (_row_maxima(x[:, :1], 6, False) == x[:, 0]).all()
+    many = f(500, 8)
+    assert nrt_allocations(lambda: _row_maxima(many, 500, False)) < 10
+    assert nrt_allocations(lambda: _row_maxima(many, 500, True)) >= 500      # control
 
 
 # ---------------------------------------------------------------- attention
