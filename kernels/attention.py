@@ -24,32 +24,32 @@ dY_i and the results) took the backward's work outside the products from ~20 to 
 one thread, but the whole kernel only to 0.96-1.00 of its time (interleaved, B1 T1024).
 
 The forward's block holds its whole score rows (T keys at most), so its softmax is exact, not
-online; only the per-row log-sum-exp is kept for the backward, so saved memory is O(T). Scratch: per
-forward task one (block, T) score tile, beside every head's keys and values packed into a workspace
-kept per shape (`_packed_heads`: 6 MiB at B1 T1024 float32 that a fresh allocation paged in again
-every call; reusing it took the forward to 0.98 of its time on Zen 3); per backward task the head's
-keys packed twice (panels and strips) and its values once, two (block, block) tiles, and the strips
-of Q_i and dY_i. The elementwise work runs in the arrays' own precision: float32 scores take `exp32`
-(within 1.05 ulp) and float32 sums, twice the vector lanes of float64 math; at B1 H12 T1024 that cut
-the forward's softmax from ~25 to ~5 ms, and the tests hold float32 results to the float64 reference
-within 1e-5.
+online; only the per-row log-sum-exp is kept for the backward, so saved memory is O(T). Scratch,
+all of it `workspace` kept per shape (`_forward_scratch`, `_backward_scratch`): for the forward,
+every head's keys and values packed, and per worker one (block, T) score tile; for the backward,
+per worker the head's keys packed twice (panels and strips) and its values once, two (block,
+block) tiles, and the strips of Q_i and dY_i. The elementwise work runs in the arrays' own
+precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the vector lanes
+of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and the tests
+hold float32 results to the float64 reference within 1e-5.
 
 Parallelism: the forward runs one task per (batch, head, pair of query blocks), pairing block k with
 block n-1-k so every task does the same causal work; its keys and values are packed first, in the
 same kernel call, one task per head. The backward runs one task per (batch, head), which packs its
 own: that task alone adds into its head's dQ, dK and dV, in block order, so the sums are race-free
-and the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1).
+and the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1). Tasks
+are dealt round-robin to one worker per thread (`n_workers`), each with its own scratch.
 """
-import functools
 import math
 
 import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import FASTMATH, PARALLEL, is_fast
+from kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
 from kernels.scalar import exp_native, row_max
-from kernels.tile import pack_heads, pack_panels, pack_rows, panel_product, panel_width
+from kernels.tile import (edge_scratch, pack_heads, pack_panels, pack_rows, panel_product,
+                          panel_width)
 
 # Query rows per block, and keys per tile in the backward: a multiple of every panel width (up to 32
 # columns, float32 on AVX-512), as the backward's key tiles must start on a panel. Measured at B1
@@ -58,6 +58,7 @@ from kernels.tile import pack_heads, pack_panels, pack_rows, panel_product, pane
 # run at 59 GFLOP/s, 64 at 71, 96 to 192 at 76-79.)
 Q_BLOCK = 64
 assert Q_BLOCK % 32 == 0
+PACKING_SKEW = 1088                 # 17 cache lines: no multiple of 4 KiB
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -87,133 +88,179 @@ def score_stride(n_panels, width):
 
 
 @njit(**PARALLEL)
-def _attention_forward(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block):
+def _attention_forward(out, lse, qkv, n_head, scale, q_block, key_panels, value_strips,
+                       score_tiles, inv_sums, edges):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token;
     key_panels (B*H, P, D, W) and value_strips (B*H, P', T, W): workspace, every head packed into
-    it here by `pack_heads` first."""
+    it here by `pack_heads` first. Per worker: score_tiles (workers, q_block stride), inv_sums
+    (workers, q_block), edges (workers, 6, W)."""
     pack_heads(key_panels, value_strips, qkv, n_head)
-    bsz, t, c3 = qkv.shape
-    c = c3 // 3
+    nq = (qkv.shape[1] + q_block - 1) // q_block
+    pairs = (nq + 1) // 2
+    n_tasks = qkv.shape[0] * n_head * pairs
+    workers = score_tiles.shape[0]
+    for worker in prange(workers):
+        for task in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
+            _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task,
+                          pairs, score_tiles[worker], inv_sums[worker], edges[worker])
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task, pairs,
+                  scores, inv_l, edge):
+    """One (batch, head, pair of query blocks) of `_attention_forward`."""
+    t = qkv.shape[1]
+    c = qkv.shape[2] // 3
     d = c // n_head
     width = key_panels.shape[3]
     stride = score_stride(key_panels.shape[1], width)
     nq = (t + q_block - 1) // q_block
-    pairs = (nq + 1) // 2
-    for task in prange(bsz * n_head * pairs):
-        bh = task // pairs
-        b = bh // n_head
-        h0 = (bh % n_head) * d
-        scores = np.empty(q_block * stride, qkv.dtype)
-        inv_l = np.empty(q_block, qkv.dtype)
-        first, last = task % pairs, nq - 1 - task % pairs
-        for qb in range(first, last + 1, max(1, last - first)):
-            i0 = qb * q_block
-            i1 = min(t, i0 + q_block)
-            n_panels = (i1 + width - 1) // width
-            padded = scores[:(i1 - i0) * stride].reshape(i1 - i0, stride)
-            panel_product(padded[:, :n_panels * width], qkv[b, i0:i1, h0:h0 + d],
-                          key_panels[bh, :n_panels], scale, False)
-            for r in range(i1 - i0):
-                m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
-                lse[bh, i0 + r] = m + math.log(total)
-                inv_l[r] = 1.0 / total
-            y = out[b, i0:i1, h0:h0 + d]
-            panel_product(y, padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False)
-            for r in range(i1 - i0):
-                yr = y[r]
-                for e in range(d):
-                    yr[e] *= inv_l[r]
+    bh = task // pairs
+    b = bh // n_head
+    h0 = (bh % n_head) * d
+    first, last = task % pairs, nq - 1 - task % pairs
+    for qb in range(first, last + 1, max(1, last - first)):
+        i0 = qb * q_block
+        i1 = min(t, i0 + q_block)
+        n_panels = (i1 + width - 1) // width
+        padded = scores[:(i1 - i0) * stride].reshape(i1 - i0, stride)
+        panel_product(padded[:, :n_panels * width], qkv[b, i0:i1, h0:h0 + d],
+                      key_panels[bh, :n_panels], scale, False, edge)
+        for r in range(i1 - i0):
+            m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
+            lse[bh, i0 + r] = m + math.log(total)
+            inv_l[r] = 1.0 / total
+        y = out[b, i0:i1, h0:h0 + d]
+        panel_product(y, padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False, edge)
+        for r in range(i1 - i0):
+            yr = y[r]
+            for e in range(d):
+                yr[e] *= inv_l[r]
 
 
 @njit(**PARALLEL)
-def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width):
-    """dqkv (B, T, 3C) from dy, out (B, T, C), qkv (B, T, 3C) and lse (B*H, T); width: columns
-    per panel (`panel_width`). Tiles are q_block queries by q_block keys, so P and dS stay in L2
-    between the products that write and read them."""
-    bsz, t, c3 = qkv.shape
-    c = c3 // 3
+def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, packed, tiles,
+                        row_strips, deltas, edges):
+    """dqkv (B, T, 3C) from dy, out (B, T, C), qkv (B, T, 3C) and lse (B*H, T); width: columns per
+    panel. Tiles are q_block queries by q_block keys, so P and dS stay in L2 between the products
+    that write and read them. Per worker (`_backward_scratch`): packed (workers, 3, span) for the
+    head's keys and values as column panels and its keys as strips, tiles (workers, 2, q_block
+    stride) for P and dS, row_strips (workers, 2, P', q_block, W) for Q_i and dY_i, deltas
+    (workers, q_block), edges (workers, 6, W)."""
+    n_tasks = qkv.shape[0] * n_head
+    workers = deltas.shape[0]
+    for worker in prange(workers):
+        for bh in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
+            _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh,
+                           packed[worker], tiles[worker], row_strips[worker], deltas[worker],
+                           edges[worker])
+
+
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, packed, tiles,
+                   row_strips, deltas, edge):
+    """One (batch, head) of `_attention_backward`: it alone adds into the head's dQ, dK and dV."""
+    t = qkv.shape[1]
+    c = qkv.shape[2] // 3
     d = c // n_head
-    nq = (t + q_block - 1) // q_block
-    n_panels_all = (t + width - 1) // width
+    n_key_panels = (t + width - 1) // width
     n_head_panels = (d + width - 1) // width
-    stride = score_stride((q_block + width - 1) // width, width)
+    nq = (t + q_block - 1) // q_block
+    stride = tiles.shape[1] // q_block
     one = qkv.dtype.type(1.0)
-    for bh in prange(bsz * n_head):
-        b = bh // n_head
-        h0 = (bh % n_head) * d
-        q = qkv[b, :, h0:h0 + d]
-        k = qkv[b, :, c + h0:c + h0 + d]
-        v = qkv[b, :, 2 * c + h0:2 * c + h0 + d]
-        dq = dqkv[b, :, h0:h0 + d]
-        dk = dqkv[b, :, c + h0:c + h0 + d]
-        dv = dqkv[b, :, 2 * c + h0:2 * c + h0 + d]
-        k_panels = np.empty((n_panels_all, d, width), qkv.dtype)
-        v_panels = np.empty((n_panels_all, d, width), qkv.dtype)
-        k_strips = np.empty((n_head_panels, t, width), qkv.dtype)
-        pack_panels(k_panels, k)
-        pack_panels(v_panels, v)
-        pack_rows(k_strips, k)
-        p_scratch = np.empty(q_block * stride, qkv.dtype)
-        ds_scratch = np.empty(q_block * stride, qkv.dtype)
-        q_strips = np.empty((n_head_panels, q_block, width), qkv.dtype)
-        dy_strips = np.empty((n_head_panels, q_block, width), qkv.dtype)
-        deltas = np.empty(q_block, qkv.dtype)
-        for qb in range(nq):
-            i0 = qb * q_block
-            i1 = min(t, i0 + q_block)
-            rows = i1 - i0
-            g = dy[b, i0:i1, h0:h0 + d]
+    b = bh // n_head
+    h0 = (bh % n_head) * d
+    q = qkv[b, :, h0:h0 + d]
+    k = qkv[b, :, c + h0:c + h0 + d]
+    v = qkv[b, :, 2 * c + h0:2 * c + h0 + d]
+    dq = dqkv[b, :, h0:h0 + d]
+    dk = dqkv[b, :, c + h0:c + h0 + d]
+    dv = dqkv[b, :, 2 * c + h0:2 * c + h0 + d]
+    k_panels = packed[0, :n_key_panels * d * width].reshape(n_key_panels, d, width)
+    v_panels = packed[1, :n_key_panels * d * width].reshape(n_key_panels, d, width)
+    k_strips = packed[2, :n_head_panels * t * width].reshape(n_head_panels, t, width)
+    pack_panels(k_panels, k)
+    pack_panels(v_panels, v)
+    pack_rows(k_strips, k)
+    q_strips = row_strips[0]
+    dy_strips = row_strips[1]
+    for qb in range(nq):
+        i0 = qb * q_block
+        i1 = min(t, i0 + q_block)
+        rows = i1 - i0
+        g = dy[b, i0:i1, h0:h0 + d]
+        for r in range(rows):
+            gr = g[r]
+            yr = out[b, i0 + r, h0:h0 + d]
+            delta = 0.0
+            for e in range(d):
+                delta += np.float64(gr[e]) * yr[e]
+            deltas[r] = delta
+        pack_rows(q_strips[:, :rows], q[i0:i1])
+        pack_rows(dy_strips[:, :rows], g)
+        p_block = tiles[0, :rows * stride].reshape(rows, stride)
+        ds_block = tiles[1, :rows * stride].reshape(rows, stride)
+        for kb in range(qb + 1):
+            j0 = kb * q_block
+            j1 = min(i1, j0 + q_block)
+            p0 = j0 // width
+            n_panels = (j1 + width - 1) // width - p0
+            p_tile = p_block[:, :n_panels * width]
+            ds_tile = ds_block[:, :n_panels * width]
+            panel_product(p_tile, q[i0:i1], k_panels[p0:p0 + n_panels], scale, False, edge)
+            panel_product(ds_tile, g, v_panels[p0:p0 + n_panels], one, False, edge)
             for r in range(rows):
-                gr = g[r]
-                yr = out[b, i0 + r, h0:h0 + d]
-                delta = 0.0
-                for e in range(d):
-                    delta += np.float64(gr[e]) * yr[e]
-                deltas[r] = delta
-            pack_rows(q_strips[:, :rows], q[i0:i1])
-            pack_rows(dy_strips[:, :rows], g)
-            p_block = p_scratch[:rows * stride].reshape(rows, stride)
-            ds_block = ds_scratch[:rows * stride].reshape(rows, stride)
-            for kb in range(qb + 1):
-                j0 = kb * q_block
-                j1 = min(i1, j0 + q_block)
-                p0 = j0 // width
-                n_panels = (j1 + width - 1) // width - p0
-                p_tile = p_block[:, :n_panels * width]
-                ds_tile = ds_block[:, :n_panels * width]
-                panel_product(p_tile, q[i0:i1], k_panels[p0:p0 + n_panels], scale, False)
-                panel_product(ds_tile, g, v_panels[p0:p0 + n_panels], one, False)
-                for r in range(rows):
-                    seen = min(j1, i0 + r + 1) - j0
-                    dr = deltas[r]
-                    li = lse[bh, i0 + r]
-                    pr = p_block[r, :seen]
-                    dsr = ds_block[r, :seen]
-                    for j in range(seen):
-                        e = exp_native(pr[j] - li)
-                        pr[j] = e
-                        dsr[j] = e * (dsr[j] - dr)
-                    pm = p_block[r, seen:j1 - j0]
-                    dm = ds_block[r, seen:j1 - j0]
-                    for j in range(pm.shape[0]):
-                        pm[j] = 0.0
-                        dm[j] = 0.0
-                # Key tile kb is first reached by query block kb: set there, added to after.
-                panel_product(dq[i0:i1], ds_tile, k_strips[:, j0:j1], scale, kb > 0)
-                panel_product(dk[j0:j1], ds_block[:, :j1 - j0].T, q_strips[:, :rows], scale,
-                              qb > kb)
-                panel_product(dv[j0:j1], p_block[:, :j1 - j0].T, dy_strips[:, :rows], one, qb > kb)
+                seen = min(j1, i0 + r + 1) - j0
+                dr = deltas[r]
+                li = lse[bh, i0 + r]
+                pr = p_block[r, :seen]
+                dsr = ds_block[r, :seen]
+                for j in range(seen):
+                    e = exp_native(pr[j] - li)
+                    pr[j] = e
+                    dsr[j] = e * (dsr[j] - dr)
+                pm = p_block[r, seen:j1 - j0]
+                dm = ds_block[r, seen:j1 - j0]
+                for j in range(pm.shape[0]):
+                    pm[j] = 0.0
+                    dm[j] = 0.0
+            # Key tile kb is first reached by query block kb: set there, added to after.
+            panel_product(dq[i0:i1], ds_tile, k_strips[:, j0:j1], scale, kb > 0, edge)
+            panel_product(dk[j0:j1], ds_block[:, :j1 - j0].T, q_strips[:, :rows], scale,
+                          qb > kb, edge)
+            panel_product(dv[j0:j1], p_block[:, :j1 - j0].T, dy_strips[:, :rows], one, qb > kb,
+                          edge)
 
 
-@functools.lru_cache(maxsize=2)
-def _packed_heads(heads, t, d, dtype):
-    """The forward's workspace for every head's keys (column panels) and values (strips), kept
-    per shape and reused by every call (at B1 T1024 float32, 6 MiB that a fresh allocation would
-    page in again each call). The forward packs and reads it inside one kernel call, which holds
-    the GIL, so two Python threads never use it at once."""
+def _backward_scratch(t, d, dtype, workers):
+    """`_attention_backward`'s per-worker scratch at sequence length t and head size d."""
     width = panel_width(dtype)
-    return (np.empty((heads, (t + width - 1) // width, d, width), dtype),
-            np.empty((heads, (d + width - 1) // width, t, width), dtype))
+    head_panels = -(-d // width)
+    stride = score_stride(-(-Q_BLOCK // width), width)
+    # The three packings of a head's keys and values lie PACKING_SKEW bytes more than their size
+    # apart: at sizes that are multiples of 64 KiB (T 256 and 1024 at GPT-2's head size) they
+    # would fall on the same sets of the L2 and the L1 (a backward 1.09x slower at B4 T256).
+    span = max(-(-t // width) * d, head_panels * t) * width + PACKING_SKEW // dtype.itemsize
+    return (width, workspace("attention backward packing", (workers, 3, span), dtype),
+            workspace("attention backward tiles", (workers, 2, Q_BLOCK * stride), dtype),
+            workspace("attention backward row strips", (workers, 2, head_panels, Q_BLOCK, width),
+                      dtype),
+            workspace("attention backward deltas", (workers, Q_BLOCK), dtype),
+            edge_scratch(workers, dtype))
+
+
+def _forward_scratch(bsz, n_head, t, d, dtype, workers):
+    """`_attention_forward`'s workspace: every head's keys (column panels) and values (strips), 6
+    MiB at B1 T1024 float32 that a fresh allocation would page in again each call (reusing it took
+    the forward to 0.98 of its time), and each worker's score tile, inverse row sums and edge."""
+    width = panel_width(dtype)
+    heads = bsz * n_head
+    stride = score_stride(-(-t // width), width)
+    return (workspace("attention key panels", (heads, -(-t // width), d, width), dtype),
+            workspace("attention value strips", (heads, -(-d // width), t, width), dtype),
+            workspace("attention score tiles", (workers, Q_BLOCK * stride), dtype),
+            workspace("attention inverse sums", (workers, Q_BLOCK), dtype),
+            edge_scratch(workers, dtype))
 
 
 def _attention_shapes(qkv, n_head, out, lse):
@@ -229,9 +276,9 @@ def attention(out, lse, qkv, *, n_head):
     if is_fast(out, lse, qkv) and _attention_shapes(qkv, n_head, out, lse):
         b, t, c3 = qkv.shape
         d = c3 // 3 // n_head
-        key_panels, value_strips = _packed_heads(b * n_head, t, d, qkv.dtype)
-        _attention_forward(out, lse.reshape(b * n_head, t), qkv, key_panels, value_strips,
-                           int(n_head), qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK)
+        _attention_forward(out, lse.reshape(b * n_head, t), qkv, int(n_head),
+                           qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK,
+                           *_forward_scratch(b, n_head, t, d, qkv.dtype, n_workers()))
     else:
         reference.attention(out, lse, qkv, n_head=n_head)
 
@@ -241,9 +288,10 @@ def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
     if is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse) \
             and dqkv.shape == qkv.shape and dy.shape == out.shape:
         b, t, c3 = qkv.shape
+        d = c3 // 3 // n_head
         _attention_backward(dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head),
-                            qkv.dtype.type(1.0 / math.sqrt(c3 // 3 // n_head)), Q_BLOCK,
-                            panel_width(qkv.dtype))
+                            qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK,
+                            *_backward_scratch(t, d, qkv.dtype, n_workers()))
     else:
         reference.attention_backward(dqkv, dy, qkv, out, lse, n_head=n_head)
 

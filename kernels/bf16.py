@@ -31,7 +31,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.common import FASTMATH
+from kernels.common import FASTMATH, workspace
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -122,20 +122,8 @@ def to_float32(out, x):
 
 # ---------------------------------------------------------------- the GEMM
 
-_scratch = {}       # (role, dtype, size) -> flat array: operands converted per call, reused
-
-
-def _scratch_like(role, shape, dtype):
-    size = int(np.prod(shape))
-    key = (role, np.dtype(dtype).str, size)
-    buf = _scratch.get(key)
-    if buf is None:
-        buf = _scratch[key] = np.empty(size, dtype)
-    return buf.reshape(shape)
-
-
 def _as_float32(role, x):
-    out = _scratch_like(role, x.shape, np.float32)
+    out = workspace("bf16 operand " + role, x.shape, np.dtype(np.float32))
     to_float32(out, x)
     return out
 
@@ -143,7 +131,7 @@ def _as_float32(role, x):
 def _as_bf16(role, x):
     if x.dtype == BFLOAT16:
         return x
-    out = _scratch_like(role, x.shape, BFLOAT16)
+    out = workspace("bf16 operand " + role, x.shape, BFLOAT16)
     to_bf16(out, x)
     return out
 

@@ -16,6 +16,8 @@ from numba import njit, types
 from numba.extending import get_cython_function_address, intrinsic
 from threadpoolctl import ThreadpoolController
 
+from kernels.common import workspace
+
 # Addresses of BLAS's Fortran ?gemm, handed to the kernels as plain integers: a kernel that held a
 # ctypes function as a global could not be cached.
 GEMM_ADDRESS = {np.dtype(np.float32): get_cython_function_address("scipy.linalg.cython_blas",
@@ -66,8 +68,6 @@ def gemm(address, c, a, b, trans_a, trans_b, alpha, beta, ints, floats):
                i + 16, f + floats.itemsize, c.ctypes.data, i + 20)
 
 
-
-
 def one_blas_thread():
     """Context manager: every BLAS library in the process on one thread until it exits (~14 us
     for the pair), for BLAS calls made from inside a parallel kernel."""
@@ -75,12 +75,13 @@ def one_blas_thread():
 
 
 @njit(cache=True)
-def _accumulate(address, c, a, b, trans_a, trans_b):
-    gemm(address, c, a, b, trans_a, trans_b, 1.0, 1.0, np.empty(8, np.int32),
-         np.empty(2, c.dtype))
+def _accumulate(address, c, a, b, trans_a, trans_b, ints, floats):
+    gemm(address, c, a, b, trans_a, trans_b, 1.0, 1.0, ints, floats)
 
 
 def gemm_accumulate(c, a, b, trans_a=False, trans_b=False):
     """c (m, n) += op(a) op(b) with BLAS's own threads, straight into c: no product temporary and
     no second pass to add it. Arrays of one float dtype, unit stride along their rows."""
-    _accumulate(GEMM_ADDRESS[c.dtype], c, a, b, trans_a, trans_b)
+    _accumulate(GEMM_ADDRESS[c.dtype], c, a, b, trans_a, trans_b,
+                workspace("gemm ints", (8,), np.dtype(np.int32)),
+                workspace("gemm floats", (2,), c.dtype))

@@ -17,10 +17,14 @@ Choices that hold throughout:
   shape (never by the thread count) and the partials are added in block order.
 - Inner loops index from 0 over slices (a[j0:j1] then s[j]): an offset index a[j0 + j] carries
   Numba's negative-index wraparound and the loop does not vectorise (measured 7x).
+- Kernels allocate nothing: their scratch is a `workspace` the wrapper passes in, kept per shape,
+  so a training step's only memory is its plan's arena (a parallel kernel's per-task scratch is one
+  row per worker of `n_workers`, its tasks dealt round-robin to the workers).
 - fastmath flags: reassociation (vectorised sums), contraction (FMA), reciprocal and no-signed-zero
   only. No `nnan` (a NaN loss must stay NaN) and no `ninf`: -inf is a legitimate value (masked
   scores, a running maximum's start).
 """
+import functools
 import hashlib
 import os
 
@@ -69,16 +73,35 @@ FASTMATH = {"nsz", "arcp", "contract", "reassoc"}
 PARALLEL = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 # Inside a parallel kernel np.zeros (an array expression) becomes a parallel loop of its own, one
 # more launch per call: LayerNorm's backward at (1024, 768) ran 0.68 ms with its three regions and
-# 0.28 ms with one. Kernels allocate with np.empty and clear their scratch inside the prange.
+# 0.28 ms with one. Kernels clear their scratch inside the prange.
 
 # In-place calls (out is a, dx is dy, dlogits is logits) would defeat vectorisation: LLVM guards a
 # vector loop with an overlap check between the arrays, and an output that *is* an input fails it,
 # so the loop runs scalar (measured 7x slower). Kernels that may run in place therefore compute a
 # segment of at most SEG elements into a scratch row, then copy it out: two unit-stride loops over
-# L1-resident data, both vectorised. The scratch is (chunks, SEG), allocated once per call outside
-# the parallel loop, one row per chunk of the work.
+# L1-resident data, both vectorised. The scratch is a (chunks, SEG) `workspace`, one row per chunk
+# of the work.
 CHUNKS = 64
 SEG = 2048
+
+
+@functools.lru_cache(maxsize=128)
+def workspace(role, shape, dtype):
+    """A scratch array for `role` (a kernel's name and what the array is for), made once per shape
+    and dtype and handed to every call that asks again. Its contents never outlive a kernel call,
+    and a jitted call holds the GIL, so two calls never use one at once."""
+    return np.empty(shape, dtype)
+
+
+def chunk_scratch(dtype):
+    """The (CHUNKS, SEG) scratch of the kernels that may run in place (see above), one for all."""
+    return workspace("chunks", (CHUNKS, SEG), np.dtype(dtype))
+
+
+def n_workers():
+    """Workers of a kernel that deals its tasks round-robin, one per thread Numba runs it on: each
+    owns a row of the per-task scratch. A task's result does not depend on which worker runs it."""
+    return numba.get_num_threads()
 
 
 def is_fast(*arrays):

@@ -8,19 +8,19 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.bf16 import put
-from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_small, is_suffix, rows
+from kernels.common import CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small, is_suffix, rows
 from kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
                             gelu_tanh_native)
 
 
 @njit(**PARALLEL)
-def binary_rows(out, a, b, op):
+def binary_rows(out, a, b, op, scratch):
     """out (N, C) = a (N, C) op b (M, C) with b's row i % M (M divides N); op 0 add, 1 multiply.
-    Covers equal shapes (M = N), (B, T, C) with (T, C) and a bias (1, C). out may alias a or b."""
+    Covers equal shapes (M = N), (B, T, C) with (T, C) and a bias (1, C). out may alias a or b;
+    scratch: `chunk_scratch`."""
     n, c = out.shape
     m = b.shape[0]
     nch = min(n, CHUNKS)
-    scratch = np.empty((nch, SEG), out.dtype)
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -40,11 +40,11 @@ def binary_rows(out, a, b, op):
 
 
 @njit(**PARALLEL)
-def scale_flat(out, x, factor):
-    """out (n,) = x (n,) * factor (a scalar of the arrays' dtype); out may alias x."""
+def scale_flat(out, x, factor, scratch):
+    """out (n,) = x (n,) * factor (a scalar of the arrays' dtype); out may alias x; scratch:
+    `chunk_scratch`."""
     n = x.shape[0]
     nch = min(CHUNKS, (n + SEG - 1) // SEG)
-    scratch = np.empty((nch, SEG), x.dtype)
     for ch in prange(nch):
         tmp = scratch[ch]
         hi = (ch + 1) * n // nch
@@ -94,12 +94,11 @@ def bias_gelu_rows(out, pre, b, has_bias, form):
 
 
 @njit(**PARALLEL)
-def _gelu_backward_rows(dx, dy, x, form):
+def _gelu_backward_rows(dx, dy, x, form, scratch):
     """dx (N, C) = dy (N, C) * gelu'(x (N, C)), form 0 tanh, 1 erf, in the arrays' precision. dx
-    may alias dy."""
+    may alias dy; scratch: `chunk_scratch`."""
     n, c = x.shape
     nch = min(n, CHUNKS)
-    scratch = np.empty((nch, SEG), dx.dtype)
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -121,10 +120,12 @@ def _gelu_backward_rows(dx, dy, x, form):
 def _binary(out, a, b, op, fallback):
     if is_fast(out, a, b) and out.ndim >= 1 and not is_small(out):
         if a.shape == out.shape and is_suffix(b.shape, out.shape):
-            binary_rows(rows(out), rows(a), b.reshape(-1, out.shape[-1]), op)
+            binary_rows(rows(out), rows(a), b.reshape(-1, out.shape[-1]), op,
+                        chunk_scratch(out.dtype))
             return
         if b.shape == out.shape and is_suffix(a.shape, out.shape):
-            binary_rows(rows(out), rows(b), a.reshape(-1, out.shape[-1]), op)
+            binary_rows(rows(out), rows(b), a.reshape(-1, out.shape[-1]), op,
+                        chunk_scratch(out.dtype))
             return
     fallback(out, a, b)
 
@@ -143,7 +144,7 @@ def mul(out, a, b):
 def scale(out, x, *, factor):
     """out (...) = x (...) * factor; out may alias x."""
     if is_fast(out, x) and out.shape == x.shape and not is_small(out):
-        scale_flat(out.reshape(-1), x.reshape(-1), x.dtype.type(factor))
+        scale_flat(out.reshape(-1), x.reshape(-1), x.dtype.type(factor), chunk_scratch(x.dtype))
     else:
         reference.scale(out, x, factor=factor)
 
@@ -177,7 +178,7 @@ def gelu(out, x, *, form):
 def gelu_backward(dx, dy, x, *, form):
     """dx (...) = dy (...) * gelu'(x (...)); dx may alias dy."""
     if is_fast(dx, dy, x) and dx.shape == dy.shape == x.shape:
-        _gelu_backward_rows(rows(dx), rows(dy), rows(x), gelu_form(form))
+        _gelu_backward_rows(rows(dx), rows(dy), rows(x), gelu_form(form), chunk_scratch(dx.dtype))
     else:
         reference.gelu_backward(dx, dy, x, form=form)
 

@@ -6,7 +6,7 @@ import numpy as np
 
 from kernels import bf16, reference
 from kernels.blas import gemm_accumulate
-from kernels.common import is_fast, is_small, rows
+from kernels.common import chunk_scratch, is_fast, is_small, rows
 from kernels.elementwise import binary_rows, bias_gelu_rows, column_sums, gelu_form
 
 
@@ -28,7 +28,7 @@ def linear(out, x, w, b=None, *, compute=None):
     _product(out2, rows(x), w, False, True, compute)
     if b is not None:
         if is_fast(out2, b) and not is_small(out2):
-            binary_rows(out2, out2, b.reshape(1, -1), 0)
+            binary_rows(out2, out2, b.reshape(1, -1), 0, chunk_scratch(out2.dtype))
         else:
             out2 += b
 

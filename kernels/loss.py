@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, rows
+from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, rows, workspace
 from kernels.scalar import exp, exp_native, row_max
 
 
@@ -21,7 +21,7 @@ def _exp_sum(seg, m, zero):
 
 
 @njit(**PARALLEL)
-def _cross_entropy_rows(lse, x, targets):
+def _cross_entropy_rows(lse, x, targets, terms):
     """lse (N,) of the rows of logits x (N, V); returns mean over rows of lse - x[target] (float64,
     row terms added in row order).
 
@@ -30,10 +30,10 @@ def _cross_entropy_rows(lse, x, targets):
     than ~87 below m, whose exps flush to 0, add under 1e-38 each. Only a segment whose sum
     overflows (a logit ~88 above m: float32's limit), or is NaN, is summed again in L1 against
     its own maximum, after the running sum is rescaled. Each segment of SEG logits is summed in
-    the arrays' precision, the segment sums in float64 (the rescale factor is a float64 exp)."""
+    the arrays' precision, the segment sums in float64 (the rescale factor is a float64 exp).
+    terms (N,) float64: scratch for the rows' terms of the loss."""
     n, v = x.shape
-    terms = np.empty(n, np.float64)
-    zero = np.full(1, 0.0, x.dtype)[0]
+    zero = x.dtype.type(0.0)
     for i in prange(n):
         xi = x[i]
         m = xi[0]
@@ -78,7 +78,10 @@ def _cross_entropy_backward_rows(x, targets, lse, g):
 def cross_entropy(loss, lse, logits, targets):
     """loss () = mean over rows of lse - logits[target] for logits (..., V); lse (...) kept."""
     if is_fast(loss, lse, logits):
-        loss[...] = _cross_entropy_rows(lse.reshape(-1), rows(logits), ids(targets))
+        x = rows(logits)
+        loss[...] = _cross_entropy_rows(lse.reshape(-1), x, ids(targets),
+                                        workspace("cross_entropy terms", (x.shape[0],),
+                                                  np.dtype(np.float64)))
     else:
         reference.cross_entropy(loss, lse, logits, targets)
 

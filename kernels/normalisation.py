@@ -8,21 +8,21 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.bf16 import bits_or_self, put
-from kernels.common import CHUNKS, PARALLEL, SEG, is_fast, is_suffix, rows
+from kernels.common import CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_suffix, rows, workspace
 from kernels.scalar import exp, row_max
 
 
 @njit(**PARALLEL)
-def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps):
+def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps, scratch):
     """out (N, C) = layernorm of the rows of s, mean and rstd (N,) saved; s = x (N, C) when has_res
     is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
     b (C,) is not read when has_bias is False. sum_out may alias x. out may hold bf16 bits (uint16),
-    written rounded. Row sums run in the arrays' precision (a two-pass variance over C values)."""
+    written rounded. Row sums run in the arrays' precision (a two-pass variance over C values).
+    scratch: `row_scratch`."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)
-    scratch = np.empty((nch, c), x.dtype)
-    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
+    inv_c = x.dtype.type(1.0 / c)
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -58,17 +58,22 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
 _LN_CHUNKS = 32
 
 
+def row_scratch(x):
+    """A row of x's width per chunk: LayerNorm's sums x + r, and its backward's rows of dx."""
+    return workspace("layernorm rows", (CHUNKS, x.shape[-1]), x.dtype)
+
+
 @njit(**PARALLEL)
-def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
+def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials, sums):
     """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,), in the arrays'
-    precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db, added up
-    in chunk order in float64. dx may alias dy (a row of dx goes through scratch)."""
+    precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db
+    (partials (2, 32, C)), added up in chunk order in float64 (sums (2, C)). dx may alias dy (a row
+    of dx goes through scratch, `row_scratch`)."""
     n, c = x.shape
     nch = min(n, _LN_CHUNKS)
-    pdw = np.empty((nch, c), x.dtype)
-    pdb = np.empty((nch, c), x.dtype)
-    scratch = np.empty((nch, c), dx.dtype)
-    inv_c = np.full(1, 1.0 / c, x.dtype)[0]
+    pdw = partials[0]
+    pdb = partials[1]
+    inv_c = x.dtype.type(1.0 / c)
     for ch in prange(nch):
         pw = pdw[ch]
         pb = pdb[ch]
@@ -98,8 +103,8 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd):
             di = dx[i]
             for j in range(c):
                 di[j] = tmp[j]
-    accw = np.empty(c, np.float64)
-    accb = np.empty(c, np.float64)
+    accw = sums[0]
+    accb = sums[1]
     for j in range(c):
         accw[j] = 0.0
         accb[j] = 0.0
@@ -131,11 +136,10 @@ def _softmax_rows(out, x):
 
 
 @njit(**PARALLEL)
-def _softmax_backward_rows(dx, dy, y):
-    """dx (N, C) = y * (dy - sum(dy * y)) per row; dx may alias dy."""
+def _softmax_backward_rows(dx, dy, y, scratch):
+    """dx (N, C) = y * (dy - sum(dy * y)) per row; dx may alias dy; scratch: `chunk_scratch`."""
     n, c = y.shape
     nch = min(n, CHUNKS)
-    scratch = np.empty((nch, SEG), dx.dtype)
     for ch in prange(nch):
         tmp = scratch[ch]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
@@ -163,7 +167,8 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
             and out_bits.flags.c_contiguous:
         x2 = rows(x)
         _layernorm_rows(x2, rows(out_bits), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
-                        w if b is None else b, False, b is not None, float(eps))
+                        w if b is None else b, False, b is not None, float(eps),
+                        row_scratch(x2))
     else:
         reference.layernorm(out, mean, rstd, x, w, b, eps=eps)
 
@@ -179,7 +184,8 @@ def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
             and out_bits.flags.c_contiguous and sum_out.shape == x.shape \
             and is_suffix(r.shape, x.shape):
         _layernorm_rows(rows(sum_out), rows(out_bits), mean.reshape(-1), rstd.reshape(-1), rows(x),
-                        r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps))
+                        r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps),
+                        row_scratch(x))
     else:
         reference.add(sum_out, x, r)
         reference.layernorm(out, mean, rstd, sum_out, w, b, eps=eps)
@@ -189,8 +195,11 @@ def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
     """dx (..., C), dw (C,), db (C,) from dy (..., C) and the saved row statistics; dw and db
     deterministic (fixed row chunks, added in order); dx may alias dy."""
     if is_fast(dx, dw, db, dy, x, w, mean, rstd):
+        c = x.shape[-1]
         _layernorm_backward_rows(rows(dx), dw, db, rows(dy), rows(x), w, mean.reshape(-1),
-                                 rstd.reshape(-1))
+                                 rstd.reshape(-1), row_scratch(x),
+                                 workspace("layernorm partials", (2, _LN_CHUNKS, c), x.dtype),
+                                 workspace("layernorm sums", (2, c), np.dtype(np.float64)))
     else:
         reference.layernorm_backward(dx, dw, db, dy, x, w, mean, rstd)
 
@@ -206,7 +215,7 @@ def softmax(out, x):
 def softmax_backward(dx, dy, y):
     """dx (..., C) = y * (dy - sum(dy * y)) over the last axis; dx may alias dy."""
     if is_fast(dx, dy, y) and dx.shape == dy.shape == y.shape:
-        _softmax_backward_rows(rows(dx), rows(dy), rows(y))
+        _softmax_backward_rows(rows(dx), rows(dy), rows(y), chunk_scratch(dx.dtype))
     else:
         reference.softmax_backward(dx, dy, y)
 

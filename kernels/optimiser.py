@@ -8,7 +8,7 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.bf16 import bf16_bits, bits_or_self
-from kernels.common import PARALLEL, is_fast, is_small
+from kernels.common import PARALLEL, chunk_scratch, is_fast, is_small, workspace
 from kernels.elementwise import scale_flat
 
 
@@ -39,11 +39,11 @@ _SUMSQ_BLOCK = 1 << 15
 
 
 @njit(**PARALLEL)
-def _sum_of_squares_flat(x):
-    """sum of x (n,) squared in float64: fixed blocks of 32768 elements, partials added in order."""
+def _sum_of_squares_flat(x, part):
+    """sum of x (n,) squared in float64: fixed blocks of 32768 elements, partials (part, one per
+    block) added in order."""
     n = x.shape[0]
-    nblk = (n + _SUMSQ_BLOCK - 1) // _SUMSQ_BLOCK
-    part = np.empty(nblk, np.float64)
+    nblk = part.shape[0]
     for k in prange(nblk):
         xs = x[k * _SUMSQ_BLOCK:(k + 1) * _SUMSQ_BLOCK]
         s = 0.0
@@ -77,7 +77,9 @@ def adamw(param, grad, m, v, *, lr, beta1, beta2, eps, weight_decay, step, grad_
 def sum_of_squares(x):
     """Sum of x's squares as a Python float (float64 accumulation, deterministic)."""
     if is_fast(x):
-        return float(_sum_of_squares_flat(x.reshape(-1)))
+        blocks = (x.size + _SUMSQ_BLOCK - 1) // _SUMSQ_BLOCK
+        return float(_sum_of_squares_flat(x.reshape(-1),
+                                          workspace("sum_of_squares", (blocks,), np.float64)))
     return reference.sum_of_squares(x)
 
 
@@ -85,7 +87,7 @@ def scale_in_place(x, factor):
     """x *= factor."""
     if is_fast(x) and not is_small(x):
         flat = x.reshape(-1)
-        scale_flat(flat, flat, x.dtype.type(factor))
+        scale_flat(flat, flat, x.dtype.type(factor), chunk_scratch(x.dtype))
     else:
         reference.scale_in_place(x, factor)
 

@@ -24,7 +24,7 @@ from llvmlite import binding, ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from kernels.common import FASTMATH, PARALLEL
+from kernels.common import FASTMATH, PARALLEL, workspace
 
 BLOCK_ROWS = 6
 PANEL_VECTORS = 2
@@ -42,6 +42,11 @@ def columns_per_panel(itemsize):
 def panel_width(dtype):
     """Columns per panel for arrays of dtype."""
     return columns_per_panel(dtype.itemsize)
+
+
+def edge_scratch(workers, dtype):
+    """panel_product's scratch for a partial last panel, one per worker: (workers, 6, W)."""
+    return workspace("panel edge", (workers, BLOCK_ROWS, panel_width(dtype)), np.dtype(dtype))
 
 
 def _make_block(rows):
@@ -146,11 +151,12 @@ def _rows_block(rows, accumulate, c, ldc, a, lda, a_step, b, ldb, depth, alpha):
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def panel_product(c, a, panels, alpha, accumulate):
+def panel_product(c, a, panels, alpha, accumulate, edge):
     """c (m, n) = alpha a (m, D) B, or c += that when accumulate, with B (D, n) packed as panels
     (ceil(n / W), D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). a is read
     in place at its own strides (a transposed view is fine); rows of c and of the panels must be
-    unit-stride. Depth 0 makes the product 0."""
+    unit-stride. Depth 0 makes the product 0. edge (6, W): scratch for a last panel that c holds
+    only part of (`edge_scratch`)."""
     m, n = c.shape
     depth = panels.shape[1]
     if depth == 0:
@@ -173,7 +179,6 @@ def panel_product(c, a, panels, alpha, accumulate):
             _rows_block(min(BLOCK_ROWS, m - r0), accumulate, c_panel + r0 * ldc * size, ldc,
                         a.ctypes.data + r0 * lda * size, lda, a_step, b, ldb, depth, alpha)
     if whole * width < n:
-        edge = np.empty((BLOCK_ROWS, width), c.dtype)
         b = panels.ctypes.data + whole * panel_step * size
         for r0 in range(0, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)

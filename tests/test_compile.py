@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from numba import njit
 from numba.core.dispatcher import Dispatcher
 
 import gpt2
@@ -110,11 +111,12 @@ def no_small_array_fallbacks(monkeypatch):
 
 class KernelCalls:
     """Counts, per op of the table, the calls into jitted Numba functions and into the NumPy
-    reference (a fallback) made while that op's kernel runs."""
+    reference (a fallback) made while that op's kernel runs, and the arrays handed to the jitted
+    functions (op None: calls made outside the table, such as the optimiser's)."""
 
     def __init__(self, monkeypatch, table):
         self.op = None
-        self.numba, self.fallbacks = Counter(), Counter()
+        self.numba, self.fallbacks, self.arrays = Counter(), Counter(), Counter()
         for name in [m for m in sys.modules if m.startswith("kernels.")]:
             module = sys.modules[name]
             for attr, value in list(vars(module).items()):
@@ -128,6 +130,8 @@ class KernelCalls:
     def _counted(self, fn, counter):
         def counted(*args, **kwargs):
             counter[self.op] += 1
+            if counter is self.numba:
+                self.arrays[self.op] += sum(isinstance(a, np.ndarray) for a in args)
             return fn(*args, **kwargs)
         return counted
 
@@ -157,6 +161,59 @@ def test_compiled_matches_eager_float32_through_numba(monkeypatch, no_small_arra
     assert {"attention_backward", "linear_backward_w_acc", "embedding_backward_acc"} <= numba_ops
     assert {op: calls.numba[op] for op in numba_ops if calls.numba[op] == 0} == {}
     assert {op: n for op, n in calls.fallbacks.items() if op in kernels.NUMBA} == {}
+
+
+def nrt_allocations(fn):
+    """How many allocations Numba's runtime makes while fn runs: an array a kernel allocates, and
+    the record it makes for each array a kernel is handed."""
+    from numba.core.runtime import _nrt_python, rtsys
+    _nrt_python.memsys_enable_stats()
+    before = rtsys.get_allocation_stats().alloc
+    fn()
+    return rtsys.get_allocation_stats().alloc - before
+
+
+@njit
+def _sum_through_scratch(x):
+    scratch = np.empty(x.shape[0])
+    scratch[:] = x
+    return scratch.sum()
+
+
+@pytest.mark.parametrize("allocating", [False, True])
+def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array_fallbacks,
+                                                     allocating):
+    """Kernels take their scratch from workspaces kept per shape: over a compiled training step
+    (forward, backward, clipping and AdamW, every op on its Numba kernel), Numba's runtime makes
+    nothing but one record per array a kernel is handed. Control (allocating): LayerNorm's backward
+    given a kernel that allocates per call again, and the count sees it."""
+    model, idx, targets = moved_float32_model()
+    opt = gpt2.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    if allocating:
+        wrapped = kernels.COMPILED["layernorm_backward"]
+
+        def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
+            wrapped(dx, dw, db, dy, x, w, mean, rstd)
+            dw[0] += _sum_through_scratch(x.reshape(-1)) * 0.0
+        table = {**kernels.COMPILED, "layernorm_backward": layernorm_backward}
+    else:
+        table = kernels.COMPILED
+
+    def step(cm):
+        _, loss = cm(idx, targets)
+        loss.backward()
+        opt.step(max_grad_norm=1.0, zero_grad=True)
+
+    step(gpt2.compile(model, table=table))     # every specialisation compiled, workspaces made
+    calls = KernelCalls(monkeypatch, table)
+    cm = gpt2.compile(model, table=calls.table)
+    allocations = nrt_allocations(lambda: step(cm))
+    handed = sum(calls.arrays.values())
+    assert {"attention", "attention_backward", "layernorm_backward"} <= set(calls.arrays)
+    if allocating:
+        assert allocations >= handed + calls.numba["layernorm_backward"]
+    else:
+        assert allocations == handed
 
 
 def gelu_of_the_other_form(out, pre, x, w, b=None, *, form):

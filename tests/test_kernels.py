@@ -417,8 +417,8 @@ def test_attention_wide_heads(dt, t, d):
 
 def test_attention_forward_reuses_its_packing_workspace():
     """Every head's keys and values are packed into a workspace kept per shape: a call at a shape
-    seen before allocates only its per-task score tiles, a small part of the packing (6 MiB at
-    GPT-2's shape); with the workspace dropped, the same measure sees the packing allocated."""
+    seen before allocates nothing like the packing (6 MiB at GPT-2's shape); with the workspaces
+    dropped, the same measure sees the packing allocated."""
     b, t, h, d = 1, 1024, 12, 64
     _, f = data(np.float32)
     qkv = f(b, t, 3 * h * d)
@@ -433,9 +433,10 @@ def test_attention_forward_reuses_its_packing_workspace():
             tracemalloc.stop()
 
     attention.attention(out, lse, qkv, n_head=h)
-    packed = sum(a.nbytes for a in attention._packed_heads(b * h, t, d, np.dtype(np.float32)))
+    packed = sum(a.nbytes for a in attention._forward_scratch(b, h, t, d, np.dtype(np.float32),
+                                                               common.n_workers())[:2])
     assert peak_bytes() < packed / 4
-    attention._packed_heads.cache_clear()
+    common.workspace.cache_clear()
     assert peak_bytes() >= packed
 
 
@@ -450,6 +451,7 @@ def test_panel_product(dt, m, n, d):
     B packed as column panels (keys for the scores) and as strips (values for P V)."""
     rng, f = data(dt, seed=m + n)
     width = tile.panel_width(np.dtype(dt))
+    edge = np.empty((tile.BLOCK_ROWS, width), dt)
     n_panels = -(-n // width)
     qk = f(max(m, n), 3 * d + 2)
     q, k = qk[:m, 1:1 + d], qk[:n, 2 + d:2 + 2 * d]
@@ -458,7 +460,7 @@ def test_panel_product(dt, m, n, d):
     tile.pack_panels(panels, k)
     assert (panels.transpose(0, 2, 1).reshape(-1, d)[n:] == 0).all()      # padding is zero
     out = np.full((m + 2, n_panels * width + 3), np.nan, dt)     # NaN guards right and below
-    tile.panel_product(out[:m, :n_panels * width], q, panels, dt(0.125), False)
+    tile.panel_product(out[:m, :n_panels * width], q, panels, dt(0.125), False, edge)
     close(out[:m, :n], 0.125 * exact, dt)
     assert (out[:m, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
     assert np.isnan(out[m:]).all()
@@ -471,7 +473,7 @@ def test_panel_product(dt, m, n, d):
     start = f(m, n_panels * width)
     acc = np.full((m + 2, n_panels * width), np.nan, dt)
     acc[:m] = start
-    tile.panel_product(acc[:m], q, strips, dt(0.5), True)
+    tile.panel_product(acc[:m], q, strips, dt(0.5), True, edge)
     close(acc[:m, :n], start[:, :n] + 0.5 * exact, dt)
     assert np.isnan(acc[m:]).all()
     assert not np.allclose(acc[:m, :n], 0.5 * exact)          # c is added to
@@ -480,17 +482,17 @@ def test_panel_product(dt, m, n, d):
     # they are), set and then added to, with a read transposed in place: a = (q^T)^T
     q_t = np.ascontiguousarray(q.T)
     wide = np.full((m + 2, n + 3), np.nan, dt)
-    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), False)
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), False, edge)
     close(wide[:m, :n], 0.5 * exact, dt)
     wide[:m, :n] = start[:, :n]
-    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), True)
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), True, edge)
     close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
     assert np.isnan(wide[:, n:]).all() and np.isnan(wide[m:]).all()
 
     # depth 0: the product is 0 when set, and c is left as it is when accumulated
-    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), True)
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), True, edge)
     close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
-    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), False)
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), False, edge)
     assert (wide[:m, :n] == 0).all() and np.isnan(wide[:, n:]).all()
 
 
