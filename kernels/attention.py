@@ -38,7 +38,7 @@ block n-1-k so every task does the same causal work; its keys and values are pac
 same kernel call, one task per head. The backward runs one task per (batch, head), which packs its
 own: that task alone adds into its head's dQ, dK and dV, in block order, so the sums are race-free
 and the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1). Tasks
-are dealt round-robin to one worker per thread (`n_workers`), each with its own scratch.
+go in contiguous ranges to one worker per thread (`n_workers`), each with its own scratch.
 """
 import math
 

@@ -19,7 +19,7 @@ Choices that hold throughout:
   Numba's negative-index wraparound and the loop does not vectorise (measured 7x).
 - Kernels allocate nothing: their scratch is a `workspace` the wrapper passes in, kept per shape,
   so a training step's only memory is its plan's arena (a parallel kernel's per-task scratch is one
-  row per worker of `n_workers`, its tasks dealt round-robin to the workers).
+  row per worker of `n_workers`, each worker running a contiguous range of the tasks).
 - fastmath flags: reassociation (vectorised sums), contraction (FMA), reciprocal and no-signed-zero
   only. No `nnan` (a NaN loss must stay NaN) and no `ninf`: -inf is a legitimate value (masked
   scores, a running maximum's start).
@@ -99,8 +99,9 @@ def chunk_scratch(dtype):
 
 
 def n_workers():
-    """Workers of a kernel that deals its tasks round-robin, one per thread Numba runs it on: each
-    owns a row of the per-task scratch. A task's result does not depend on which worker runs it."""
+    """Workers of a kernel that splits its tasks into contiguous ranges, one per thread Numba runs
+    it on: each owns a row of the per-task scratch. A task's result does not depend on which worker
+    runs it."""
     return numba.get_num_threads()
 
 
