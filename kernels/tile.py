@@ -150,19 +150,36 @@ def _rows_block(rows, accumulate, c, ldc, a, lda, a_step, b, ldb, depth, alpha):
         _BLOCK1(c, ldc, a, lda, a_step, b, ldb, depth, alpha, accumulate)
 
 
+# Causal structure panel_product may skip, with its `offset`: what attention's tiles on and near the
+# diagonal hold. Skipping changes no result: the terms left out are products with exact zeros (or
+# entries the caller overwrites).
+DENSE = 0       # every row, panel and term
+C_LOWER = 1     # c[r, j] is wanted only for j <= r + offset: panels wholly right of that are not
+                # computed for row r (they are left as they were)
+A_LOWER = 2     # a[r, k] = 0 for k > r + offset: each block of rows stops after its last row's k
+A_UPPER = 3     # a[r, k] = 0 for k < r + offset: each block of rows starts at its first row's k
+
+
+@njit(cache=True, inline="always")
+def _terms(causal, offset, r0, rows, depth):
+    """The range [k0, k1) of the inner dimension that rows r0 .. r0 + rows - 1 need."""
+    if causal == A_LOWER:
+        return 0, min(depth, r0 + rows + offset)
+    if causal == A_UPPER:
+        return min(depth, max(0, r0 + offset)), depth
+    return 0, depth
+
+
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
-def panel_product(c, a, panels, alpha, accumulate, edge):
+def panel_product(c, a, panels, alpha, accumulate, edge, causal, offset):
     """c (m, n) = alpha a (m, D) B, or c += that when accumulate, with B (D, n) packed as panels
     (ceil(n / W), D, W) (`pack_panels`, `pack_rows`; a slice of them along D is fine). a is read
     in place at its own strides (a transposed view is fine); rows of c and of the panels must be
-    unit-stride. Depth 0 makes the product 0. edge (6, W): scratch for a last panel that c holds
-    only part of (`edge_scratch`)."""
+    unit-stride. A row with no terms (depth 0) is 0 when set. edge (6, W): scratch for a last
+    panel that c holds only part of (`edge_scratch`). causal: `DENSE`, or the causal structure
+    (`C_LOWER`, `A_LOWER`, `A_UPPER`) whose zeros it skips, offset its diagonal."""
     m, n = c.shape
     depth = panels.shape[1]
-    if depth == 0:
-        if not accumulate:
-            c[:, :] = 0.0
-        return
     # The vector code takes its element type from alpha: a float64 alpha with float32 arrays
     # would read them as float64.
     alpha = c.dtype.type(alpha)
@@ -171,23 +188,32 @@ def panel_product(c, a, panels, alpha, accumulate, edge):
     ldc = c.strides[0] // size
     lda, a_step = a.strides[0] // size, a.strides[1] // size
     panel_step, ldb = panels.strides[0] // size, panels.strides[1] // size
-    whole = n // width
-    for p in range(whole):
+    n_panels = (n + width - 1) // width
+    for p in range(n_panels):
         b = panels.ctypes.data + p * panel_step * size
-        c_panel = c.ctypes.data + p * width * size
-        for r0 in range(0, m, BLOCK_ROWS):
-            _rows_block(min(BLOCK_ROWS, m - r0), accumulate, c_panel + r0 * ldc * size, ldc,
-                        a.ctypes.data + r0 * lda * size, lda, a_step, b, ldb, depth, alpha)
-    if whole * width < n:
-        b = panels.ctypes.data + whole * panel_step * size
-        for r0 in range(0, m, BLOCK_ROWS):
+        cols = min(width, n - p * width)
+        r_begin = 0
+        if causal == C_LOWER:
+            r_begin = min(m, max(0, p * width - offset))
+        for r0 in range(r_begin, m, BLOCK_ROWS):
             rows = min(BLOCK_ROWS, m - r0)
-            _rows_block(rows, False, edge.ctypes.data, width, a.ctypes.data + r0 * lda * size,
-                        lda, a_step, b, ldb, depth, alpha)
-            for r in range(rows):
-                c_edge = c[r0 + r, whole * width:]
-                for j in range(n - whole * width):
-                    c_edge[j] = c_edge[j] + edge[r, j] if accumulate else edge[r, j]
+            k0, k1 = _terms(causal, offset, r0, rows, depth)
+            if k1 <= k0:
+                if not accumulate:
+                    c[r0:r0 + rows, p * width:p * width + cols] = 0.0
+                continue
+            a_block = a.ctypes.data + (r0 * lda + k0 * a_step) * size
+            b_block = b + k0 * ldb * size
+            if cols == width:
+                _rows_block(rows, accumulate, c.ctypes.data + (r0 * ldc + p * width) * size, ldc,
+                            a_block, lda, a_step, b_block, ldb, k1 - k0, alpha)
+            else:
+                _rows_block(rows, False, edge.ctypes.data, width, a_block, lda, a_step, b_block,
+                            ldb, k1 - k0, alpha)
+                for r in range(rows):
+                    c_edge = c[r0 + r, p * width:]
+                    for j in range(cols):
+                        c_edge[j] = c_edge[j] + edge[r, j] if accumulate else edge[r, j]
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")

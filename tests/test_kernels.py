@@ -460,7 +460,7 @@ def test_panel_product(dt, m, n, d):
     tile.pack_panels(panels, k)
     assert (panels.transpose(0, 2, 1).reshape(-1, d)[n:] == 0).all()      # padding is zero
     out = np.full((m + 2, n_panels * width + 3), np.nan, dt)     # NaN guards right and below
-    tile.panel_product(out[:m, :n_panels * width], q, panels, dt(0.125), False, edge)
+    tile.panel_product(out[:m, :n_panels * width], q, panels, dt(0.125), False, edge, tile.DENSE, 0)
     close(out[:m, :n], 0.125 * exact, dt)
     assert (out[:m, n:n_panels * width] == 0).all() and np.isnan(out[:, n_panels * width:]).all()
     assert np.isnan(out[m:]).all()
@@ -473,7 +473,7 @@ def test_panel_product(dt, m, n, d):
     start = f(m, n_panels * width)
     acc = np.full((m + 2, n_panels * width), np.nan, dt)
     acc[:m] = start
-    tile.panel_product(acc[:m], q, strips, dt(0.5), True, edge)
+    tile.panel_product(acc[:m], q, strips, dt(0.5), True, edge, tile.DENSE, 0)
     close(acc[:m, :n], start[:, :n] + 0.5 * exact, dt)
     assert np.isnan(acc[m:]).all()
     assert not np.allclose(acc[:m, :n], 0.5 * exact)          # c is added to
@@ -482,18 +482,66 @@ def test_panel_product(dt, m, n, d):
     # they are), set and then added to, with a read transposed in place: a = (q^T)^T
     q_t = np.ascontiguousarray(q.T)
     wide = np.full((m + 2, n + 3), np.nan, dt)
-    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), False, edge)
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), False, edge, tile.DENSE, 0)
     close(wide[:m, :n], 0.5 * exact, dt)
     wide[:m, :n] = start[:, :n]
-    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), True, edge)
+    tile.panel_product(wide[:m, :n], q_t.T, panels, dt(0.5), True, edge, tile.DENSE, 0)
     close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
     assert np.isnan(wide[:, n:]).all() and np.isnan(wide[m:]).all()
 
     # depth 0: the product is 0 when set, and c is left as it is when accumulated
-    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), True, edge)
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), True, edge, tile.DENSE, 0)
     close(wide[:m, :n], start[:, :n] + 0.5 * exact, dt)
-    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), False, edge)
+    tile.panel_product(wide[:m, :n], q[:, :0], panels[:, :0], dt(0.5), False, edge, tile.DENSE, 0)
     assert (wide[:m, :n] == 0).all() and np.isnan(wide[:, n:]).all()
+
+
+# Offsets that put the diagonal inside c (the attention tiles on it: 0), left of it and right of
+# it, so some row blocks have every term, some a part and some none.
+@pytest.mark.parametrize("m,n,d,offset", [(64, 64, 64, 0), (13, 37, 20, 3), (7, 40, 9, -4),
+                                          (20, 70, 30, 25), (9, 33, 12, 40)])
+def test_panel_product_causal(dt, m, n, d, offset):
+    """The causal modes skip only what their structure makes zero: C_LOWER leaves unwritten exactly
+    the panels wholly right of a row's last wanted column; A_LOWER and A_UPPER give the dense
+    product bit for bit when a is zero where they say, and never read the entries past (before) a
+    block of 6 rows: NaN there stays out of the result, while the dense product takes it in."""
+    rng, f = data(dt, seed=m + n + d)
+    width = tile.panel_width(np.dtype(dt))
+    edge = np.empty((tile.BLOCK_ROWS, width), dt)
+    rows, cols = np.arange(m)[:, None], np.arange(n)[None, :]
+
+    q, k = f(m, d), f(n, d)
+    panels = np.empty((-(-n // width), d, width), dt)
+    tile.pack_panels(panels, k)
+    out = np.full((m, n), np.nan, dt)
+    tile.panel_product(out, q, panels, dt(0.5), False, edge, tile.C_LOWER, offset)
+    unwritten = cols // width * width > rows + offset
+    assert (np.isnan(out) == unwritten).all()
+    close(out[~unwritten], 0.5 * (q.astype(np.float64) @ k.T.astype(np.float64))[~unwritten], dt)
+
+    b = f(d, n)
+    strips = np.empty((-(-n // width), d, width), dt)
+    tile.pack_rows(strips, b)
+    depth = np.arange(d)[None, :]
+    start = f(m, n)
+    for causal, zero, skipped in [
+            (tile.A_LOWER, depth > rows + offset, depth >= rows + offset + tile.BLOCK_ROWS),
+            (tile.A_UPPER, depth < rows + offset, depth <= rows + offset - tile.BLOCK_ROWS)]:
+        a = f(m, d)
+        a[zero] = 0.0
+        for accumulate in (False, True):
+            dense = start.copy()
+            tile.panel_product(dense, a, strips, dt(0.5), accumulate, edge, tile.DENSE, 0)
+            got = start.copy()
+            tile.panel_product(got, a, strips, dt(0.5), accumulate, edge, causal, offset)
+            np.testing.assert_array_equal(got, dense)
+            a_nan = np.where(skipped, np.nan, a).astype(dt)
+            got = start.copy()
+            tile.panel_product(got, a_nan, strips, dt(0.5), accumulate, edge, causal, offset)
+            np.testing.assert_array_equal(got, dense)
+            if skipped.any():
+                tile.panel_product(got, a_nan, strips, dt(0.5), accumulate, edge, tile.DENSE, 0)
+                assert np.isnan(got).any()
 
 
 # ---------------------------------------------------------------- the KV cache
