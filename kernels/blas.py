@@ -68,6 +68,13 @@ def gemm(address, c, a, b, trans_a, trans_b, alpha, beta, ints, floats):
                i + 16, f + floats.itemsize, c.ctypes.data, i + 20)
 
 
+def gemm_scalars(dtype, workers):
+    """The (ints, floats) scratch `gemm` takes, one row per worker: (workers, 8) int32 and
+    (workers, 2) of dtype, workspaces."""
+    return (workspace("gemm ints", (workers, 8), np.dtype(np.int32)),
+            workspace("gemm floats", (workers, 2), np.dtype(dtype)))
+
+
 def one_blas_thread():
     """Context manager: every BLAS library in the process on one thread until it exits (~14 us
     for the pair), for BLAS calls made from inside a parallel kernel."""
@@ -82,6 +89,5 @@ def _accumulate(address, c, a, b, trans_a, trans_b, ints, floats):
 def gemm_accumulate(c, a, b, trans_a=False, trans_b=False):
     """c (m, n) += op(a) op(b) with BLAS's own threads, straight into c: no product temporary and
     no second pass to add it. Arrays of one float dtype, unit stride along their rows."""
-    _accumulate(GEMM_ADDRESS[c.dtype], c, a, b, trans_a, trans_b,
-                workspace("gemm ints", (8,), np.dtype(np.int32)),
-                workspace("gemm floats", (2,), c.dtype))
+    ints, floats = gemm_scalars(c.dtype, 1)
+    _accumulate(GEMM_ADDRESS[c.dtype], c, a, b, trans_a, trans_b, ints[0], floats[0])

@@ -38,8 +38,8 @@ from kernels import gemm as gemm_kernels
 from kernels import normalisation, reference
 from kernels.attention import causal_softmax_row
 from kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
-from kernels.blas import GEMM_ADDRESS, gemm, one_blas_thread
-from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, rows
+from kernels.blas import GEMM_ADDRESS, gemm, gemm_scalars, one_blas_thread
+from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, n_workers, rows, workspace
 from kernels.elementwise import bias_gelu_rows, gelu_form
 
 Q_BLOCK = 128       # query rows per prefill task
@@ -93,69 +93,78 @@ def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
 
 
 @njit(**PARALLEL)
-def _attend_one(out, qkv, k_cache, v_cache, start, scale):
+def _attend_one(out, qkv, k_cache, v_cache, start, scale, scores):
     """out (B, 1, C): the query of qkv (B, 1, 3C) at position start over cached positions 0 ..
-    start; one task per (batch, head)."""
+    start; one task per (batch, head), the tasks in contiguous ranges, one per row of scores
+    (workers, S), that worker's scratch."""
     bsz = qkv.shape[0]
     n_head, d = k_cache.shape[1], k_cache.shape[3]
     n_keys = start + 1
-    for bh in prange(bsz * n_head):
-        b = bh // n_head
-        h = bh % n_head
-        q = qkv[b, 0, h * d:h * d + d]
-        keys = k_cache[b, h, :n_keys]
-        values = v_cache[b, h, :n_keys]
-        scores = np.empty(n_keys, qkv.dtype)
-        for j in range(n_keys):
-            kj = keys[j]
-            acc = scale - scale
+    n_tasks = bsz * n_head
+    workers = scores.shape[0]
+    for worker in prange(workers):
+        row = scores[worker, :n_keys]
+        for bh in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
+            b = bh // n_head
+            h = bh % n_head
+            q = qkv[b, 0, h * d:h * d + d]
+            keys = k_cache[b, h, :n_keys]
+            values = v_cache[b, h, :n_keys]
+            for j in range(n_keys):
+                kj = keys[j]
+                acc = scale - scale
+                for e in range(d):
+                    acc += q[e] * kj[e]
+                row[j] = acc * scale
+            _, total = causal_softmax_row(row, n_keys)
+            y = out[b, 0, h * d:h * d + d]
             for e in range(d):
-                acc += q[e] * kj[e]
-            scores[j] = acc * scale
-        _, total = causal_softmax_row(scores, n_keys)
-        y = out[b, 0, h * d:h * d + d]
-        for e in range(d):
-            y[e] = 0.0
-        for j in range(n_keys):
-            p = scores[j]
-            vj = values[j]
+                y[e] = 0.0
+            for j in range(n_keys):
+                p = row[j]
+                vj = values[j]
+                for e in range(d):
+                    y[e] += p * vj[e]
+            inv = 1.0 / total
             for e in range(d):
-                y[e] += p * vj[e]
-        inv = 1.0 / total
-        for e in range(d):
-            y[e] *= inv
+                y[e] *= inv
 
 
 @njit(**PARALLEL)
-def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_block):
+def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_block, scores,
+                  inv_sums, ints, floats):
     """out (B, T, C): the queries of qkv (B, T, 3C) at positions start + r over cached positions
-    0 .. start + r; one task per (batch, head, block of q_block query rows)."""
+    0 .. start + r; one task per (batch, head, block of q_block query rows), the tasks in
+    contiguous ranges, one per worker. Each worker's scratch is its row of scores (workers,
+    q_block S), inv_sums (workers, q_block), and of the BLAS scalars ints (workers, 8) int32 and
+    floats (workers, 2)."""
     bsz, t, _ = qkv.shape
     n_head, d = k_cache.shape[1], k_cache.shape[3]
     nq = (t + q_block - 1) // q_block
-    for task in prange(bsz * n_head * nq):
-        bh = task // nq
-        b = bh // n_head
-        h = bh % n_head
-        i0 = (task % nq) * q_block
-        i1 = min(t, i0 + q_block)
-        n_keys = start + i1
-        scores = np.empty((i1 - i0) * n_keys, qkv.dtype)
-        p = scores.reshape(i1 - i0, n_keys)
-        inv_l = np.empty(i1 - i0, qkv.dtype)
-        ints = np.empty(8, np.int32)
-        floats = np.empty(2, qkv.dtype)
-        gemm(gemm_address, p, qkv[b, i0:i1, h * d:h * d + d], k_cache[b, h, :n_keys], False,
-             True, scale, 0.0, ints, floats)
-        for r in range(i1 - i0):
-            _, total = causal_softmax_row(p[r], start + i0 + r + 1)
-            inv_l[r] = 1.0 / total
-        y = out[b, i0:i1, h * d:h * d + d]
-        gemm(gemm_address, y, p, v_cache[b, h, :n_keys], False, False, 1.0, 0.0, ints, floats)
-        for r in range(i1 - i0):
-            yr = y[r]
-            for e in range(d):
-                yr[e] = yr[e] * inv_l[r]
+    n_tasks = bsz * n_head * nq
+    workers = scores.shape[0]
+    for worker in prange(workers):
+        inv_l = inv_sums[worker]
+        for task in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
+            bh = task // nq
+            b = bh // n_head
+            h = bh % n_head
+            i0 = (task % nq) * q_block
+            i1 = min(t, i0 + q_block)
+            n_keys = start + i1
+            p = scores[worker, :(i1 - i0) * n_keys].reshape(i1 - i0, n_keys)
+            gemm(gemm_address, p, qkv[b, i0:i1, h * d:h * d + d], k_cache[b, h, :n_keys], False,
+                 True, scale, 0.0, ints[worker], floats[worker])
+            for r in range(i1 - i0):
+                _, total = causal_softmax_row(p[r], start + i0 + r + 1)
+                inv_l[r] = 1.0 / total
+            y = out[b, i0:i1, h * d:h * d + d]
+            gemm(gemm_address, y, p, v_cache[b, h, :n_keys], False, False, 1.0, 0.0,
+                 ints[worker], floats[worker])
+            for r in range(i1 - i0):
+                yr = y[r]
+                for e in range(d):
+                    yr[e] = yr[e] * inv_l[r]
 
 
 def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
@@ -168,13 +177,21 @@ def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
         reference.cached_attention(out, qkv, k_cache, v_cache, start, n_head=n_head)
         return
     scale = qkv.dtype.type(1.0 / math.sqrt(k_cache.shape[3]))
+    dtype, size = qkv.dtype, k_cache.shape[2]       # scratch sized by the cache, not the position
     if t == 1:
         read = 2 * (s0 + 1) * k_cache[:, :, 0].nbytes
-        attend = _attend_one_serial if read < SERIAL_CACHE_BYTES else _attend_one
-        attend(out, qkv, k_cache, v_cache, s0, scale)
+        serial = read < SERIAL_CACHE_BYTES
+        attend = _attend_one_serial if serial else _attend_one
+        workers = 1 if serial else n_workers()
+        attend(out, qkv, k_cache, v_cache, s0, scale,
+               workspace("decode attention scores", (workers, size), dtype))
     else:
+        workers = n_workers()
         with one_blas_thread():
-            _attend_block(out, qkv, k_cache, v_cache, s0, scale, GEMM_ADDRESS[qkv.dtype], Q_BLOCK)
+            _attend_block(out, qkv, k_cache, v_cache, s0, scale, GEMM_ADDRESS[dtype], Q_BLOCK,
+                          workspace("prefill attention scores", (workers, Q_BLOCK * size), dtype),
+                          workspace("prefill attention inverse sums", (workers, Q_BLOCK), dtype),
+                          *gemm_scalars(dtype, workers))
 
 
 _attend_one_serial = serial_build(_attend_one, "_attend_one_serial")
@@ -198,7 +215,6 @@ def _skinny_linear(out, x, w, b, has_bias):
         for o in range(blk * W_BLOCK, o1, 4):
             last = o1 - 1
             w0, w1, w2, w3 = w[o], w[min(o + 1, last)], w[min(o + 2, last)], w[min(o + 3, last)]
-            acc = np.empty((4, 2), w.dtype)
             for r in range(0, n, 2):
                 x0, x1 = x[r], x[min(r + 1, n - 1)]
                 zero = w0[0] - w0[0]
@@ -213,22 +229,22 @@ def _skinny_linear(out, x, w, b, has_bias):
                     a21 += w2[i] * v
                     a30 += w3[i] * u
                     a31 += w3[i] * v
-                acc[0, 0], acc[0, 1], acc[1, 0], acc[1, 1] = a00, a01, a10, a11
-                acc[2, 0], acc[2, 1], acc[3, 0], acc[3, 1] = a20, a21, a30, a31
-                for k in range(min(4, o1 - o)):
-                    bias = b[o + k] if has_bias else zero
-                    for j in range(min(2, n - r)):
-                        out[r + j, o + k] = acc[k, j] + bias
+                for k, (a0, a1) in enumerate(((a00, a01), (a10, a11), (a20, a21), (a30, a31))):
+                    if o + k < o1:
+                        bias = b[o + k] if has_bias else zero
+                        out[r, o + k] = a0 + bias
+                        if r + 1 < n:
+                            out[r + 1, o + k] = a1 + bias
 
 
 @njit(**PARALLEL)
-def _bf16_linear(out, x, w, b, has_bias):
+def _bf16_linear(out, x, w, b, has_bias, xs):
     """out (N, O) float32 = x (N, I) @ w (O, I).T (+ b (O,)) for a few rows N, w bf16 bits (uint16)
-    widened as they are read, x rounded to bf16 once, float32 sums: memory sees 2 bytes per
-    weight. Per pass 4 weight rows and one input row, so one row does no wasted work."""
+    widened as they are read, x rounded to bf16 once into xs (N, I) float32, float32 sums: memory
+    sees 2 bytes per weight. Per pass 4 weight rows and one input row, so one row does no wasted
+    work."""
     n, n_in = x.shape
     n_out = w.shape[0]
-    xs = np.empty((n, n_in), np.float32)
     for r in range(n):
         for i in range(n_in):
             xs[r, i] = bf16_value(bf16_bits(x[r, i]))
@@ -265,7 +281,8 @@ def linear(out, x, w, b=None, *, compute=None):
         _skinny_linear(out2, x2, w, bias, b is not None)
     elif compute is not None and w.dtype == BFLOAT16 and w.flags.c_contiguous \
             and out2.dtype == np.float32 and _few_rows(out2, x2, bias):
-        _bf16_linear(out2, x2, w.view(np.uint16), bias, b is not None)
+        _bf16_linear(out2, x2, w.view(np.uint16), bias, b is not None,
+                     workspace("decode bf16 inputs", x2.shape, np.dtype(np.float32)))
     else:
         gemm_kernels.linear(out, x, w, b, compute=compute)
 

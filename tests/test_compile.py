@@ -216,6 +216,46 @@ def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array
         assert allocations == handed
 
 
+@pytest.mark.parametrize("batch, autocast, allocating", [
+    (1, None, False), (3, None, False), (3, "bfloat16", False), (3, None, True)])
+def test_kernels_allocate_nothing_in_a_decode_step(monkeypatch, no_small_array_fallbacks, batch,
+                                                   autocast, allocating):
+    """Decoding takes its scratch from workspaces too: over a prefill and a decode step (cached
+    attention on a block of positions and on one; the skinny GEMM from 2 rows, the bf16 one under
+    autocast) Numba's runtime makes nothing but one record per array a kernel is handed. Control
+    (allocating): cached attention given a kernel that allocates per call, and the count sees
+    it."""
+    model, _, _ = moved_float32_model()
+    table = dict(kernels.DECODE)
+    if allocating:
+        wrapped = table["cached_attention"]
+
+        def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
+            wrapped(out, qkv, k_cache, v_cache, start, n_head=n_head)
+            out[0, 0, 0] += _sum_through_scratch(qkv.reshape(-1)) * 0.0
+        table["cached_attention"] = cached_attention
+    ids = np.random.default_rng(6).integers(0, 300, (batch, 7))
+
+    def decode(cm):
+        dec = cm.decoder(batch)
+        dec.prefill(ids[:, :6])
+        dec.step(ids[:, 6:])
+
+    decode(gpt2.compile(model, table=table, autocast=autocast))   # compiled, workspaces made
+    calls = KernelCalls(monkeypatch, table)
+    cm = gpt2.compile(model, table=calls.table, autocast=autocast)
+    cm.decoder(batch).prefill(ids[:, :6])                 # the plans traced and planned
+    calls.arrays.clear()
+    calls.numba.clear()
+    allocations = nrt_allocations(lambda: decode(cm))
+    handed = sum(calls.arrays.values())
+    assert {"cached_attention", "linear"} <= set(calls.arrays)
+    if allocating:
+        assert allocations >= handed + calls.numba["cached_attention"]
+    else:
+        assert allocations == handed
+
+
 def gelu_of_the_other_form(out, pre, x, w, b=None, *, form):
     kernels.COMPILED["linear_gelu"](out, pre, x, w, b, form="erf" if form == "tanh" else "tanh")
 
