@@ -35,9 +35,9 @@ all of it `workspace` kept per shape (`_forward_scratch`, `_backward_scratch`): 
 every head's keys and values packed, and per worker one (block, T) score tile; for the backward,
 per worker the head's keys packed twice (panels and strips) and its values once, two (block,
 block) tiles, and the strips of Q_i and dY_i. The elementwise work runs in the arrays' own
-precision: float32 scores take `exp32` (within 1.05 ulp) and float32 sums, twice the vector lanes
-of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms, and the tests
-hold float32 results to the float64 reference within 1e-5.
+precision: float32 scores take `exp32_clamped` (within 1.05 ulp) and float32 sums, twice the
+vector lanes of float64 math; at B1 H12 T1024 that cut the forward's softmax from ~25 to ~5 ms,
+and the tests hold float32 results to the float64 reference within 1e-5.
 
 Parallelism: the forward runs one task per (batch, head, pair of query blocks), pairing block k with
 block n-1-k so every task does the same causal work; its keys and values are packed first, in the
@@ -53,7 +53,7 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
-from kernels.scalar import exp_native, row_max
+from kernels.scalar import exp_clamped_native, row_max
 from kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
                           pack_rows, panel_product, panel_width)
 
@@ -75,7 +75,7 @@ def causal_softmax_row(row, n_seen):
     m = row_max(seen)
     total = m - m
     for j in range(n_seen):
-        e = exp_native(seen[j] - m)
+        e = exp_clamped_native(seen[j] - m)
         seen[j] = e
         total += e
     masked = row[n_seen:]
@@ -225,7 +225,7 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, p
                 pr = p_block[r, :seen]
                 dsr = ds_block[r, :seen]
                 for j in range(seen):
-                    e = exp_native(pr[j] - li)
+                    e = exp_clamped_native(pr[j] - li)
                     pr[j] = e
                     dsr[j] = e * (dsr[j] - dr)
                 pm = p_block[r, seen:j1 - j0]

@@ -304,6 +304,23 @@ def test_exp_within_an_ulp_of_libm():
     assert np.isposinf(got[4:7]).all() and np.isnan(got[7]) and got[8] == 1.0
 
 
+def test_clamped_exp_within_an_ulp_inside_its_range_and_finite_outside():
+    """`exp32_clamped`, softmax's and GELU's: exp32's accuracy over [-86.9, 80], and outside it
+    the exps of the bounds, never 0 or inf, while a NaN stays NaN. Control: exp32 itself gives 0
+    and inf there, so the test tells the two apart."""
+    y32 = np.linspace(-86.9, 80.0, 1_000_001).astype(np.float32)
+    want = np.exp(y32.astype(np.float64))
+    got = _exp_each(scalar.exp32_clamped, y32).astype(np.float64)
+    assert np.max(np.abs(got - want) / np.spacing(want.astype(np.float32))) <= 1.1
+    low, high = _exp_each(scalar.exp32, np.float32([-86.9, 80.0]))
+    outside = np.float32([-np.inf, -1e4, -87.5, 80.5, 88.9, np.inf, np.nan])
+    got = _exp_each(scalar.exp32_clamped, outside)
+    assert got[:3].tolist() == [low] * 3 and got[3:6].tolist() == [high] * 3 and np.isnan(got[6])
+    assert 0.0 < low < 2e-38 and np.isfinite(high)
+    control = _exp_each(scalar.exp32, outside)
+    assert control[0] == 0.0 and np.isposinf(control[5])
+
+
 @pytest.mark.parametrize("form", ["tanh", "erf"])
 def test_gelu(dt, case, form):
     b, t, c, _, _ = case
