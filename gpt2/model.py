@@ -16,6 +16,7 @@ import numpy as np
 from gpt2.compile import compile as compile_model
 from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
 from kernels.bf16 import BFLOAT16
+from kernels.common import aligned_empty
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
 from tracer import Parameter
@@ -49,8 +50,8 @@ class GPT(Pretrained, Generation):
         shapes = parameter_shapes(config)
         layout = backward_order(shapes)
         sizes = {n: int(np.prod(shapes[n])) for n in shapes}
-        self.flat_data = np.zeros(sum(sizes.values()), self.dtype)
-        self.flat_grad = np.zeros_like(self.flat_data)
+        self.flat_data = aligned_empty(sum(sizes.values()), self.dtype, zeroed=True)
+        self.flat_grad = aligned_empty(self.flat_data.shape, self.dtype, zeroed=True)
         self.flat_bf16 = None           # bf16 copies for autocast, made by bf16_copies()
         views, offset = {}, 0
         for name in layout:
@@ -116,7 +117,7 @@ class GPT(Pretrained, Generation):
         """Give every parameter a bf16 copy of its data, all in one flat buffer laid out as
         flat_data, so the optimiser's passes over flat_data refresh it as they go. Idempotent."""
         if self.flat_bf16 is None:
-            self.flat_bf16 = np.empty(self.flat_data.shape, BFLOAT16)
+            self.flat_bf16 = aligned_empty(self.flat_data.shape, BFLOAT16)
             for p in self._params.values():
                 start = (p.data.ctypes.data - self.flat_data.ctypes.data) // p.data.itemsize
                 p.bf16 = self.flat_bf16[start:start + p.data.size].reshape(p.data.shape)
@@ -143,9 +144,9 @@ class GPT(Pretrained, Generation):
 
     def new_cache(self, batch_size):
         """An empty KV cache for batch_size rows: {name: zeros (B, H, block_size, D)}, named as
-        `cache_shapes` says. np.zeros maps its pages lazily: positions never written cost no
-        memory."""
-        return {name: np.zeros(shape, self.dtype)
+        `cache_shapes` says, on cache lines. np.zeros maps its pages lazily: positions never
+        written cost no memory."""
+        return {name: aligned_empty(shape, self.dtype, zeroed=True)
                 for name, shape in cache_shapes(self.config, batch_size).items()}
 
     def decoder(self, batch_size):

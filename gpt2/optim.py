@@ -14,6 +14,7 @@ import numpy as np
 
 import kernels
 from kernels import optimiser
+from kernels.common import aligned_empty
 
 
 def _segments(params):
@@ -113,8 +114,10 @@ class AdamW:
         self._params = dict(named)
         self._sizes = {n: p.data.size for n, p in named}
         self.runs = _runs(named)
-        self.exp_avg = [np.zeros_like(run.data) for run in self.runs]
-        self.exp_avg_sq = [np.zeros_like(run.data) for run in self.runs]
+        self.exp_avg = [aligned_empty(run.data.shape, run.data.dtype, zeroed=True)
+                        for run in self.runs]
+        self.exp_avg_sq = [aligned_empty(run.data.shape, run.data.dtype, zeroed=True)
+                           for run in self.runs]
         self.step_count = 0
 
     def step(self, *, max_grad_norm=None, zero_grad=False, grad_scale=1.0):

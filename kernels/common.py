@@ -85,12 +85,29 @@ CHUNKS = 64
 SEG = 2048
 
 
+CACHE_LINE = 64
+
+
+def aligned_empty(shape, dtype, zeroed=False):
+    """np.empty (np.zeros when zeroed) whose data starts on a cache line. NumPy's large arrays
+    start 16 bytes past one (the allocator's header): every 32-byte vector load then straddles two
+    lines, and where two threads write neighbouring columns (attention's heads in qkv and its
+    gradient) a line holding both is passed between the cores on every store. Attention at B1
+    T1024 ran 1.13-1.33x faster on two threads from aligned arrays than from such arrays (Zen 3).
+    The array's base has its dtype, as a view of it would."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    whole = (np.zeros if zeroed else np.empty)(size + CACHE_LINE // dtype.itemsize, dtype)
+    start = (-whole.ctypes.data % CACHE_LINE) // dtype.itemsize
+    return whole[start:start + size].reshape(shape)
+
+
 @functools.lru_cache(maxsize=128)
 def workspace(role, shape, dtype):
     """A scratch array for `role` (a kernel's name and what the array is for), made once per shape
     and dtype and handed to every call that asks again. Its contents never outlive a kernel call,
     and a jitted call holds the GIL, so two calls never use one at once."""
-    return np.empty(shape, dtype)
+    return aligned_empty(shape, dtype)
 
 
 def chunk_scratch(dtype):

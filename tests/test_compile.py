@@ -460,3 +460,41 @@ def test_fusion_merges_pairs_and_keeps_results(bias):
         results.append({k: v.copy() for k, v in exe.outputs.items() if k != "logits"})
     for name in results[0]:
         assert rel(results[1][name], results[0][name]) < 1e-12, name
+
+
+def on_cache_line(a):
+    return a.ctypes.data % common.CACHE_LINE == 0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32, np.float64])
+def test_aligned_empty_starts_on_a_cache_line(dtype):
+    """aligned_empty and its zeroed form: data on a cache line, the asked shape and dtype, a base of
+    the same dtype (AdamW merges adjacent views of one base), zeros when asked. Control: a view one
+    element in is not on a line, so the check can fail."""
+    for shape in [(1,), (3, 5), (1 << 20,), (4, 64, 768)]:
+        a = common.aligned_empty(shape, dtype)
+        z = common.aligned_empty(shape, dtype, zeroed=True)
+        for x in (a, z):
+            assert on_cache_line(x) and x.shape == shape and x.dtype == dtype
+            assert x.base is not None and x.base.dtype == dtype and x.flags.c_contiguous
+        assert not z.any()
+        if a.size > 1:
+            assert not on_cache_line(a.reshape(-1)[1:])
+
+
+def test_training_and_decoding_arrays_start_on_cache_lines():
+    """What the kernels stream and what two threads write side by side starts on a cache line: the
+    flat parameters and gradients (so every parameter, their sizes being whole lines here), AdamW's
+    moments, the plan's arena and inputs, and the KV cache a decoder owns."""
+    model = gpt2.GPT(tiny_config(n_embd=32, block_size=16), dtype="float32")
+    opt = gpt2.AdamW(model.parameters())
+    cm = gpt2.compile(model)
+    idx = np.random.default_rng(0).integers(0, 37, (2, 16))
+    _, loss = cm(idx, idx)
+    loss.backward()
+    opt.step()
+    exe = cm._last[1]
+    arrays = [model.flat_data, model.flat_grad, *opt.exp_avg, *opt.exp_avg_sq, exe.arena,
+              *exe.inputs.values(), *cm.decoder(2).cache.values()]
+    arrays += [p.data for p in model.parameters().values()]
+    assert all(on_cache_line(a) for a in arrays)

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 from kernels.bf16 import BFLOAT16
+from kernels.common import aligned_empty
 from tracer.ops import kernel_attrs
 
 
@@ -18,8 +19,8 @@ class Executable:
         """state: {name: array} for the graph's state values, to share them with another plan;
         by default the Executable allocates them, zeroed."""
         self.graph, self.plan, self.table = graph, plan, table
-        self.arena = np.empty(max(plan.arena_bytes, 1), np.uint8)
-        self.inputs = {v.name: np.empty(v.shape, v.dtype) for v in graph.inputs}
+        self.arena = aligned_empty(max(plan.arena_bytes, 1), np.uint8)
+        self.inputs = {v.name: aligned_empty(v.shape, v.dtype) for v in graph.inputs}
         state = {} if state is None else state
         for v in graph.state:
             given = state.get(v.name)
@@ -27,7 +28,8 @@ class Executable:
                                       or not given.flags.c_contiguous):
                 raise ValueError(f"state {v.name}: got a {given.dtype}{list(given.shape)} array, "
                                  f"the graph needs a C-contiguous {v.dtype}{list(v.shape)}")
-        self.state = {v.name: state[v.name] if v.name in state else np.zeros(v.shape, v.dtype)
+        self.state = {v.name: state[v.name] if v.name in state
+                      else aligned_empty(v.shape, v.dtype, zeroed=True)
                       for v in graph.state}
         self._bound_params = None
         self.bind_parameters()
