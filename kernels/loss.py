@@ -8,7 +8,7 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, rows, workspace
-from kernels.scalar import exp, exp_clamped_native, exp_native, row_max
+from kernels.scalar import exp, exp_native, row_max
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
@@ -71,8 +71,8 @@ def _cross_entropy_backward_rows(x, targets, lse, g):
         li = lse[i]
         xt = xi[targets[i]]
         for j in range(v):
-            xi[j] = exp_clamped_native(xi[j] - li) * g
-        xi[targets[i]] = (exp_clamped_native(xt - li) - 1) * g
+            xi[j] = exp_native(xi[j] - li) * g
+        xi[targets[i]] = (exp_native(xt - li) - 1) * g
 
 
 def cross_entropy(loss, lse, logits, targets):

@@ -89,14 +89,21 @@ _EXP_POLY_F32 = _exp_poly_f32()
 _ROUND_F32 = 1.5 * 2.0 ** 23
 
 
+# float32 exp's range: below -86.9 the result is under float32's smallest normal value (1.2e-38);
+# above 88.8 it overflows.
+_EXP32_UNDERFLOW = -86.9
+_EXP32_OVERFLOW = 88.8
+
+
 @njit(cache=True, fastmath={"contract"})
 def _exp32_in_range(y):
-    """exp(y) for a float32 y in [-86.9, 88.8], in float32 arithmetic, twice the lanes of `exp`:
+    """exp(y) for a float32 y in [-100, 88.8], in float32 arithmetic, twice the lanes of `exp`:
     y = n ln2 + r with n rounded by the 1.5 * 2**23 addition (no float-to-int conversion), e**r by
     a degree-6 polynomial, and 2**(n - 1) built from that sum's bits by one shift (its 0x4B400000
-    shifts out) times a polynomial doubled to match: 2**(n - 1) is a normal float32 for every n up
-    to overflow. Within 1.05 ulp of exp. Compiled with contraction only: reassociation would fold
-    the rounding addition away."""
+    shifts out) times a polynomial doubled to match. Within 1.05 ulp of exp down to -86.9; below
+    that the shifted exponent is negative (it stays in range down to y = -100) and the result 0,
+    never a subnormal, whose arithmetic costs microcode assists on some CPUs. Compiled with
+    contraction only: reassociation would fold the rounding addition away."""
     f = np.float32
     k = y * f(_LOG2E) + f(_ROUND_F32)
     n = k - f(_ROUND_F32)
@@ -109,35 +116,34 @@ def _exp32_in_range(y):
     p = p * r + f(c[2])
     p = p * r + f(c[1])
     p = p * r + f(c[0])
-    return p * np.int32((f(k).view(np.int32) + 126) << 23).view(np.float32)
+    scale = max(np.int32((f(k).view(np.int32) + 126) << 23), np.int32(0))
+    return p * np.int32(scale).view(np.float32)
 
 
 @njit(cache=True, fastmath={"contract"})
 def exp32(y):
-    """exp(y) for any float32 y: `_exp32_in_range`, 0 below y = -86.9 (results under 2e-38 flush
-    to 0) and inf above 88.8; NaN stays NaN. Cross-entropy's forward needs the inf: it is how an
-    overflowing sum is found."""
+    """exp(y) for any float32 y: `_exp32_in_range`, 0 below y = -86.9 and inf above 88.8; NaN
+    stays NaN. Cross-entropy's forward needs the inf: it is how an overflowing sum is found."""
     res = _exp32_in_range(y)
-    if y < np.float32(-86.9):
+    if y < np.float32(_EXP32_UNDERFLOW):
         res = np.float32(0.0)
-    if y > np.float32(88.8):
+    if y > np.float32(_EXP32_OVERFLOW):
         res = np.float32(np.inf)
     return res
 
 
-_EXP32_LOW = -86.9          # exp 1.8e-38: float32's smallest normal values
+_EXP32_LOW = -100.0         # `_exp32_in_range`'s lowest argument: exp gives 0 there
 _EXP32_HIGH = 80.0          # exp 5.5e34: 1 + e, and e times values of order one, stay finite
 
 
 @njit(cache=True, fastmath={"contract"})
 def exp32_clamped(y):
-    """exp of y clamped to [-86.9, 80], for float32 y: never 0 or inf (1.8e-38 below, 5.5e34
-    above), NaN stays NaN. For exps whose callers need neither: softmax's y - max <= 0, where a
-    term under 2e-38 beside the max's exp(0) = 1 changes nothing, and GELU's. Two clamps in place
-    of exp32's two compares and selects leave LLVM enough vector registers to keep the loop's
-    constants in them (with exp32 it reloads them on every pass): in a GELU loop from L1 on one
-    Zen 3 thread 0.83-0.89 of exp32's time; interleaved in one process, attention's backward at
-    B1 T1024 0.96 of its time, its forward 0.99, GELU forward and backward 0.97."""
+    """exp of y clamped to [-100, 80], for float32 y: 0 below -86.9 as exp32 gives, never inf
+    (5.5e34 above 80), NaN stays NaN. For softmax's y - max <= 0 and GELU's exps, which need no
+    inf. Two clamps in place of exp32's two compares and selects leave LLVM enough vector
+    registers to keep the loop's constants in them (with exp32 it reloads them on every pass):
+    interleaved in one process on Zen 3, attention's backward at B1 T1024 0.96 of its time, its
+    forward 0.99, GELU forward and backward 0.97."""
     if y < np.float32(_EXP32_LOW):
         y = np.float32(_EXP32_LOW)
     if y > np.float32(_EXP32_HIGH):

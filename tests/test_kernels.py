@@ -304,21 +304,25 @@ def test_exp_within_an_ulp_of_libm():
     assert np.isposinf(got[4:7]).all() and np.isnan(got[7]) and got[8] == 1.0
 
 
-def test_clamped_exp_within_an_ulp_inside_its_range_and_finite_outside():
-    """`exp32_clamped`, softmax's and GELU's: exp32's accuracy over [-86.9, 80], and outside it
-    the exps of the bounds, never 0 or inf, while a NaN stays NaN. Control: exp32 itself gives 0
-    and inf there, so the test tells the two apart."""
+def test_clamped_exp_within_an_ulp_inside_its_range_zero_below_and_finite_above():
+    """`exp32_clamped`, softmax's and GELU's: exp32's accuracy over [-86.9, 80]; below it 0, never
+    a subnormal; above it exp(80), never inf; a NaN stays NaN. Control: exp32 gives inf above, so
+    the test tells the two apart. And GELU's float32 gradient, whose exp is clamped, is 1 for
+    large inputs up to where x^3 overflows float32, as in float64 (a floor above 0 would grow there
+    as x^3)."""
     y32 = np.linspace(-86.9, 80.0, 1_000_001).astype(np.float32)
     want = np.exp(y32.astype(np.float64))
     got = _exp_each(scalar.exp32_clamped, y32).astype(np.float64)
     assert np.max(np.abs(got - want) / np.spacing(want.astype(np.float32))) <= 1.1
-    low, high = _exp_each(scalar.exp32, np.float32([-86.9, 80.0]))
-    outside = np.float32([-np.inf, -1e4, -87.5, 80.5, 88.9, np.inf, np.nan])
+    high = _exp_each(scalar.exp32, np.float32([80.0]))[0]
+    outside = np.float32([-np.inf, -1e4, -100.5, -87.5, -87.2, 80.5, 88.9, np.inf, np.nan])
     got = _exp_each(scalar.exp32_clamped, outside)
-    assert got[:3].tolist() == [low] * 3 and got[3:6].tolist() == [high] * 3 and np.isnan(got[6])
-    assert 0.0 < low < 2e-38 and np.isfinite(high)
-    control = _exp_each(scalar.exp32, outside)
-    assert control[0] == 0.0 and np.isposinf(control[5])
+    assert got[:5].tolist() == [0.0] * 5 and got[5:8].tolist() == [high] * 3 and np.isnan(got[8])
+    tail = _exp_each(scalar.exp32_clamped, np.linspace(-100, -86.9, 10_001).astype(np.float32))
+    assert np.all((tail == 0.0) | (tail >= np.finfo(np.float32).tiny))
+    assert np.isposinf(_exp_each(scalar.exp32, outside)[7])
+    big = np.float32([11.0, 1e6, 1e11, 1e12])
+    assert _exp_each(scalar.gelu_tanh_grad32, big).tolist() == [1.0] * 4
 
 
 @pytest.mark.parametrize("form", ["tanh", "erf"])
