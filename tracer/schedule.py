@@ -10,7 +10,9 @@ the same time.
 """
 from dataclasses import dataclass, field
 
-ALIGN = 64
+from kernels.common import CACHE_LINE
+
+ALIGN = CACHE_LINE              # the arena starts on one too: every value does
 
 
 @dataclass
