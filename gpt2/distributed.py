@@ -13,8 +13,9 @@ Faults: an error on one rank would leave the others waiting in a collective fore
 `stop_all_on_error` prints it with the rank's number and aborts them all (MPI_Abort). Errors that
 every rank raises alike, decided on shared values (ranks started differently, a non-finite loss),
 pass through so that each rank reports them. A rank that dies outright is the launcher's to
-notice: mpiexec (Hydra) then kills the others at once and names the dead process's pid, which the
-start-up line maps to its rank.
+notice: mpiexec (Hydra) then kills the others at once and reports a bad termination with the pid
+and exit code of the first process it reaps, which may be the dead one or one it killed (the
+start-up line maps pids to ranks).
 """
 import contextlib
 import hashlib
@@ -30,6 +31,10 @@ import numpy as np
 from tracer.schedule import gradient_final_steps
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20        # PyTorch DDP's bucket size
+# How long a failing rank waits between printing its error and MPI_Abort: the launcher forwards a
+# rank's stderr through its proxy, and an abort that reaches the proxy first kills the job with
+# the message still unforwarded (seen once in CI: an empty stderr).
+ABORT_GRACE_SECONDS = 1.0
 # What MPI launchers tell each process: MPICH's Hydra (PMI_*) and Open MPI (OMPI_COMM_WORLD_*).
 _LAUNCHER_VARIABLES = (("PMI_SIZE", "PMI_RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
 _world = None
@@ -159,6 +164,7 @@ class MPIWorld(World):
                              f"stopping every rank: {type(e).__name__}: {e}\n"
                              + "".join(traceback.format_exception(e)))
             sys.stderr.flush()
+            time.sleep(ABORT_GRACE_SECONDS)
             self.comm.Abort(1)
 
 
