@@ -29,6 +29,7 @@ import hashlib
 import os
 
 import numba
+from llvmlite import binding as llvm_binding
 import numpy as np
 
 # Threads. NumPy's OpenBLAS and Numba each keep a pool of threads on this 2-core machine, and they
@@ -86,6 +87,9 @@ SEG = 2048
 
 
 CACHE_LINE = 64
+# The CPU's vector registers: 64 bytes with AVX-512, 32 with AVX2 (wider IR vectors on AVX2 are
+# split into pairs: tile.py's accumulators and operands would no longer fit the 16 registers).
+VECTOR_BYTES = 64 if llvm_binding.get_host_cpu_features().get("avx512f", False) else 32
 
 
 def aligned_empty(shape, dtype, zeroed=False):

@@ -306,7 +306,7 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
         x2 = rows(x)
         _layernorm_rows_serial(x2, rows(out), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
                                w if b is None else b, False, b is not None, float(eps),
-                               normalisation.row_scratch(x2))
+                               normalisation.forward_scratch(x2))
     else:
         normalisation.layernorm(out, mean, rstd, x, w, b, eps=eps)
 
@@ -319,7 +319,7 @@ def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
             and sum_out.shape == x.shape and is_suffix(r.shape, x.shape):
         _layernorm_rows_serial(rows(sum_out), rows(out), mean.reshape(-1), rstd.reshape(-1),
                                rows(x), r.reshape(-1, c), w, w if b is None else b, True,
-                               b is not None, float(eps), normalisation.row_scratch(x))
+                               b is not None, float(eps), normalisation.forward_scratch(x))
     else:
         normalisation.residual_layernorm(sum_out, out, mean, rstd, x, r, w, b, eps=eps)
 

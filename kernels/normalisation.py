@@ -7,9 +7,10 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.bf16 import bits_or_self, put
+from kernels.bf16 import bits_or_self
 from kernels.common import CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_suffix, rows, workspace
 from kernels.scalar import exp, row_max
+from kernels.stream import store_fence, write_row
 
 
 @njit(**PARALLEL)
@@ -18,23 +19,23 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
     is False, else s = sum_out (N, C) = x + r (M, C) with r's row i % M (M divides N).
     b (C,) is not read when has_bias is False. sum_out may alias x. out may hold bf16 bits (uint16),
     written rounded. Row sums run in the arrays' precision (a two-pass variance over C values).
-    scratch: `row_scratch`."""
+    A row's sum and its normalised values are built in scratch (`forward_scratch`) and written out
+    whole (`write_row`: streaming stores, as both outputs are written fresh)."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)
     inv_c = x.dtype.type(1.0 / c)
     for ch in prange(nch):
-        tmp = scratch[ch]
+        total = scratch[ch, 0]
+        normed = scratch[ch, 1]
         for i in range(ch * n // nch, (ch + 1) * n // nch):
             xi = x[i]
             if has_res:
                 ri = r[i % nr]
                 for j in range(c):
-                    tmp[j] = xi[j] + ri[j]
-                si = sum_out[i]
-                for j in range(c):
-                    si[j] = tmp[j]
-                xi = tmp
+                    total[j] = xi[j] + ri[j]
+                write_row(sum_out[i], total)
+                xi = total
             acc = inv_c - inv_c
             for j in range(c):
                 acc += xi[j]
@@ -46,20 +47,26 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
                 acc += dev * dev
             rstd[i] = 1.0 / math.sqrt(acc * inv_c + eps)
             rs = rstd[i]
-            oi = out[i]
             if has_bias:
                 for j in range(c):
-                    put(oi, j, (xi[j] - mu) * rs * w[j] + b[j])
+                    normed[j] = (xi[j] - mu) * rs * w[j] + b[j]
             else:
                 for j in range(c):
-                    put(oi, j, (xi[j] - mu) * rs * w[j])
+                    normed[j] = (xi[j] - mu) * rs * w[j]
+            write_row(out[i], normed)
+        store_fence()
 
 
 _LN_CHUNKS = 32
 
 
+def forward_scratch(x):
+    """Two rows of x's width per chunk: the forward's sums x + r and normalised rows."""
+    return workspace("layernorm forward rows", (CHUNKS, 2, x.shape[-1]), x.dtype)
+
+
 def row_scratch(x):
-    """A row of x's width per chunk: LayerNorm's sums x + r, and its backward's rows of dx."""
+    """A row of x's width per chunk: the backward's rows of dx."""
     return workspace("layernorm rows", (CHUNKS, x.shape[-1]), x.dtype)
 
 
@@ -67,8 +74,9 @@ def row_scratch(x):
 def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials, sums):
     """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,), in the arrays'
     precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db
-    (partials (2, 32, C)), added up in chunk order in float64 (sums (2, C)). dx may alias dy (a row
-    of dx goes through scratch, `row_scratch`)."""
+    (partials (2, 32, C)), added up in chunk order in float64 (sums (2, C)). A row of dx is built
+    in scratch (`row_scratch`), so dx may alias dy, and written out with streaming stores
+    (`write_row`)."""
     n, c = x.shape
     nch = min(n, _LN_CHUNKS)
     pdw = partials[0]
@@ -100,9 +108,8 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials
             for j in range(c):
                 xh = (xi[j] - mu) * rs
                 tmp[j] = rs * (gi[j] * w[j] - s1 - xh * s2)
-            di = dx[i]
-            for j in range(c):
-                di[j] = tmp[j]
+            write_row(dx[i], tmp)
+        store_fence()
     accw = sums[0]
     accb = sums[1]
     for j in range(c):
@@ -168,7 +175,7 @@ def layernorm(out, mean, rstd, x, w, b=None, *, eps):
         x2 = rows(x)
         _layernorm_rows(x2, rows(out_bits), mean.reshape(-1), rstd.reshape(-1), x2, x2, w,
                         w if b is None else b, False, b is not None, float(eps),
-                        row_scratch(x2))
+                        forward_scratch(x2))
     else:
         reference.layernorm(out, mean, rstd, x, w, b, eps=eps)
 
@@ -185,7 +192,7 @@ def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
             and is_suffix(r.shape, x.shape):
         _layernorm_rows(rows(sum_out), rows(out_bits), mean.reshape(-1), rstd.reshape(-1), rows(x),
                         r.reshape(-1, c), w, w if b is None else b, True, b is not None, float(eps),
-                        row_scratch(x))
+                        forward_scratch(x))
     else:
         reference.add(sum_out, x, r)
         reference.layernorm(out, mean, rstd, sum_out, w, b, eps=eps)

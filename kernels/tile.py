@@ -20,17 +20,14 @@ whole panel go through a small scratch of whole vectors. The vector code is writ
 (`_make_block`), since Numba exposes no vector types.
 """
 import numpy as np
-from llvmlite import binding, ir
+from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from kernels.common import FASTMATH, PARALLEL, workspace
+from kernels.common import FASTMATH, PARALLEL, VECTOR_BYTES, workspace
 
 BLOCK_ROWS = 6
 PANEL_VECTORS = 2
-# The CPU's vector registers: 64 bytes with AVX-512, 32 with AVX2 (wider IR vectors on AVX2 would be
-# split into pairs, the accumulators and their operands no longer fitting the 16 registers).
-VECTOR_BYTES = 64 if binding.get_host_cpu_features().get("avx512f", False) else 32
 
 
 @njit(cache=True)

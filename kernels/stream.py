@@ -1,0 +1,88 @@
+"""Streaming (non-temporal) stores for the rows a memory-bound kernel writes fresh.
+
+An ordinary store to a line that is not in the cache first reads the line from memory (the cache
+must own it before it can hold part of it), so a kernel writing an output it never read moves that
+output's bytes twice. A non-temporal vector store sends whole lines to memory with no read. On Zen
+3, a 2-thread copy of (1024, 3072) float32 rows ran at 0.6-0.9 of NumPy's copy bandwidth with
+plain stores and 1.0-1.7 with these; GELU over the same rows rose from 0.39-0.51 to 0.51-0.63.
+
+`write_row(dst, src)` is the one entry: dst[:] = src[:], streamed when dst holds floats, rounded
+to bf16 when it holds bf16 bits (uint16). A kernel that streams calls `store_fence()` at the end of
+each task: streaming stores are not ordered with other stores until a fence, and another thread
+(or the next kernel) may read the row as soon as the task ends.
+"""
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic, overload
+
+from kernels.bf16 import bf16_bits
+from kernels.common import VECTOR_BYTES
+
+
+@intrinsic
+def _stream_vector(typingctx, dst_addr, src_addr, like):
+    """One vector of like's type from src_addr (any alignment) to dst_addr (aligned to
+    VECTOR_BYTES), non-temporal."""
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(signature.args[2])
+        vector = ir.VectorType(element, VECTOR_BYTES // context.get_abi_sizeof(element))
+        src = builder.inttoptr(args[1], vector.as_pointer())
+        dst = builder.inttoptr(args[0], vector.as_pointer())
+        store = builder.store(builder.load(src, align=context.get_abi_sizeof(element)), dst,
+                              align=VECTOR_BYTES)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.intp, like), codegen
+
+
+@intrinsic
+def _sfence(typingctx):
+    def codegen(context, builder, signature, args):
+        fence = builder.module.declare_intrinsic("llvm.x86.sse.sfence",
+                                                 fnty=ir.FunctionType(ir.VoidType(), []))
+        builder.call(fence, [])
+        return context.get_dummy_value()
+
+    return types.void(), codegen
+
+
+@njit(cache=True)
+def store_fence():
+    """Order this thread's streaming stores before any store or read that follows."""
+    _sfence()
+
+
+def write_row(dst, src):
+    """dst (n,) = src (n,): streaming stores when dst holds floats (its dtype src's), bf16
+    rounding when dst holds bf16 bits (uint16)."""
+    raise NotImplementedError("write_row runs inside jitted kernels only")
+
+
+@overload(write_row)
+def _write_row(dst, src):
+    if dst.dtype == types.uint16:
+        def round_to_bf16(dst, src):
+            for j in range(dst.shape[0]):
+                dst[j] = bf16_bits(src[j])
+        return round_to_bf16
+
+    def stream(dst, src):
+        n = dst.shape[0]
+        size = dst.itemsize
+        lanes = VECTOR_BYTES // size
+        d = dst.ctypes.data
+        s = src.ctypes.data
+        # a row not on an element boundary never reaches a vector boundary: all plain stores
+        head = n if d % size else min(n, (-d % VECTOR_BYTES) // size)
+        for j in range(head):
+            dst[j] = src[j]
+        like = src.dtype.type(0)
+        vectors = (n - head) // lanes
+        for v in range(vectors):
+            offset = (head + v * lanes) * size
+            _stream_vector(d + offset, s + offset, like)
+        for j in range(head + vectors * lanes, n):
+            dst[j] = src[j]
+    return stream
