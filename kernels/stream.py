@@ -2,9 +2,10 @@
 
 An ordinary store to a line that is not in the cache first reads the line from memory (the cache
 must own it before it can hold part of it), so a kernel writing an output it never read moves that
-output's bytes twice. A non-temporal vector store sends whole lines to memory with no read. On Zen
-3, a 2-thread copy of (1024, 3072) float32 rows ran at 0.6-0.9 of NumPy's copy bandwidth with
-plain stores and 1.0-1.7 with these; GELU over the same rows rose from 0.39-0.51 to 0.51-0.63.
+output's bytes twice, in and out. A non-temporal vector store sends whole lines to memory with no
+read. On Zen 3, a 2-thread copy of (1024, 3072) float32 rows ran at 0.6-0.9 of NumPy's copy
+bandwidth with plain stores and 1.0-1.7 with these. A kernel gains where memory sets its pace
+(LayerNorm's; see README), not where arithmetic does (GELU's exp: no gain).
 
 `write_row(dst, src)` is the one entry: dst[:] = src[:], streamed when dst holds floats, rounded
 to bf16 when it holds bf16 bits (uint16). A kernel that streams calls `store_fence()` at the end of
