@@ -20,7 +20,8 @@ def _layernorm_rows(sum_out, out, mean, rstd, x, r, w, b, has_res, has_bias, eps
     b (C,) is not read when has_bias is False. sum_out may alias x. out may hold bf16 bits (uint16),
     written rounded. Row sums run in the arrays' precision (a two-pass variance over C values).
     A row's sum and its normalised values are built in scratch (`forward_scratch`) and written out
-    whole (`write_row`: streaming stores, as both outputs are written fresh)."""
+    whole (`write_row`: streaming stores, as both outputs are written fresh; a bf16 out takes
+    plain rounded stores)."""
     n, c = x.shape
     nr = r.shape[0]
     nch = min(n, CHUNKS)

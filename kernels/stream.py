@@ -7,10 +7,12 @@ read. On Zen 3, a 2-thread copy of (1024, 3072) float32 rows ran at 0.6-0.9 of N
 bandwidth with plain stores and 1.0-1.7 with these. A kernel gains where memory sets its pace
 (LayerNorm's; see README), not where arithmetic does (GELU's exp: no gain).
 
-`write_row(dst, src)` is the one entry: dst[:] = src[:], streamed when dst holds floats, rounded
-to bf16 when it holds bf16 bits (uint16). A kernel that streams calls `store_fence()` at the end of
-each task: streaming stores are not ordered with other stores until a fence, and another thread
-(or the next kernel) may read the row as soon as the task ends.
+`write_row(dst, src)` is the one entry: dst[:] = src[:], streamed when both are contiguous rows of
+one float dtype, rounded to bf16 when dst holds bf16 bits (uint16). A kernel that streams calls
+`store_fence()` at the end of each task: streaming stores are not ordered with other stores until
+a fence, and another thread (or the next kernel) may read the row as soon as the task ends.
+Decoding's few-row LayerNorm streams too: its next reader, a GEMV, then takes the ~3 KiB row from
+memory, about a microsecond against a decode step's tens of milliseconds.
 """
 from llvmlite import ir
 from numba import njit, types
@@ -51,13 +53,14 @@ def _sfence(typingctx):
 
 @njit(cache=True)
 def store_fence():
-    """Order this thread's streaming stores before any store or read that follows."""
+    """Order this thread's streaming stores before any later store (the join that ends a parallel
+    task is one)."""
     _sfence()
 
 
 def write_row(dst, src):
-    """dst (n,) = src (n,): streaming stores when dst holds floats (its dtype src's), bf16
-    rounding when dst holds bf16 bits (uint16)."""
+    """dst (n,) = src (n,): streaming stores when both are contiguous rows of one float dtype;
+    bf16 rounding when dst holds bf16 bits (uint16); otherwise plain stores, cast to dst's dtype."""
     raise NotImplementedError("write_row runs inside jitted kernels only")
 
 
@@ -68,6 +71,12 @@ def _write_row(dst, src):
             for j in range(dst.shape[0]):
                 dst[j] = bf16_bits(src[j])
         return round_to_bf16
+
+    if dst.dtype != src.dtype or dst.layout != "C" or src.layout != "C":
+        def cast(dst, src):
+            for j in range(dst.shape[0]):
+                dst[j] = src[j]
+        return cast
 
     def stream(dst, src):
         n = dst.shape[0]

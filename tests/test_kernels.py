@@ -293,16 +293,43 @@ def test_write_row_at_every_alignment_and_length(dtype):
             assert (buffer[:start] == 7).all() and (buffer[start + n:] == 7).all()
 
 
+def test_write_row_off_element_boundaries_and_across_dtypes():
+    """A float32 row whose address is not a multiple of 4 (plain stores throughout), and a
+    float64 row into float32 (cast, as a LayerNorm with a float32 out for float64 x writes)."""
+    src = np.arange(1.0, 40.0, dtype=np.float32)
+    raw = common.aligned_empty(4 * src.size + 8, np.uint8)
+    dst = np.frombuffer(raw.data, np.float32, src.size, offset=1)
+    _write_rows(dst, src)
+    np.testing.assert_array_equal(dst, src)
+    wide = np.random.default_rng(0).standard_normal(37)
+    narrow = np.zeros(37, np.float32)
+    _write_rows(narrow, wide)
+    np.testing.assert_array_equal(narrow, wide.astype(np.float32))
+
+
+def test_layernorm_into_a_narrower_output():
+    _, f = data(np.float64)
+    x, r, w, bias = f(3, 40, s=2.0), f(3, 40), f(40), f(40)
+    s, out = np.empty((3, 40)), np.empty((3, 40), np.float32)
+    mean, rstd = np.empty(3), np.empty(3)
+    NUMBA["residual_layernorm"](s, out, mean, rstd, x, r, w, bias, eps=1e-5)
+    want, wmean, wrstd = np.empty((3, 40)), np.empty(3), np.empty(3)
+    ref.layernorm(want, wmean, wrstd, x + r, w, bias, eps=1e-5)
+    close(out, want.astype(np.float32), np.float32)
+
+
 def test_write_row_streams_its_vectors():
-    """The float path compiles to non-temporal stores (movnt*); the bf16 path, plain stores only
+    """The float paths compile to non-temporal stores (movnt*); the bf16 path, plain stores only
     (control: the check can fail). Compiled afresh: a build loaded from Numba's cache has no
     assembly to show."""
     fresh = numba.njit(_write_rows.py_func)
-    f32 = numba.types.float32[::1]
+    f32, f64 = numba.types.float32[::1], numba.types.float64[::1]
     fresh.compile((f32, f32))
+    fresh.compile((f64, f64))
     fresh.compile((numba.types.uint16[::1], f32))
     asm = {sig[0].dtype: text for sig, text in fresh.inspect_asm().items()}
     assert "movnt" in asm[numba.types.float32]
+    assert "movnt" in asm[numba.types.float64]
     assert "movnt" not in asm[numba.types.uint16]
 
 
