@@ -19,7 +19,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from kernels.bf16 import bf16_bits
+from kernels.bf16 import put
 from kernels.common import VECTOR_BYTES
 
 
@@ -67,17 +67,11 @@ def write_row(dst, src):
 
 @overload(write_row)
 def _write_row(dst, src):
-    if dst.dtype == types.uint16:
-        def round_to_bf16(dst, src):
-            for j in range(dst.shape[0]):
-                dst[j] = bf16_bits(src[j])
-        return round_to_bf16
-
     if dst.dtype != src.dtype or dst.layout != "C" or src.layout != "C":
-        def cast(dst, src):
+        def plain(dst, src):
             for j in range(dst.shape[0]):
-                dst[j] = src[j]
-        return cast
+                put(dst, j, src[j])
+        return plain
 
     def stream(dst, src):
         n = dst.shape[0]
