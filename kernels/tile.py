@@ -220,35 +220,68 @@ def pack_panels(panels, x):
     n_panels, depth, width = panels.shape
     n = x.shape[0]
     for p in range(n_panels):
+        # A lane's column of the panel as a 1-D view: indexing the 3-D array element by element
+        # ran 1.7x the time (1024 x 64 float32, Zen 3).
+        panel = panels[p]
         for lane in range(width):
             j = p * width + lane
+            column = panel[:, lane]
             if j < n:
                 row = x[j]
                 for e in range(depth):
-                    panels[p, e, lane] = row[e]
+                    column[e] = row[e]
             else:
                 for e in range(depth):
-                    panels[p, e, lane] = 0.0
+                    column[e] = 0.0
+
+
+@intrinsic
+def _copy_panel_row(typingctx, dst_addr, src_addr, like):
+    """W elements of like's type (one panel row: PANEL_VECTORS vectors) from src_addr to dst_addr,
+    any alignment. A loop of W element copies is guarded by an overlap check per row that LLVM
+    cannot rule out, and ran 3-4x the time."""
+    def codegen(context, builder, signature, args):
+        element = context.get_value_type(signature.args[2])
+        size = context.get_abi_sizeof(element)
+        vector = ir.VectorType(element, VECTOR_BYTES // size)
+        src = builder.inttoptr(args[1], vector.as_pointer())
+        dst = builder.inttoptr(args[0], vector.as_pointer())
+        values = [builder.load(builder.gep(src, [ir.Constant(ir.IntType(64), v)]), align=size)
+                  for v in range(PANEL_VECTORS)]
+        for v, value in enumerate(values):
+            builder.store(value, builder.gep(dst, [ir.Constant(ir.IntType(64), v)]), align=size)
+        return context.get_dummy_value()
+
+    return types.void(types.intp, types.intp, like), codegen
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy")
 def pack_rows(panels, x):
     """panels (P, n, W): x (n, D) cut into strips of W columns, panels[p, j, l] = x[j, p W + l];
     zero past column D. B = x itself, packed so a long inner dimension streams one contiguous
-    strip (rows of x in place can sit many KiB apart and collide in the cache)."""
+    strip (rows of x in place can sit many KiB apart and collide in the cache). Rows of x must be
+    unit-stride."""
     n_panels, n, width = panels.shape
     d = x.shape[1]
+    size = x.itemsize
+    like = x.dtype.type(0)
     for p in range(n_panels):
         strip = panels[p]
         e0 = p * width
         cols = min(width, d - e0)
+        if cols == width:
+            source = x.ctypes.data + e0 * size
+            target = strip.ctypes.data
+            for j in range(n):
+                _copy_panel_row(target + j * strip.strides[0], source + j * x.strides[0], like)
+            continue
         for j in range(n):
-            source = x[j, e0:e0 + cols]
-            target = strip[j]
+            row = x[j, e0:]
+            target_row = strip[j]
             for lane in range(cols):
-                target[lane] = source[lane]
+                target_row[lane] = row[lane]
             for lane in range(cols, width):
-                target[lane] = 0.0
+                target_row[lane] = 0.0
 
 
 @njit(**PARALLEL)

@@ -582,6 +582,25 @@ def test_panel_product(dt, m, n, d):
     assert (wide[:m, :n] == 0).all() and np.isnan(wide[:, n:]).all()
 
 
+# Heads of one whole strip, several, and a partial last one; row counts of one and of a query
+# block; the rows read in place from a wider array, as attention reads q, k and dY.
+@pytest.mark.parametrize("n,d", [(1, 16), (7, 20), (64, 64), (33, 40)])
+def test_pack_rows_in_place(dt, n, d):
+    """pack_rows copies each row's whole strips as vectors from addresses: from rows inside a
+    wider array into the first n rows of a larger scratch, it writes exactly x's columns and
+    zero past D, and leaves the scratch's other rows as they were."""
+    _, f = data(dt, seed=n + d)
+    width = tile.panel_width(np.dtype(dt))
+    wide = f(n + 1, 3 * d + 5)
+    x = wide[1:, d + 3:2 * d + 3]
+    strips = np.full((-(-d // width), n + 4, width), np.nan, dt)
+    tile.pack_rows(strips[:, :n], x)
+    padded = np.zeros((n, strips.shape[0] * width), dt)
+    padded[:, :d] = x
+    np.testing.assert_array_equal(strips[:, :n].transpose(1, 0, 2).reshape(n, -1), padded)
+    assert np.isnan(strips[:, n:]).all()
+
+
 # Offsets that put the diagonal inside c (the attention tiles on it: 0), left of it and right of
 # it, so some row blocks have every term, some a part and some none.
 @pytest.mark.parametrize("m,n,d,offset", [(64, 64, 64, 0), (13, 37, 20, 3), (7, 40, 9, -4),
