@@ -13,6 +13,7 @@ import numbers
 
 import numpy as np
 
+import kernels
 from gpt2.compile import compile as compile_model
 from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
 from kernels.bf16 import BFLOAT16
@@ -125,7 +126,7 @@ class GPT(Pretrained, Generation):
         return self.flat_bf16
 
     def zero_grad(self):
-        self.flat_grad[...] = 0
+        kernels.zero_fill(self.flat_grad)
 
     # ------------------------------------------------------------ forward
 

@@ -160,7 +160,7 @@ class AdamW:
 
     def zero_grad(self):
         for run in self.runs:
-            run.grad[...] = 0
+            kernels.zero_fill(run.grad)
 
     def state_dict(self):
         """{"step", "exp_avg": {name: array}, "exp_avg_sq": {name: array}} (copies)."""

@@ -42,3 +42,4 @@ DECODE = {**COMPILED, **decode.FEW_ROWS_TABLE}
 adamw = optimiser.adamw
 sum_of_squares = optimiser.sum_of_squares
 scale_in_place = optimiser.scale_in_place
+zero_fill = optimiser.zero_fill

@@ -293,6 +293,45 @@ def test_write_row_at_every_alignment_and_length(dtype):
             assert (buffer[:start] == 7).all() and (buffer[start + n:] == 7).all()
 
 
+@numba.njit(cache=True)
+def _clear_rows(dst):
+    stream.clear_row(dst)
+    stream.store_fence()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_clear_row_at_every_alignment_and_length(dtype):
+    """clear_row zeroes exactly its row, at every start within two vectors and lengths across
+    them, and nothing either side."""
+    lanes = common.VECTOR_BYTES // np.dtype(dtype).itemsize
+    buffer = common.aligned_empty(8 * lanes, dtype)
+    for start in range(2 * lanes):
+        for n in range(3 * lanes + 2):
+            buffer[...] = 7
+            _clear_rows(buffer[start:start + n])
+            assert (buffer[start:start + n] == 0).all()
+            assert (buffer[:start] == 7).all() and (buffer[start + n:] == 7).all()
+
+
+def test_zero_fill(dt, monkeypatch):
+    """zero_fill over several blocks and an odd length from an odd start zeroes exactly that, on
+    the parallel kernel; a strided view, and an array below the small-array bound, take NumPy's
+    fill with the same result."""
+    kernel, calls = optimiser._zero_flat, []
+    monkeypatch.setattr(optimiser, "_zero_flat", lambda x: calls.append(x.size) or kernel(x))
+    n = 3 * optimiser._FILL_BLOCK + 5
+    buffer = np.full(n + 4, 7, dt)
+    optimiser.zero_fill(buffer[3:n + 3])
+    assert calls == [n]
+    assert (buffer[3:n + 3] == 0).all() and (buffer[:3] == 7).all() and (buffer[n + 3:] == 7).all()
+    buffer[...] = 7
+    optimiser.zero_fill(buffer[::2])
+    monkeypatch.setattr(common, "SMALL_BYTES", 1 << 30)
+    optimiser.zero_fill(buffer[1:40])
+    assert calls == [n]
+    assert (buffer[::2] == 0).all() and (buffer[1:40] == 0).all() and (buffer[41::2] == 7).all()
+
+
 def test_write_row_off_element_boundaries_and_across_dtypes():
     """A float32 row whose address is not a multiple of 4 (plain stores throughout), and a
     float64 row into float32 (cast, as a LayerNorm with a float32 out for float64 x writes)."""
@@ -319,18 +358,22 @@ def test_layernorm_into_a_narrower_output():
 
 
 def test_write_row_streams_its_vectors():
-    """The float paths compile to non-temporal stores (movnt*); the bf16 path, plain stores only
-    (control: the check can fail). Compiled afresh: a build loaded from Numba's cache has no
-    assembly to show."""
+    """The float paths of write_row and clear_row compile to non-temporal stores (movnt*); the
+    bf16 paths, plain stores only (control: the check can fail). Compiled afresh: a build loaded
+    from Numba's cache has no assembly to show."""
+    f32, f64, bits = numba.types.float32[::1], numba.types.float64[::1], numba.types.uint16[::1]
     fresh = numba.njit(_write_rows.py_func)
-    f32, f64 = numba.types.float32[::1], numba.types.float64[::1]
     fresh.compile((f32, f32))
     fresh.compile((f64, f64))
-    fresh.compile((numba.types.uint16[::1], f32))
-    asm = {sig[0].dtype: text for sig, text in fresh.inspect_asm().items()}
-    assert "movnt" in asm[numba.types.float32]
-    assert "movnt" in asm[numba.types.float64]
-    assert "movnt" not in asm[numba.types.uint16]
+    fresh.compile((bits, f32))
+    clearing = numba.njit(_clear_rows.py_func)
+    for sig in (f32, f64, bits):
+        clearing.compile((sig,))
+    for compiled in (fresh, clearing):
+        asm = {sig[0].dtype: text for sig, text in compiled.inspect_asm().items()}
+        assert "movnt" in asm[numba.types.float32]
+        assert "movnt" in asm[numba.types.float64]
+        assert "movnt" not in asm[numba.types.uint16]
 
 
 # ---------------------------------------------------------------- GELU and softmax
