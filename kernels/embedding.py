@@ -3,7 +3,7 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import PARALLEL, ids, is_fast, is_small, rows
+from kernels.common import PARALLEL, ids, is_fast, is_small, n_workers, rows
 
 
 @njit(**PARALLEL)
@@ -17,19 +17,24 @@ def _embedding_rows(out, weight, idx):
             oi[j] = wi[j]
 
 
-_EMB_BLOCK = 64
+# Columns of a worker's range start on a cache line (16 float32).
+_LINE_ELEMENTS = 16
 
 
 @njit(**PARALLEL)
-def _embedding_backward_rows(dweight, dout, idx):
-    """dweight (V, C)[idx[i]] += dout (N, C)[i] for the rows i in order. Parallel over blocks of
-    64 columns: no two threads touch one element and repeated ids add up in row order (as
-    np.add.at does)."""
+def _embedding_backward_rows(dweight, dout, idx, workers):
+    """dweight (V, C)[idx[i]] += dout (N, C)[i] for the rows i in order. Parallel over one
+    contiguous range of columns per worker: no two threads touch one element and repeated ids
+    add up in row order (as np.add.at does) whatever the thread count. One range per worker
+    rather than blocks of 64 columns visits each gathered row of the table once per worker, not
+    once per block: 0.74-0.8 of the time at GPT-2's (1024, 768) into its 50304-row table (Zen 3,
+    2 threads, caches cold)."""
     c = dweight.shape[1]
     n = dout.shape[0]
-    for blk in prange((c + _EMB_BLOCK - 1) // _EMB_BLOCK):
-        j0 = blk * _EMB_BLOCK
-        j1 = min(c, j0 + _EMB_BLOCK)
+    for worker in prange(workers):
+        j0 = c * worker // workers // _LINE_ELEMENTS * _LINE_ELEMENTS
+        j1 = c if worker == workers - 1 else \
+            c * (worker + 1) // workers // _LINE_ELEMENTS * _LINE_ELEMENTS
         for i in range(n):
             wr = dweight[idx[i], j0:j1]
             gi = dout[i, j0:j1]
@@ -57,7 +62,7 @@ def embedding_backward(dweight, dout, idx):
         # NumPy's single-threaded fill (4.4 ms) beats a parallel loop (3.7 ms on a quiet machine,
         # 7 ms while OpenBLAS's threads still spin after a GEMM, which is where the backward is).
         dweight.fill(0)
-        _embedding_backward_rows(dweight, rows(dout), ids(idx))
+        _embedding_backward_rows(dweight, rows(dout), ids(idx), n_workers())
     else:
         reference.embedding_backward(dweight, dout, idx)
 
@@ -65,7 +70,7 @@ def embedding_backward(dweight, dout, idx):
 def embedding_backward_acc(dweight, dout, idx):
     """dweight (V, C) += scatter-add of dout (..., C) rows at idx (straight into .grad)."""
     if is_fast(dweight, dout):
-        _embedding_backward_rows(dweight, rows(dout), ids(idx))
+        _embedding_backward_rows(dweight, rows(dout), ids(idx), n_workers())
     else:
         reference.embedding_backward_acc(dweight, dout, idx)
 
