@@ -81,7 +81,8 @@ PARALLEL = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy
 # so the loop runs scalar (measured 7x slower). Kernels that may run in place therefore compute a
 # segment of at most SEG elements into a scratch row, then copy it out: two unit-stride loops over
 # L1-resident data, both vectorised. The scratch is a (chunks, SEG) `workspace`, one row per chunk
-# of the work.
+# of the work. Where the work per element is large (GELU's backward), the wrapper instead tells
+# the kernel when the output is the input, and the kernel's loop then writes the array it reads.
 CHUNKS = 64
 SEG = 2048
 

@@ -446,6 +446,10 @@ def test_gelu(dt, case, form):
     dx = dy.copy()                                        # dx over dy
     NUMBA["gelu_backward"](dx, dx, x, form=form)
     close(dx, want[0], dt)
+    shifted = np.append(dy.reshape(-1), dt(1.0))          # dx one element ahead of dy: a loop
+    NUMBA["gelu_backward"](shifted[1:].reshape(x.shape), shifted[:-1].reshape(x.shape), x,
+                           form=form)                     # would read what it has just written
+    close(shifted[1:].reshape(x.shape), want[0], dt)
 
 
 def test_softmax(dt, case):
