@@ -24,6 +24,13 @@ from kernels.bf16 import put
 from kernels.common import VECTOR_BYTES
 
 
+def _store_nontemporal(builder, value, dst):
+    """Emit a store of the vector value to dst (aligned to VECTOR_BYTES) that bypasses the
+    caches."""
+    store = builder.store(value, dst, align=VECTOR_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
 @intrinsic
 def _stream_vector(typingctx, dst_addr, src_addr, like):
     """One vector of like's type from src_addr (any alignment) to dst_addr (aligned to
@@ -33,10 +40,7 @@ def _stream_vector(typingctx, dst_addr, src_addr, like):
         vector = ir.VectorType(element, VECTOR_BYTES // context.get_abi_sizeof(element))
         src = builder.inttoptr(args[1], vector.as_pointer())
         dst = builder.inttoptr(args[0], vector.as_pointer())
-        store = builder.store(builder.load(src, align=context.get_abi_sizeof(element)), dst,
-                              align=VECTOR_BYTES)
-        store.set_metadata("nontemporal",
-                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        _store_nontemporal(builder, builder.load(src, align=context.get_abi_sizeof(element)), dst)
         return context.get_dummy_value()
 
     return types.void(types.intp, types.intp, like), codegen
@@ -49,9 +53,7 @@ def _stream_zeros(typingctx, dst_addr, like):
         element = context.get_value_type(signature.args[1])
         vector = ir.VectorType(element, VECTOR_BYTES // context.get_abi_sizeof(element))
         dst = builder.inttoptr(args[0], vector.as_pointer())
-        store = builder.store(ir.Constant(vector, [0.0] * vector.count), dst, align=VECTOR_BYTES)
-        store.set_metadata("nontemporal",
-                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        _store_nontemporal(builder, ir.Constant(vector, [0.0] * vector.count), dst)
         return context.get_dummy_value()
 
     return types.void(types.intp, like), codegen
