@@ -27,7 +27,8 @@ OP_NAMES = (
     "embedding", "embedding_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
     "softmax", "softmax_backward", "attention", "attention_backward",
     "cross_entropy", "cross_entropy_backward", "linear_gelu", "residual_layernorm",
-    "linear_backward_w_acc", "embedding_backward_acc",
+    "linear_backward_w_acc", "linear_backward_b_acc", "embedding_backward_acc",
+    "layernorm_backward_acc",
     "arange", "narrow", "kv_write", "cached_attention",
 )
 

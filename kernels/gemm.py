@@ -6,7 +6,7 @@ import numpy as np
 
 from kernels import bf16, reference
 from kernels.blas import gemm_accumulate
-from kernels.common import chunk_scratch, is_fast, is_small, rows
+from kernels.common import chunk_scratch, is_fast, is_small, rows, workspace
 from kernels.elementwise import binary_rows, bias_gelu_rows, column_sums, gelu_form
 
 
@@ -78,6 +78,18 @@ def linear_backward_b(db, dy):
         reference.linear_backward_b(db, dy)
 
 
+def linear_backward_b_acc(db, dy):
+    """db (O,) += column sums of dy (N, O), straight into .grad: the sums land in a workspace row
+    and NumPy adds that in the same call (a kernel launch of its own cost more than the add, which
+    is O elements)."""
+    if is_fast(db, dy):
+        sums = workspace("bias gradient", db.shape, db.dtype)
+        column_sums(sums, rows(dy))
+        np.add(db, sums, out=db)
+    else:
+        reference.linear_backward_b_acc(db, dy)
+
+
 TABLE = {"linear": linear, "linear_gelu": linear_gelu, "linear_backward_x": linear_backward_x,
          "linear_backward_w": linear_backward_w, "linear_backward_w_acc": linear_backward_w_acc,
-         "linear_backward_b": linear_backward_b}
+         "linear_backward_b": linear_backward_b, "linear_backward_b_acc": linear_backward_b_acc}

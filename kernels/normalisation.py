@@ -72,10 +72,12 @@ def row_scratch(x):
 
 
 @njit(**PARALLEL)
-def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials, sums):
+def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials, sums,
+                             accumulate):
     """dx (N, C), dw (C,), db (C,) from dy, x (N, C), w (C,), mean, rstd (N,), in the arrays'
-    precision. Rows are cut into min(N, 32) fixed chunks, each with its own partial dw/db
-    (partials (2, 32, C)), added up in chunk order in float64 (sums (2, C)). A row of dx is built
+    precision; with accumulate, dw and db are added into instead of written. Rows are cut into
+    min(N, 32) fixed chunks, each with its own partial dw/db (partials (2, 32, C)), added up in
+    chunk order in float64 (sums (2, C)). A row of dx is built
     in scratch (`row_scratch`), so dx may alias dy, and written out with streaming stores
     (`write_row`)."""
     n, c = x.shape
@@ -114,8 +116,8 @@ def _layernorm_backward_rows(dx, dw, db, dy, x, w, mean, rstd, scratch, partials
     accw = sums[0]
     accb = sums[1]
     for j in range(c):
-        accw[j] = 0.0
-        accb[j] = 0.0
+        accw[j] = dw[j] if accumulate else 0.0
+        accb[j] = db[j] if accumulate else 0.0
     for ch in range(nch):
         for j in range(c):
             accw[j] += pdw[ch, j]
@@ -199,17 +201,30 @@ def residual_layernorm(sum_out, out, mean, rstd, x, r, w, b=None, *, eps):
         reference.layernorm(out, mean, rstd, sum_out, w, b, eps=eps)
 
 
-def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
-    """dx (..., C), dw (C,), db (C,) from dy (..., C) and the saved row statistics; dw and db
-    deterministic (fixed row chunks, added in order); dx may alias dy."""
+def _layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, accumulate):
     if is_fast(dx, dw, db, dy, x, w, mean, rstd):
         c = x.shape[-1]
         _layernorm_backward_rows(rows(dx), dw, db, rows(dy), rows(x), w, mean.reshape(-1),
                                  rstd.reshape(-1), row_scratch(x),
                                  workspace("layernorm partials", (2, _LN_CHUNKS, c), x.dtype),
-                                 workspace("layernorm sums", (2, c), np.dtype(np.float64)))
+                                 workspace("layernorm sums", (2, c), np.dtype(np.float64)),
+                                 accumulate)
+    elif accumulate:
+        reference.layernorm_backward_acc(dx, dw, db, dy, x, w, mean, rstd)
     else:
         reference.layernorm_backward(dx, dw, db, dy, x, w, mean, rstd)
+
+
+def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
+    """dx (..., C), dw (C,), db (C,) from dy (..., C) and the saved row statistics; dw and db
+    deterministic (fixed row chunks, added in order); dx may alias dy."""
+    _layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, False)
+
+
+def layernorm_backward_acc(dx, dw, db, dy, x, w, mean, rstd):
+    """layernorm_backward adding dw and db straight into their .grad buffers: the float64 sums
+    start from what .grad holds, so no separate add (a kernel launch for C elements) follows."""
+    _layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, True)
 
 
 def softmax(out, x):
@@ -229,5 +244,6 @@ def softmax_backward(dx, dy, y):
 
 
 TABLE = {"layernorm": layernorm, "residual_layernorm": residual_layernorm,
-         "layernorm_backward": layernorm_backward, "softmax": softmax,
+         "layernorm_backward": layernorm_backward, "layernorm_backward_acc": layernorm_backward_acc,
+         "softmax": softmax,
          "softmax_backward": softmax_backward}

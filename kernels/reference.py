@@ -115,6 +115,11 @@ def linear_backward_b(db, dy):
     np.sum(_rows(dy), axis=0, out=db)
 
 
+def linear_backward_b_acc(db, dy):
+    """db (O,) += sum of dy (N, O) over rows: the bias gradient added straight into .grad."""
+    db += np.sum(_rows(dy), axis=0)
+
+
 # ---------------------------------------------------------------- embedding
 
 def embedding(out, weight, idx):
@@ -163,6 +168,14 @@ def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
     dx[...] = rstd[..., None] * (
         dxhat - dxhat.sum(axis=-1, keepdims=True) / c
         - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True) / c)
+
+
+def layernorm_backward_acc(dx, dw, db, dy, x, w, mean, rstd):
+    """layernorm_backward with dw, db (C,) added into, straight into .grad, instead of written."""
+    gw, gb = np.empty_like(dw), np.empty_like(db)
+    layernorm_backward(dx, gw, gb, dy, x, w, mean, rstd)
+    dw += gw
+    db += gb
 
 
 # ---------------------------------------------------------------- GELU

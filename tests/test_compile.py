@@ -65,7 +65,8 @@ def test_compiled_matches_eager_float64(kw, shape):
 F32_CONFIG = dict(n_layer=2, n_head=2, n_embd=64, block_size=80, vocab_size=2500)
 # Passed over by the count below: one BLAS call each (a GEMM, or the matrix-vector product of
 # column sums), no Numba path to prove (and so is a linear layer without bias).
-BLAS_ONLY = {"linear_backward_x", "linear_backward_w", "linear_backward_b", "sum_to"}
+BLAS_ONLY = {"linear_backward_x", "linear_backward_w", "linear_backward_b", "linear_backward_b_acc",
+             "sum_to"}
 
 
 def moved_float32_model(bias=True, gelu="tanh"):
@@ -158,7 +159,12 @@ def test_compiled_matches_eager_float32_through_numba(monkeypatch, no_small_arra
     assert float32_mismatches(got, want) == []
     ran = {node.op.name for node in cm.graph.nodes}
     numba_ops = (ran & set(kernels.NUMBA)) - BLAS_ONLY - (set() if bias else {"linear"})
-    assert {"attention_backward", "linear_backward_w_acc", "embedding_backward_acc"} <= numba_ops
+    accumulating = {"linear_backward_w_acc", "embedding_backward_acc",
+                    "layernorm_backward_acc" if bias else "layernorm_backward"}
+    assert {"attention_backward"} | accumulating <= numba_ops
+    # Every bias and LayerNorm gradient is added into .grad by the op that makes it; without
+    # biases, LayerNorm's gain gradient alone takes an add_acc.
+    assert ("linear_backward_b_acc" in ran, "add_acc" in ran) == (bias, not bias)
     assert {op: calls.numba[op] for op in numba_ops if calls.numba[op] == 0} == {}
     assert {op: n for op, n in calls.fallbacks.items() if op in kernels.NUMBA} == {}
 
@@ -190,12 +196,12 @@ def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array
     model, idx, targets = moved_float32_model()
     opt = gpt2.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     if allocating:
-        wrapped = kernels.COMPILED["layernorm_backward"]
+        wrapped = kernels.COMPILED["layernorm_backward_acc"]
 
-        def layernorm_backward(dx, dw, db, dy, x, w, mean, rstd):
+        def layernorm_backward_acc(dx, dw, db, dy, x, w, mean, rstd):
             wrapped(dx, dw, db, dy, x, w, mean, rstd)
             dw[0] += _sum_through_scratch(x.reshape(-1)) * 0.0
-        table = {**kernels.COMPILED, "layernorm_backward": layernorm_backward}
+        table = {**kernels.COMPILED, "layernorm_backward_acc": layernorm_backward_acc}
     else:
         table = kernels.COMPILED
 
@@ -209,9 +215,9 @@ def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array
     cm = gpt2.compile(model, table=calls.table)
     allocations = nrt_allocations(lambda: step(cm))
     handed = sum(calls.arrays.values())
-    assert {"attention", "attention_backward", "layernorm_backward"} <= set(calls.arrays)
+    assert {"attention", "attention_backward", "layernorm_backward_acc"} <= set(calls.arrays)
     if allocating:
-        assert allocations >= handed + calls.numba["layernorm_backward"]
+        assert allocations >= handed + calls.numba["layernorm_backward_acc"]
     else:
         assert allocations == handed
 
@@ -287,16 +293,25 @@ def test_negative_control_wrong_kernel_fails_the_float32_comparison(no_small_arr
     assert float32_mismatches(compiled_step(cm, model, idx, targets), want) != []
 
 
-def test_backward_accumulates_into_grad():
+@pytest.mark.parametrize("accumulating, writing", [
+    (None, None),
+    ("layernorm_backward_acc", "layernorm_backward"),
+    ("linear_backward_b_acc", "linear_backward_b"),
+])
+def test_backward_accumulates_into_grad(accumulating, writing):
+    """Two backward passes leave twice one pass's gradient in .grad. Controls: an accumulating
+    op's kernel swapped for its plain op's (same arguments), which writes .grad instead."""
     model = gpt2.GPT(tiny_config(), dtype="float64")
     idx = np.arange(10).reshape(2, 5)
-    cm = gpt2.compile(model)
+    table = kernels.COMPILED if writing is None else \
+        {**kernels.COMPILED, accumulating: kernels.COMPILED[writing]}
+    cm = gpt2.compile(model, table=table)
     _, loss = cm(idx, idx)
     loss.backward()
     once = model.flat_grad.copy()
     _, loss = cm(idx, idx)
     loss.backward()
-    assert np.allclose(model.flat_grad, 2 * once, rtol=1e-12)
+    assert np.allclose(model.flat_grad, 2 * once, rtol=1e-12) == (writing is None)
     assert np.abs(once).max() > 0
 
 

@@ -155,6 +155,12 @@ def test_linear_family(dt, case):
     close(got[0], want[0], dt)
     got, want = both("linear_backward_b", [np.empty(o, dt)], dy)
     close(got[0], want[0], dt)
+    start = f(o)                                          # accumulate into existing gradient
+    got, want = start.copy(), start.copy()
+    NUMBA["linear_backward_b_acc"](got, dy)
+    ref.linear_backward_b_acc(want, dy)
+    close(got, want, dt)
+    close(want, start + dy.reshape(-1, o).sum(axis=0), dt)
 
 
 def test_linear_backward_w_acc(dt, case):
@@ -246,6 +252,14 @@ def test_layernorm(dt, case):
     NUMBA["layernorm_backward"](dx, dw, db, dx, x, w, mean, rstd)
     for g, wt in zip((dx, dw, db), want):
         close(g, wt, dt)
+    sw, sb = f(c), f(c)                                   # dw, db added into .grad
+    acc = [np.full((b, t, c), np.nan, dt), sw.copy(), sb.copy()]
+    ref_acc = [np.full((b, t, c), np.nan, dt), sw.copy(), sb.copy()]
+    NUMBA["layernorm_backward_acc"](*acc, dy, x, w, mean, rstd)
+    ref.layernorm_backward_acc(*ref_acc, dy, x, w, mean, rstd)
+    for g, wt, plain in zip(acc, ref_acc, (want[0], sw + want[1], sb + want[2])):
+        close(g, wt, dt)
+        close(wt, plain, dt)
 
 
 def test_residual_layernorm(dt, case):

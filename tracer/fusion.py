@@ -53,28 +53,43 @@ def fuse(graph):
     return g
 
 
-ACCUMULATING = {"linear_backward_w": "linear_backward_w_acc",
-                "embedding_backward": "embedding_backward_acc"}
+# op -> its accumulating form and the outputs that form adds into .grad buffers instead of
+# writing: those buffers become its first inputs, in output order, and its outputs are the rest.
+ACCUMULATING = {"linear_backward_w": ("linear_backward_w_acc", (0,)),
+                "linear_backward_b": ("linear_backward_b_acc", (0,)),
+                "embedding_backward": ("embedding_backward_acc", (0,)),
+                "layernorm_backward": ("layernorm_backward_acc", (1, 2))}
 
 
 def accumulate_gradients(graph, grad_output_name):
     """Let the plan add every parameter's gradient into Parameter.grad as soon as it is made.
 
-    A gradient output made by a weight-gradient GEMM or an embedding scatter (or by an `add` of
-    two such, as for the tied embedding) is no longer a graph output: its producers become
-    accumulating ops whose first input is the .grad buffer. That removes the gradient from the
-    arena. Any other gradient (biases, LayerNorm) gets an `add_acc` into its .grad right after its
-    producer, so it leaves the arena too, and every .grad is final at a known step of the plan:
-    where a data-parallel all-reduce of it may start.
+    A gradient output made by a weight-gradient GEMM, a bias's column sums, a LayerNorm backward
+    or an embedding scatter (or by an `add` of two single-gradient producers, as for the tied
+    embedding) is no longer a graph output: its producer becomes the accumulating op whose first
+    inputs are the .grad buffers. That removes the gradient from the arena. A producer whose
+    gradients are not all parameters' (a LayerNorm without a bias), or any other gradient, gets
+    an `add_acc` into .grad right after it, so every gradient leaves the arena too, and every
+    .grad is final at a known step of the plan: where a data-parallel all-reduce of it may start.
     """
     users = _consumers(graph)
     index = {o.id: i for i, n in enumerate(graph.nodes) for o in n.outputs}
-    replaced, removed, outputs, grads = {}, set(), dict(graph.outputs), list(graph.grads)
+    removed, outputs, grads = set(), dict(graph.outputs), list(graph.grads)
+    claimed = {}     # node index -> {output position: (.grad Value, the gradient it adds)}
     added = {}       # node index -> the add_acc nodes that run right after it
 
     def sole_use(v, by):
         return len(users.get(v.id, [])) == by and \
             sum(1 for o in graph.outputs.values() if o is v) <= 1
+
+    def single_gradient(v):
+        node = graph.nodes[index[v.id]] if v.id in index else None
+        return node is not None and ACCUMULATING.get(node.op.name, (None, ()))[1] == (0,) and \
+            len(node.outputs) == 1
+
+    def claim(v, target):
+        i = index[v.id]
+        claimed.setdefault(i, {})[graph.nodes[i].outputs.index(v)] = (target, v)
 
     for pv, param in graph.params:
         name = grad_output_name(pv.name)
@@ -82,28 +97,33 @@ def accumulate_gradients(graph, grad_output_name):
         if g is None or g.id not in index:
             continue
         node = graph.nodes[index[g.id]]
-        if node.op.name in ACCUMULATING and len(node.outputs) == 1 and sole_use(g, 0):
-            producers = [index[g.id]]
-        elif node.op.name == "add" and sole_use(g, 0) and all(
-                v.id in index and graph.nodes[index[v.id]].op.name in ACCUMULATING
-                and sole_use(v, 1) and v.shape == g.shape for v in node.inputs) \
-                and node.inputs[0] is not node.inputs[1]:
-            producers = [index[v.id] for v in node.inputs]
-            removed.add(index[g.id])
-        else:
-            producers = None
         target = graph.new_value(pv.shape, pv.dtype, "grad", name=pv.name)
         grads.append((target, param))
-        if producers is None:
+        if node.op.name in ACCUMULATING and sole_use(g, 0):
+            claim(g, target)
+        elif node.op.name == "add" and sole_use(g, 0) and node.inputs[0] is not node.inputs[1] \
+                and all(single_gradient(v) and sole_use(v, 1) and v.shape == g.shape
+                        for v in node.inputs):
+            for v in node.inputs:
+                claim(v, target)
+            removed.add(index[g.id])
+        else:
             added.setdefault(index[g.id], []).append(
                 Node(OPS["add_acc"], [target, g], [], {}, phase=node.phase))
-        else:
-            for i in producers:
-                n = graph.nodes[i]
-                how = {k: v for k, v in n.attrs.items() if k == "compute"}
-                replaced[i] = Node(OPS[ACCUMULATING[n.op.name]], [target] + list(n.inputs), [],
-                                   how, phase=n.phase)
         del outputs[name]
+    replaced = {}
+    for i, claims in claimed.items():
+        n = graph.nodes[i]
+        op, positions = ACCUMULATING[n.op.name]
+        if set(claims) == set(positions):
+            how = {k: v for k, v in n.attrs.items() if k == "compute"}
+            kept = [o for k, o in enumerate(n.outputs) if k not in positions]
+            replaced[i] = Node(OPS[op], [claims[k][0] for k in positions] + list(n.inputs), kept,
+                               how, phase=n.phase)
+        else:
+            added.setdefault(i, []).extend(
+                Node(OPS["add_acc"], [target, g], [], {}, phase=n.phase)
+                for target, g in claims.values())
     g = Graph()
     g._next_id = graph._next_id
     g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, grads

@@ -445,11 +445,13 @@ defop("residual_layernorm", _residual_layernorm_rule)
 
 
 # ---------------------------------------------------------------- accumulating gradient ops (made by
-# tracer.fusion.accumulate_gradients): no outputs; they add into their first input, a Parameter's
-# .grad, in place.
+# tracer.fusion.accumulate_gradients): they add into their first inputs, Parameters' .grad
+# buffers, in place, and output what their plain op outputs besides those gradients.
 
 defop("linear_backward_w_acc", lambda dw, dy, x, compute=None: [])
+defop("linear_backward_b_acc", lambda db, dy: [])
 defop("embedding_backward_acc", lambda dweight, dout, idx: [])
+defop("layernorm_backward_acc", lambda dw, db, dy, x, w, mean, rstd: [Aval(x.shape, x.dtype)])
 defop("add_acc", lambda acc, x: [])
 
 
