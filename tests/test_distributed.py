@@ -109,7 +109,8 @@ def test_gradient_layout_is_the_order_the_backward_finishes_them():
     _, _, exe = training_executable(model)
     steps = final_steps_in_memory_order(model, exe)
     assert len(steps) == len(model.parameters())        # every gradient is finished in the plan
-    assert all(a < b for a, b in zip(steps, steps[1:])), steps
+    # non-decreasing: a LayerNorm's gain and bias are finished by one step
+    assert all(a <= b for a, b in zip(steps, steps[1:])), steps
     assert exe.n_forward_steps <= steps[0] and steps[-1] == len(exe.steps) - 1
 
 
