@@ -53,6 +53,7 @@ from numba import njit, prange
 
 from kernels import reference
 from kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
+from kernels.reduction import ordered_sum
 from kernels.scalar import exp_clamped_native, row_max
 from kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
                           pack_rows, panel_product, panel_width)
@@ -73,11 +74,10 @@ def causal_softmax_row(row, n_seen):
     returns the max and the sum, which the caller turns into 1 / sum or a log-sum-exp."""
     seen = row[:n_seen]
     m = row_max(seen)
-    total = m - m
     for j in range(n_seen):
-        e = exp_clamped_native(seen[j] - m)
-        seen[j] = e
-        total += e
+        seen[j] = exp_clamped_native(seen[j] - m)
+    # Added in a fixed order, not in a loop the optimiser may reorder (see kernels.reduction).
+    total = ordered_sum(seen)
     masked = row[n_seen:]
     for j in range(masked.shape[0]):
         masked[j] = 0.0

@@ -7,21 +7,23 @@ import numpy as np
 from numba import njit, prange
 
 from kernels import reference
-from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, rows, workspace
+from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, n_workers, rows, workspace
+from kernels.reduction import ordered_sum
 from kernels.scalar import exp, exp_native, row_max
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def _exp_sum(seg, m, zero):
-    """sum of exp(seg - m), in seg's precision."""
-    part = zero
+def _exp_sum(seg, m, exps):
+    """sum of exp(seg - m), in seg's precision and in a fixed order: the exps land in the scratch
+    row exps (at least as long as seg), and `ordered_sum` adds them."""
+    e = exps[:seg.shape[0]]
     for j in range(seg.shape[0]):
-        part += exp_native(seg[j] - m)
-    return part
+        e[j] = exp_native(seg[j] - m)
+    return ordered_sum(e)
 
 
 @njit(**PARALLEL)
-def _cross_entropy_rows(lse, x, targets, terms):
+def _cross_entropy_rows(lse, x, targets, terms, exps):
     """lse (N,) of the rows of logits x (N, V); returns mean over rows of lse - x[target] (float64,
     row terms added in row order).
 
@@ -30,29 +32,33 @@ def _cross_entropy_rows(lse, x, targets, terms):
     than ~87 below m, whose exps flush to 0, add under 1e-38 each. Only a segment whose sum
     overflows (a logit ~88 above m: float32's limit), or is NaN, is summed again in L1 against
     its own maximum, after the running sum is rescaled. Each segment of SEG logits is summed in
-    the arrays' precision, the segment sums in float64 (the rescale factor is a float64 exp).
-    terms (N,) float64: scratch for the rows' terms of the loss."""
+    the arrays' precision (its exps staged in the worker's row of exps (workers, SEG), then added
+    in `ordered_sum`'s fixed order), the segment sums in float64 (the rescale factor is a float64
+    exp). terms (N,) float64: scratch for the rows' terms of the loss. Rows go to the workers in
+    contiguous ranges."""
     n, v = x.shape
-    zero = x.dtype.type(0.0)
-    for i in prange(n):
-        xi = x[i]
-        m = xi[0]
-        s = 0.0
-        for j0 in range(0, v, SEG):
-            seg = xi[j0:j0 + SEG]
-            part = _exp_sum(seg, m, zero)
-            if not part < np.inf:                # overflow, NaN logits, or m is -inf
-                top = row_max(seg)
-                if top == -np.inf:               # all -inf: adds nothing
-                    continue
-                if top > m:
-                    s *= exp(np.float64(m) - np.float64(top))
-                    m = top
-                part = _exp_sum(seg, m, zero)
-            s += part
-        row = m + math.log(s)
-        lse[i] = row
-        terms[i] = row - xi[targets[i]]
+    workers = exps.shape[0]
+    for worker in prange(workers):
+        scratch = exps[worker]
+        for i in range(worker * n // workers, (worker + 1) * n // workers):
+            xi = x[i]
+            m = xi[0]
+            s = 0.0
+            for j0 in range(0, v, SEG):
+                seg = xi[j0:j0 + SEG]
+                part = _exp_sum(seg, m, scratch)
+                if not part < np.inf:                # overflow, NaN logits, or m is -inf
+                    top = row_max(seg)
+                    if top == -np.inf:               # all -inf: adds nothing
+                        continue
+                    if top > m:
+                        s *= exp(np.float64(m) - np.float64(top))
+                        m = top
+                    part = _exp_sum(seg, m, scratch)
+                s += part
+            row = m + math.log(s)
+            lse[i] = row
+            terms[i] = row - xi[targets[i]]
     total = 0.0
     for i in range(n):
         total += terms[i]
@@ -79,9 +85,10 @@ def cross_entropy(loss, lse, logits, targets):
     """loss () = mean over rows of lse - logits[target] for logits (..., V); lse (...) kept."""
     if is_fast(loss, lse, logits):
         x = rows(logits)
-        loss[...] = _cross_entropy_rows(lse.reshape(-1), x, ids(targets),
-                                        workspace("cross_entropy terms", (x.shape[0],),
-                                                  np.dtype(np.float64)))
+        loss[...] = _cross_entropy_rows(
+            lse.reshape(-1), x, ids(targets),
+            workspace("cross_entropy terms", (x.shape[0],), np.dtype(np.float64)),
+            workspace("cross_entropy exps", (n_workers(), SEG), x.dtype))
     else:
         reference.cross_entropy(loss, lse, logits, targets)
 
