@@ -1,8 +1,8 @@
 """Generation speed: our compiled decoding against transformers' `generate`, GPT-2 124M on the CPU.
 
 Both engines run the same weights (ours written with `save_pretrained`, read back by
-`transformers.GPT2LMHeadModel`), greedy, from the same prompts, batch 1 and 8, runs interleaved.
-A run is one `generate` call: the prompt's prefill, then one decode step per new token; tok/s
+`transformers.GPT2LMHeadModel`), greedy, from the same prompts, batch 1 and 8, runs interleaved;
+transformers in a process of its own, in the environment the benchmark started in. A run is one `generate` call: the prompt's prefill, then one decode step per new token; tok/s
 counts new tokens over the whole call.
 
 The ceiling: a decode step reads every weight once (the lm_head included) and the KV cache of
@@ -18,12 +18,19 @@ training step).
     python bench/generate_speed.py --ckpt path/to/gpt2 --batches 1 --repeats 7
 """
 import argparse
+import contextlib
+import multiprocessing
 import os
 import statistics
 import sys
 import tempfile
 import time
 
+# The environment as this process got it, before `gpt2` (below) adds our thread settings to it.
+# transformers runs in a process of its own, under this one: PyTorch's OpenMP reads
+# OMP_WAIT_POLICY once, when it loads, and in this process it would read ours (PASSIVE); under its
+# own, its threads would spin beside our kernels.
+STARTING_ENVIRON = dict(os.environ)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import gpt2                                                    # noqa: E402  (before NumPy)
@@ -54,12 +61,39 @@ def ours_generate(cm, idx, n_new):
     return cm.generate(idx, n_new, temperature=0)
 
 
-def hf_generate(torch, hf, idx, n_new):
-    ids = torch.from_numpy(idx)
-    with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
-                          do_sample=False, pad_token_id=0)
-    return out.numpy()
+@contextlib.contextmanager
+def starting_environ():
+    """os.environ as this process got it, until the block exits."""
+    ours = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(STARTING_ENVIRON)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(ours)
+
+
+def transformers_server(conn, model_dir, threads):
+    """Runs in a process of its own: loads transformers' GPT-2 from model_dir, sends its versions,
+    then answers each (prompts, n_new) received on conn with the tokens of one greedy `generate`
+    call, until it receives None."""
+    os.environ.clear()
+    os.environ.update(STARTING_ENVIRON)          # before PyTorch's OpenMP reads it, on import
+    import torch
+    import transformers
+    torch.set_num_threads(threads)
+    transformers.utils.logging.disable_progress_bar()
+    hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None       # every run makes all its tokens
+    conn.send((torch.__version__, transformers.__version__))
+    while (request := conn.recv()) is not None:
+        idx, n_new = request
+        ids = torch.from_numpy(idx)
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new,
+                              do_sample=False, pad_token_id=0)
+        conn.send(out.numpy())
 
 
 def decode_steps(cm, idx, n_new):
@@ -123,22 +157,26 @@ def main():
                     help="prompt length of the prefill comparison (0: skip it)")
     args = ap.parse_args()
 
-    import torch
-    import transformers
-    torch.set_num_threads(args.threads)
-    transformers.utils.logging.disable_progress_bar()
-    print(machine.cpu_line())
-    print(machine.blas_line() + f"; PyTorch {torch.__version__} on {args.threads} threads, "
-          f"transformers {transformers.__version__}")
-
     if args.ckpt:
         model = gpt2.GPT.from_pretrained(args.ckpt, dtype="float32")
     else:
         model = gpt2.GPT(gpt2.GPTConfig(vocab_size=50257), dtype="float32", seed=0)
+    spawn = multiprocessing.get_context("spawn")
+    conn, server_end = spawn.Pipe()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, dtype=torch.float32).eval()
-    hf.generation_config.eos_token_id = None       # every run makes all its tokens
+        with starting_environ():
+            server = spawn.Process(target=transformers_server, args=(server_end, tmp, args.threads))
+            server.start()
+        torch_version, transformers_version = conn.recv()
+    print(machine.cpu_line())
+    print(machine.blas_line() + f"; PyTorch {torch_version} on {args.threads} threads, "
+          f"transformers {transformers_version}, in a process of its own")
+
+    def hf_generate(idx):
+        conn.send((idx, args.new))
+        return conn.recv()
+
     compiled = {"ours": gpt2.compile(model)}
     if not args.no_bf16:
         compiled["ours bf16"] = gpt2.compile(model, autocast="bfloat16")
@@ -152,7 +190,7 @@ def main():
                for b in args.batches}
     engines = {name: (lambda idx, cm=cm: ours_generate(cm, idx, args.new))
                for name, cm in compiled.items()}
-    engines["transformers"] = lambda idx: hf_generate(torch, hf, idx, args.new)
+    engines["transformers"] = hf_generate
     for b in args.batches:                          # warm-up: plans, first BLAS calls, pages
         for fn in engines.values():
             fn(prompts[b])
@@ -170,6 +208,8 @@ def main():
                 step[name, b] = min(step[name, b], decode_steps(cm, prompts[b], args.new))
             products[b] = min(products[b], weight_products(model, b))
         bandwidth = max(bandwidth, machine.copy_bandwidth(repeats=3))
+    conn.send(None)
+    server.join()
 
     print()
     print("| batch | engine | tok/s | / transformers | greedy tokens equal transformers' |")
