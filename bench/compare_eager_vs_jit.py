@@ -22,6 +22,7 @@ no recomputation counted). Writes bench/results/compare.md and compare.png (--ou
 pair).
 """
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,14 +33,13 @@ import tempfile
 import time
 import warnings
 
-# The environment as this process got it, before importing kernels (below) adds our thread settings
-# to it (OMP_WAIT_POLICY=PASSIVE, OPENBLAS_THREAD_TIMEOUT): PyTorch runs under this one, as it does
-# for its users. Under ours its OpenMP threads sleep between its ops: its step took 1.14x its time
-# at the small config, 1.05x at 124M B4 T64 (medians over 4 interleaved processes each, Zen 4).
-STARTING_ENVIRON = dict(os.environ)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
-from bench import machine  # noqa: E402  (imports kernels: its CPU settings precede NumPy)
+# bench records the environment before machine imports kernels, whose thread settings then precede
+# NumPy. PyTorch runs under the recorded one (`starting_environ`): under ours
+# (OMP_WAIT_POLICY=PASSIVE) its step took 1.14x its time at the small config, 1.05x at 124M B4 T64
+# (medians of 4 interleaved processes each, Zen 4).
+from bench import machine, starting_environ  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
@@ -136,9 +136,8 @@ def _time_pairs(step, steps):
 
 
 def _torch(size, steps, autocast):
-    os.environ.clear()
-    os.environ.update(STARTING_ENVIRON)          # before PyTorch's OpenMP reads it, on import
-    import torch
+    with starting_environ():
+        import torch
     from tests.torch_gpt2 import GPT as TorchGPT, configure_adamw
     import gpt2
     spec = SIZES[size]
@@ -177,9 +176,8 @@ def worker(engine, size, steps):
 def spawn(engine, size, steps, env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, size, "--steps",
            str(steps)]
-    if env is None and engine.startswith("torch"):
-        env = STARTING_ENVIRON
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    with starting_environ() if engine.startswith("torch") else contextlib.nullcontext():
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} {size} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

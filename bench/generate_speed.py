@@ -2,8 +2,9 @@
 
 Both engines run the same weights (ours written with `save_pretrained`, read back by
 `transformers.GPT2LMHeadModel`), greedy, from the same prompts, batch 1 and 8, runs interleaved;
-transformers in a process of its own, in the environment the benchmark started in. A run is one `generate` call: the prompt's prefill, then one decode step per new token; tok/s
-counts new tokens over the whole call.
+transformers in a process of its own, in the environment the benchmark started in. A run is one
+`generate` call: the prompt's prefill, then one decode step per new token; tok/s counts new tokens
+over the whole call.
 
 The ceiling: a decode step reads every weight once (the lm_head included) and the KV cache of
 every position so far, whatever the batch, so no engine can go faster than
@@ -18,7 +19,6 @@ training step).
     python bench/generate_speed.py --ckpt path/to/gpt2 --batches 1 --repeats 7
 """
 import argparse
-import contextlib
 import multiprocessing
 import os
 import statistics
@@ -26,16 +26,15 @@ import sys
 import tempfile
 import time
 
-# The environment as this process got it, before `gpt2` (below) adds our thread settings to it.
-# transformers runs in a process of its own, under this one: PyTorch's OpenMP reads
-# OMP_WAIT_POLICY once, when it loads, and in this process it would read ours (PASSIVE); under its
-# own, its threads would spin beside our kernels.
-STARTING_ENVIRON = dict(os.environ)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# bench first: it records the environment before gpt2 adds our thread settings to it.
+# transformers runs in a process of its own, under that environment: in this one PyTorch's OpenMP
+# would read our OMP_WAIT_POLICY=PASSIVE when it loads; under its own, its threads would spin
+# beside our kernels.
+from bench import machine, starting_environ                   # noqa: E402
 import gpt2                                                    # noqa: E402  (before NumPy)
 import numpy as np                                            # noqa: E402
-from bench import machine                                     # noqa: E402
 from tracer import no_grad                                    # noqa: E402
 
 
@@ -61,27 +60,13 @@ def ours_generate(cm, idx, n_new):
     return cm.generate(idx, n_new, temperature=0)
 
 
-@contextlib.contextmanager
-def starting_environ():
-    """os.environ as this process got it, until the block exits."""
-    ours = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(STARTING_ENVIRON)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(ours)
-
-
 def transformers_server(conn, model_dir, threads):
     """Runs in a process of its own: loads transformers' GPT-2 from model_dir, sends its versions,
     then answers each (prompts, n_new) received on conn with the tokens of one greedy `generate`
     call, until it receives None."""
-    os.environ.clear()
-    os.environ.update(STARTING_ENVIRON)          # before PyTorch's OpenMP reads it, on import
-    import torch
-    import transformers
+    with starting_environ():
+        import torch
+        import transformers
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
