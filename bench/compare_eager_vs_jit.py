@@ -72,7 +72,7 @@ def _batch(size, seed):
 
 def _time_steps(step, steps, t0):
     """Run step once (its time from t0 is the first-step figure), once more untimed (PyTorch's
-    second step took 1.2-1.5x the time of its later ones at 124M B4 T64, Zen 4), then `steps`
+    second step took 1.0-1.7x the time of its later ones at 124M B4 T64, Zen 4), then `steps`
     timed steps."""
     step()
     first = time.perf_counter() - t0
