@@ -50,3 +50,24 @@ def test_numpy_blas_reports_the_kernels_in_use(core):
     assert "numpy" in blas["filepath"]
     code = "from kernels import cpu; print(cpu.numpy_blas()['architecture'])"
     assert _run(code, env={"OPENBLAS_CORETYPE": core}) == core
+
+
+# What the benchmarks see: our settings in the environment once gpt2 is imported, the starting
+# environment inside `starting_environ` (where they import and spawn PyTorch), ours again after.
+STARTING = """
+import os
+from bench import starting_environ
+import gpt2
+names = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "MARKER")
+seen = [tuple(os.environ.get(k) for k in names)]
+with starting_environ():
+    seen.append(tuple(os.environ.get(k) for k in names))
+seen.append(tuple(os.environ.get(k) for k in names))
+print(seen)
+"""
+
+
+def test_benchmarks_run_pytorch_under_the_starting_environment():
+    seen = _run(STARTING, env={"MARKER": "kept"})
+    assert seen == ("[('4', 'PASSIVE', 'kept'), (None, None, 'kept'), "
+                    "('4', 'PASSIVE', 'kept')]")
