@@ -94,32 +94,42 @@ def bias_gelu_rows(out, pre, b, has_bias, form):
 
 
 @njit(**PARALLEL)
-def _gelu_backward_flat(dx, dy, x, form, in_place):
-    """dx (n,) = dy (n,) * gelu'(x (n,)), form 0 tanh, 1 erf, in the arrays' precision; when
-    in_place, dy itself is the output (dx unused). Each loop names the output it writes: a loop
-    writing the array it reads needs no overlap check, and one writing a distinct array passes it,
-    so both vectorise without staging through a scratch row (0.87-0.89 of the staged kernel's
-    time at (1024, 3072) float32, bitwise equal, Zen 3)."""
+def _gelu_backward_in_place(dy, x, form):
+    """dy (n,) *= gelu'(x (n,)), form 0 tanh, 1 erf, in the arrays' precision.
+    The in-place and the out-of-place backward are two kernels, each loop naming the array it
+    writes: a loop writing the array it reads needs no overlap check, and one writing a distinct
+    array passes it, so both vectorise without staging through a scratch row (0.87-0.89 of the
+    staged kernel's time at (1024, 3072) float32, bitwise equal, Zen 3). One kernel holding both
+    loops inlined erf's grad twice, and Numba 0.68 then warned of variables out of scope
+    (NumbaIRAssumptionWarning) on every first compile."""
     n = x.shape[0]
     nch = min(n, CHUNKS)
     for ch in prange(nch):
         lo, hi = ch * n // nch, (ch + 1) * n // nch
         xs, gs = x[lo:hi], dy[lo:hi]
-        if in_place:
-            if form == 0:
-                for j in range(hi - lo):
-                    gs[j] = gs[j] * gelu_tanh_grad_native(xs[j])
-            else:
-                for j in range(hi - lo):
-                    gs[j] = gs[j] * gelu_erf_grad_native(xs[j])
+        if form == 0:
+            for j in range(hi - lo):
+                gs[j] = gs[j] * gelu_tanh_grad_native(xs[j])
         else:
-            ds = dx[lo:hi]
-            if form == 0:
-                for j in range(hi - lo):
-                    ds[j] = gs[j] * gelu_tanh_grad_native(xs[j])
-            else:
-                for j in range(hi - lo):
-                    ds[j] = gs[j] * gelu_erf_grad_native(xs[j])
+            for j in range(hi - lo):
+                gs[j] = gs[j] * gelu_erf_grad_native(xs[j])
+
+
+@njit(**PARALLEL)
+def _gelu_backward_into(dx, dy, x, form):
+    """dx (n,) = dy (n,) * gelu'(x (n,)) for a dx that does not overlap dy (see
+    `_gelu_backward_in_place`)."""
+    n = x.shape[0]
+    nch = min(n, CHUNKS)
+    for ch in prange(nch):
+        lo, hi = ch * n // nch, (ch + 1) * n // nch
+        xs, gs, ds = x[lo:hi], dy[lo:hi], dx[lo:hi]
+        if form == 0:
+            for j in range(hi - lo):
+                ds[j] = gs[j] * gelu_tanh_grad_native(xs[j])
+        else:
+            for j in range(hi - lo):
+                ds[j] = gs[j] * gelu_erf_grad_native(xs[j])
 
 
 def _binary(out, a, b, op, fallback):
@@ -183,10 +193,11 @@ def gelu(out, x, *, form):
 def gelu_backward(dx, dy, x, *, form):
     """dx (...) = dy (...) * gelu'(x (...)); dx may be dy itself."""
     if is_fast(dx, dy, x) and dx.shape == dy.shape == x.shape:
-        in_place = dx.ctypes.data == dy.ctypes.data
-        if in_place or not np.may_share_memory(dx, dy):
-            _gelu_backward_flat(dx.reshape(-1), dy.reshape(-1), x.reshape(-1), gelu_form(form),
-                                in_place)
+        if dx.ctypes.data == dy.ctypes.data:
+            _gelu_backward_in_place(dy.reshape(-1), x.reshape(-1), gelu_form(form))
+            return
+        if not np.may_share_memory(dx, dy):
+            _gelu_backward_into(dx.reshape(-1), dy.reshape(-1), x.reshape(-1), gelu_form(form))
             return
     reference.gelu_backward(dx, dy, x, form=form)
 

@@ -7,6 +7,8 @@ import inspect
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tracemalloc
 
 import numba
@@ -465,6 +467,24 @@ def test_gelu(dt, case, form):
                            form=form)                     # would read what it has just written
     close(shifted[1:].reshape(x.shape), want[0], dt)
 
+
+
+def test_gelu_backward_compiles_without_numba_ir_warnings(tmp_path):
+    """A first compile of GELU's backward kernels in the erf form (the one with branches and loops
+    in its inlined helpers), in a fresh process with an empty cache, raises no
+    NumbaIRAssumptionWarning: one kernel inlining erf's grad twice printed seven of them into the
+    Quick start's progress bar."""
+    code = ("import warnings; from numba.core.errors import NumbaIRAssumptionWarning\n"
+            "warnings.simplefilter('error', NumbaIRAssumptionWarning)\n"
+            "import numpy as np; from kernels import elementwise as e\n"
+            "x = np.linspace(-5, 5, 64, dtype=np.float32); dy = np.ones_like(x)\n"
+            "e.gelu_backward(dy, dy, x, form='erf')\n"
+            "e.gelu_backward(np.empty_like(x), dy, x, form='erf')")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(kernels.__file__)), timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert os.listdir(tmp_path / "numba"), "nothing was compiled into the fresh cache"
 
 def test_softmax(dt, case):
     b, t, c, _, _ = case

@@ -16,7 +16,9 @@ PACKAGES = ("tracer", "kernels", "gpt2")
 def module_imports(path, package_modules):
     """The package modules a file imports, anywhere in it."""
     found = set()
-    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
