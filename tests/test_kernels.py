@@ -468,7 +468,6 @@ def test_gelu(dt, case, form):
     close(shifted[1:].reshape(x.shape), want[0], dt)
 
 
-
 def test_gelu_backward_compiles_without_numba_ir_warnings(tmp_path):
     """A first compile of GELU's backward kernels in the erf form (the one with branches and loops
     in its inlined helpers), in a fresh process with an empty cache, raises no
@@ -485,6 +484,7 @@ def test_gelu_backward_compiles_without_numba_ir_warnings(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(kernels.__file__)), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert os.listdir(tmp_path / "numba"), "nothing was compiled into the fresh cache"
+
 
 def test_softmax(dt, case):
     b, t, c, _, _ = case
