@@ -28,13 +28,11 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# bench first: it records the environment before gpt2 adds our thread settings to it.
-# transformers runs in a process of its own, under that environment: in this one PyTorch's OpenMP
-# would read our OMP_WAIT_POLICY=PASSIVE when it loads; under its own, its threads would spin
-# beside our kernels.
-from bench import machine, starting_environ                   # noqa: E402
-import gpt2                                                    # noqa: E402  (before NumPy)
+# NumPy first, as in a user's script. transformers runs in a process of its own: in this one its
+# OpenMP threads would spin beside our kernels.
 import numpy as np                                            # noqa: E402
+from bench import machine                                     # noqa: E402
+import gpt2                                                    # noqa: E402
 from tracer import no_grad                                    # noqa: E402
 
 
@@ -64,9 +62,8 @@ def transformers_server(conn, model_dir, threads):
     """Runs in a process of its own: loads transformers' GPT-2 from model_dir, sends its versions,
     then answers each (prompts, n_new) received on conn with the tokens of one greedy `generate`
     call, until it receives None."""
-    with starting_environ():
-        import torch
-        import transformers
+    import torch
+    import transformers
     torch.set_num_threads(threads)
     transformers.utils.logging.disable_progress_bar()
     hf = transformers.GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -150,9 +147,8 @@ def main():
     conn, server_end = spawn.Pipe()
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        with starting_environ():
-            server = spawn.Process(target=transformers_server, args=(server_end, tmp, args.threads))
-            server.start()
+        server = spawn.Process(target=transformers_server, args=(server_end, tmp, args.threads))
+        server.start()
         torch_version, transformers_version = conn.recv()
     print(machine.cpu_line())
     print(machine.blas_line() + f"; PyTorch {torch_version} on {args.threads} threads, "

@@ -15,9 +15,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-import kernels  # noqa: E402  (before NumPy: see kernels/cpu.py)
-from kernels import reference as ref  # noqa: E402
 import numpy as np  # noqa: E402
+import kernels  # noqa: E402
+from kernels import reference as ref  # noqa: E402
 from bench import machine  # noqa: E402
 from kernels.common import aligned_empty  # noqa: E402
 

@@ -5,9 +5,8 @@ and a large-array copy bandwidth.
 import os
 import time
 
-import kernels  # noqa: F401,E402  (its CPU settings, before NumPy loads OpenBLAS)
 import numpy as np
-from kernels import cpu
+from kernels import cpu, pool
 
 # AMD names some of its server parts just "AMD EPYC": the family and model tell the core.
 _AMD_CORES = {23: "Zen 1/2", 26: "Zen 5"}
@@ -55,8 +54,10 @@ def blas_line():
         return "BLAS: none found"
     pinned = os.environ.get("OPENBLAS_CORETYPE")
     how = f"as OPENBLAS_CORETYPE={pinned} sets" if pinned else "its own choice here"
+    threads = "on Numba's threads" if blas["internal_api"] == "openblas" and \
+        pool.callback_of(blas["filepath"]) == pool.callback.address else "on its own threads"
     return (f"BLAS: NumPy's {blas['internal_api']} {blas['version']}, "
-            f"{blas.get('architecture') or 'unnamed'} kernels ({how})")
+            f"{blas.get('architecture') or 'unnamed'} kernels ({how}), {threads}")
 
 
 def gemm_rate(rounds=3, pause=0.3):

@@ -23,7 +23,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from bench import machine  # noqa: E402  (imports kernels first: see kernels/cpu.py)
+import numpy  # noqa: E402,F401  (first, as in a user's script)
+from bench import machine  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 import gpt2  # noqa: E402
 import kernels  # noqa: E402

@@ -35,7 +35,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
-from bench import machine  # noqa: E402  (imports kernels: its CPU settings precede NumPy)
+from bench import machine  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "bench", "results")

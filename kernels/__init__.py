@@ -4,22 +4,21 @@
 attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, one file per
 family (elementwise, gemm, embedding, normalisation, attention, loss, optimiser), with the reference
 ones for the layout ops NumPy already does at its best (permute, split, concat, causal_mask, fill,
-matmul). This package imports nothing from `tracer` or `gpt2`; it applies `cpu.configure()` before
-anything loads NumPy, and `common` sets Numba's cache directory (`common.numba_cache_dir`) before
-any kernel is made.
+matmul). This package imports nothing from `tracer` or `gpt2`; `common` sets Numba's cache directory
+(`common.numba_cache_dir`) before any kernel is made, and `pool.install()` puts NumPy's and SciPy's
+OpenBLAS on Numba's threads.
 
 Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout ops (arange,
 narrow) take the reference kernels. `DECODE` is the table generation's plans run on: `COMPILED`
 with paths for a handful of rows (`decode.FEW_ROWS_TABLE`).
 """
-from kernels import cpu
+from kernels import common  # noqa: F401  (Numba's cache directory, before any kernel is made)
+from kernels import (attention, cpu, decode, elementwise, embedding, gemm, loss, normalisation,
+                     optimiser, pool, reference)
 
-cpu.configure()
-
-from kernels import common  # noqa: E402,F401  (Numba's cache directory, before any kernel is made)
-from kernels import (attention, elementwise, embedding, gemm, loss, normalisation,  # noqa: E402
-                     optimiser, reference)
-from kernels import decode  # noqa: E402
+# After the imports above, which load NumPy's and SciPy's OpenBLAS: their GEMMs join Numba's pool.
+cpu.use_threads()
+pool.install()
 
 OP_NAMES = (
     "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",

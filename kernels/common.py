@@ -32,16 +32,11 @@ import numba
 from llvmlite import binding as llvm_binding
 import numpy as np
 
-# Threads. NumPy's OpenBLAS and Numba each keep a pool of threads on this 2-core machine, and they
-# take turns: a GEMM, a kernel, a GEMM. Measured, 256x768 @ 768x768 GEMMs alternating with kernels:
-# - OpenMP layer, default wait policy: its threads spin after every kernel and the next GEMM runs
-#   up to 7x slower (1.3 ms -> 9 ms);
-# - workqueue layer: no such clash, but the work was often not split (a 2-thread kernel running at
-#   1-thread speed for hundreds of calls in a row);
-# - OpenMP with OMP_WAIT_POLICY=PASSIVE: threads sleep between kernels (~40 us per launch), GEMMs
-#   unharmed, kernels consistently on both cores. That is what we ask for, unless the user chose a
-#   layer (NUMBA_THREADING_LAYER) or a wait policy; `kernels.cpu` sets the policy before libgomp
-#   loads.
+# Threads: Numba's OpenMP layer, on GNU OpenMP (libgomp), whose pool also runs every GEMM
+# (`kernels.pool` hands it OpenBLAS's jobs; MKL and oneDNN use libgomp themselves). The workqueue
+# layer often left the work unsplit (a 2-thread kernel at 1-thread speed for hundreds of calls in a
+# row). With two pools, OpenBLAS's and this one, each one's spinning threads slowed the other's
+# next call (a GEMM after a kernel up to 7x); with one, its threads spin only for each other.
 if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 

@@ -1,21 +1,21 @@
-"""Process-wide thread settings for NumPy's OpenBLAS and Numba, made before NumPy loads.
+"""The process's threads and BLAS, as the engine uses them.
 
-`kernels/__init__.py` applies them first thing, and `tracer` and `gpt2` import `kernels` before
-anything imports NumPy, so `import gpt2` is enough. OpenBLAS and OpenMP read their variables once,
-when they load, so in a program that imports NumPy first they come too late for OpenBLAS. Each is a
-default: a value already in the environment wins.
-
-- OPENBLAS_THREAD_TIMEOUT=4: OpenBLAS's threads otherwise spin for a while after each GEMM and take
-  the cores from the Numba kernel that follows.
-- OMP_WAIT_POLICY=PASSIVE for Numba's OpenMP threads: see `kernels.common`, where the layer is set.
+Nothing here needs to run before NumPy loads: `kernels.pool` puts OpenBLAS's GEMMs on Numba's
+threads whatever was imported first, and nothing of ours is written into the environment (so a
+PyTorch imported beside us runs under its user's settings). `use_threads()` sizes Numba's pool
+from a user's OMP_NUM_THREADS; NUMBA_NUM_THREADS, which Numba reads itself, wins.
 """
 import os
 
 
-def configure():
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
-    if "NUMBA_THREADING_LAYER" not in os.environ:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+def use_threads(environ=os.environ):
+    """Run Numba's kernels (and so every GEMM, `kernels.pool`) on OMP_NUM_THREADS threads when the
+    user set that and not NUMBA_NUM_THREADS (which Numba reads itself); returns the count."""
+    import numba
+    wanted = environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if "NUMBA_NUM_THREADS" not in environ and wanted.isdigit() and int(wanted) > 0:
+        numba.set_num_threads(min(int(wanted), numba.config.NUMBA_NUM_THREADS))
+    return numba.get_num_threads()
 
 
 def numpy_blas():

@@ -1,4 +1,4 @@
-"""CPU settings: applied before NumPy loads OpenBLAS, whichever of our packages is imported first."""
+"""The process's threads and BLAS: one pool for GEMMs and kernels, whatever was imported first."""
 import os
 import subprocess
 import sys
@@ -8,39 +8,20 @@ import pytest
 from kernels import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# Records the environment at the moment NumPy's import starts, then imports the package named.
-PROBE = """
-import importlib, os, sys
-seen = {}
-class Spy:
-    def find_spec(self, name, path=None, target=None):
-        if name == "numpy" and not seen:
-            seen.update({k: os.environ.get(k) for k in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")})
-sys.meta_path.insert(0, Spy())
-importlib.import_module(sys.argv[1])
-print(seen)
-"""
+CORES = len(os.sched_getaffinity(0))
 
 
 def _run(code, *args, env=None):
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "NUMBA_THREADING_LAYER")}
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                         cwd=ROOT, env={**base, **(env or {})}, timeout=120)
+                         cwd=ROOT, env={**os.environ, **(env or {})}, timeout=120)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("package", ["gpt2", "tracer", "kernels"])
-def test_settings_precede_numpy(package):
-    seen = _run(PROBE, package)
-    assert seen == "{'OPENBLAS_THREAD_TIMEOUT': '4', 'OMP_WAIT_POLICY': 'PASSIVE'}"
-
-
-def test_user_settings_win():
-    seen = _run(PROBE, "gpt2", env={"OPENBLAS_THREAD_TIMEOUT": "1", "OMP_WAIT_POLICY": "ACTIVE"})
-    assert seen == "{'OPENBLAS_THREAD_TIMEOUT': '1', 'OMP_WAIT_POLICY': 'ACTIVE'}"
+def test_importing_gpt2_leaves_the_environment_as_it_was():
+    # A PyTorch imported after us reads its OpenMP settings from it: they stay its user's.
+    code = "import os; before = dict(os.environ); import gpt2; print(dict(os.environ) == before)"
+    assert _run(code) == "True"
 
 
 @pytest.mark.parametrize("core", ["Haswell", "Sandybridge"])
@@ -52,22 +33,89 @@ def test_numpy_blas_reports_the_kernels_in_use(core):
     assert _run(code, env={"OPENBLAS_CORETYPE": core}) == core
 
 
-# What the benchmarks see: our settings in the environment once gpt2 is imported, the starting
-# environment inside `starting_environ` (where they import and spawn PyTorch), ours again after.
-STARTING = """
-import os
-from bench import starting_environ
+# Imports `first`, then gpt2; reports whether every OpenBLAS holds our callback, and the CPU time
+# (clock ticks) that the threads alive before gpt2's import (OpenBLAS's own, and the importer's)
+# spend on 40 GEMMs: with the callback, then with OpenBLAS's own threads back (the control).
+POOL = """
+import ctypes, importlib, os, sys, time
+importlib.import_module(sys.argv[1])
+import numpy as np
+others = set(os.listdir("/proc/self/task")) - {str(os.getpid())}
 import gpt2
-names = ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY", "MARKER")
-seen = [tuple(os.environ.get(k) for k in names)]
-with starting_environ():
-    seen.append(tuple(os.environ.get(k) for k in names))
-seen.append(tuple(os.environ.get(k) for k in names))
-print(seen)
+from kernels import pool
+
+def ticks():
+    total = 0
+    for tid in others:
+        with open(f"/proc/self/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+def gemms():
+    a = np.ones((1024, 1024), np.float32)
+    time.sleep(0.5)                      # past OpenBLAS's spinning after it loaded
+    before = ticks()
+    for _ in range(40):
+        a @ a
+    return ticks() - before
+
+libs = pool.openblas_libraries()
+held = [pool.callback_of(i["filepath"]) == pool.callback.address for i in libs]
+with_pool = gemms()
+for info in libs:
+    pool._symbol(ctypes.CDLL(info["filepath"]), "openblas_set_threads_callback_function")(None)
+print([held, [i["num_threads"] for i in libs], with_pool, gemms()])
 """
 
 
-def test_benchmarks_run_pytorch_under_the_starting_environment():
-    seen = _run(STARTING, env={"MARKER": "kept"})
-    assert seen == ("[('4', 'PASSIVE', 'kept'), (None, None, 'kept'), "
-                    "('4', 'PASSIVE', 'kept')]")
+def _without_thread_settings(**env):
+    names = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
+    return {**{k: v for k, v in os.environ.items() if k not in names}, **env}
+
+
+@pytest.mark.parametrize("first", ["numpy", "scipy.linalg", "torch"])
+def test_openblas_gemms_run_on_numbas_threads_whatever_was_imported_first(first):
+    out = subprocess.run([sys.executable, "-c", POOL, first], capture_output=True, text=True,
+                         cwd=ROOT, env=_without_thread_settings(), timeout=300)
+    assert out.returncode == 0, out.stderr
+    held, threads, with_pool, with_own_threads = eval(out.stdout.strip().splitlines()[-1])
+    assert len(held) == 2 and all(held), held           # NumPy's OpenBLAS and SciPy's
+    assert threads == [CORES] * 2, threads
+    assert with_pool <= 2, (with_pool, with_own_threads)
+    assert with_own_threads >= 10, (with_pool, with_own_threads)
+
+
+THREADS = """
+import numba, gpt2
+from kernels import pool
+print([numba.get_num_threads()] + [i["num_threads"] for i in pool.openblas_libraries()])
+"""
+
+
+# [Numba's threads, NumPy's OpenBLAS's, SciPy's]
+@pytest.mark.parametrize("env, expected", [
+    ({}, [CORES, CORES, CORES]),
+    ({"OMP_NUM_THREADS": "1"}, [1, 1, 1]),
+    ({"OPENBLAS_NUM_THREADS": "1"}, [CORES, 1, 1]),
+    ({"NUMBA_NUM_THREADS": "1"}, [1, 1, 1]),
+    ({"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "2"}, [2, 1, 1]),
+])
+def test_a_users_thread_counts_are_honoured(env, expected):
+    assert CORES >= 2, "these cases need two cores"
+    out = subprocess.run([sys.executable, "-c", THREADS], capture_output=True, text=True,
+                         cwd=ROOT, env=_without_thread_settings(**env), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert eval(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_a_gemm_after_the_user_shrinks_numbas_pool_finishes():
+    # OpenBLAS's jobs wait for each other: two of them on one thread would never finish.
+    code = ("import numba, numpy as np, gpt2\n"
+            "a = np.ones((1024, 1024), np.float32)\n"
+            "numba.set_num_threads(1)\n"
+            "print((a @ a)[0, 0], numba.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=_without_thread_settings(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1024.0", "1"]
