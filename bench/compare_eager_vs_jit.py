@@ -8,8 +8,8 @@ eager, torch, jit, ...) so drift on a shared machine hits all engines alike, and
 reported. A step is the whole training step: forward, backward, gradient clipping, AdamW and
 zero_grad, in float32, each engine its fastest way (ours: the fused
 `opt.step(max_grad_norm=1.0, zero_grad=True)`; PyTorch: `clip_grad_norm_`, AdamW with
-`fused=True`, `zero_grad(set_to_none=True)`, in the environment the benchmark was started in, not
-under our thread settings). "PyTorch-style" is ours written the way a PyTorch user writes it:
+`fused=True`, `zero_grad(set_to_none=True)`, in processes of its own). Every worker imports NumPy
+before anything else, as a user's script does. "PyTorch-style" is ours written the way a PyTorch user writes it:
 `gpt2.clip_grad_norm`, `opt.step()`, `opt.zero_grad()`. The two differ in a few
 passes over the flat gradient only, less than the spread between processes, so they alternate
 step by step in the compiled engine's own process, each pair in the other order from the one
@@ -22,7 +22,6 @@ no recomputation counted). Writes bench/results/compare.md and compare.png (--ou
 pair).
 """
 import argparse
-import contextlib
 import json
 import os
 import resource
@@ -35,11 +34,10 @@ import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
-# bench records the environment before machine imports kernels, whose thread settings then precede
-# NumPy. PyTorch runs under the recorded one (`starting_environ`): under ours
-# (OMP_WAIT_POLICY=PASSIVE) its step took 1.14x its time at the small config, 1.05x at 124M B4 T64
-# (medians of 4 interleaved processes each, Zen 4).
-from bench import machine, starting_environ  # noqa: E402
+# NumPy first, as in a user's script (and in every library that imports it): our speed must not
+# depend on being imported before it.
+import numpy  # noqa: E402,F401
+from bench import machine  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()
 
@@ -136,8 +134,7 @@ def _time_pairs(step, steps):
 
 
 def _torch(size, steps, autocast):
-    with starting_environ():
-        import torch
+    import torch
     from tests.torch_gpt2 import GPT as TorchGPT, configure_adamw
     import gpt2
     spec = SIZES[size]
@@ -176,8 +173,7 @@ def worker(engine, size, steps):
 def spawn(engine, size, steps, env=None):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", engine, size, "--steps",
            str(steps)]
-    with starting_environ() if engine.startswith("torch") else contextlib.nullcontext():
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
         raise RuntimeError(f"{engine} {size} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -249,9 +245,10 @@ def main():
 
 def bf16_note():
     from kernels import bf16
-    name, why = bf16.backend()
-    note = (f"bf16 columns: ours with gpt2.compile(model, autocast=\"bfloat16\"), GEMMs on the "
-            f"{name} backend ({why}); PyTorch under torch.autocast(\"cpu\", torch.bfloat16).")
+    kinds = "; ".join(f"{kind} on {name} ({why})"
+                      for kind, (name, why) in ((k, bf16.backend(k)) for k in bf16.KINDS))
+    note = (f"bf16 columns: ours with gpt2.compile(model, autocast=\"bfloat16\"), GEMMs by kind: "
+            f"{kinds}; PyTorch under torch.autocast(\"cpu\", torch.bfloat16).")
     if machine.bf16_units() == "none":
         note += (" Without bf16 units PyTorch's autocast step ran about 19x its float32 one, so it "
                  f"is measured at {', '.join(TORCH_BF16_WITHOUT_UNITS)} only.")
@@ -293,8 +290,8 @@ def report(rows, notes, out):
     os.makedirs(RESULTS, exist_ok=True)
     with open(os.path.join(RESULTS, out + ".md"), "w") as f:
         f.write("Training step (forward, backward, clip, AdamW), float32, medians of interleaved "
-                "runs in separate processes on one machine (PyTorch's in the environment the "
-                "benchmark started in, not under our thread settings); PyTorch-style/compiled is "
+                "runs in separate processes on one machine, each importing NumPy first as a user's "
+                "script does; PyTorch-style/compiled is "
                 "the median ratio of alternating step pairs in one process.\n\n" + table + "\n")
     import matplotlib
     matplotlib.use("Agg")

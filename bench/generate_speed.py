@@ -2,7 +2,7 @@
 
 Both engines run the same weights (ours written with `save_pretrained`, read back by
 `transformers.GPT2LMHeadModel`), greedy, from the same prompts, batch 1 and 8, runs interleaved;
-transformers in a process of its own, in the environment the benchmark started in. A run is one
+transformers in a process of its own. A run is one
 `generate` call: the prompt's prefill, then one decode step per new token; tok/s counts new tokens
 over the whole call.
 

@@ -3,6 +3,7 @@ how close the memory-bound kernels come to the machine's copy bandwidth.
 
     python bench/profile_step.py                       # GPT-2 124M, B4 T64, float32
     python bench/profile_step.py --size 124M-T1024     # any size of compare_eager_vs_jit.py
+    python bench/profile_step.py --autocast bfloat16   # bf16 GEMMs, and their casts listed
 
 Times every kernel call of the plan (forward and backward) over a few steps and keeps each node's
 median, then sums by op kind. The optimiser step is timed both ways: fused
@@ -12,7 +13,9 @@ output written once; an embedding reads only the rows it gathers) over their tim
 the copy bandwidth measured in the same run. The GELU that linear_gelu fuses after its GEMM is
 timed apart on that node's own arrays. Attention reports its GFLOP/s against the GEMM rate measured
 here (the better of a measurement before the profile and one after it) and against the rate of
-the step's own GEMM nodes. Writes bench/results/profile_<size>.md.
+the step's own GEMM nodes. Under --autocast, every float32 operand a bf16 GEMM rounds to bf16 on
+the way in (a cast pass of its own, inside that GEMM's node) is listed with its time and bytes.
+Writes bench/results/profile_<size>[_bf16].md.
 """
 import argparse
 import os
@@ -71,6 +74,38 @@ def gemm_flops(node, args):
     return 0
 
 
+def profiled_steps(exe, steps):
+    """{id(node): (node, [seconds per run], [(operand, seconds, bytes) of its casts, last run])}:
+    every kernel call of the plan timed over `steps` runs, and the bf16 GEMMs' float32 -> bf16
+    casts of their operands timed inside them."""
+    from kernels import bf16
+    casts, as_bf16 = [], bf16._as_bf16
+
+    def timed_cast(role, x):
+        if x.dtype == bf16.BFLOAT16:
+            return x
+        t = time.perf_counter()
+        out = as_bf16(role, x)
+        casts.append((role, time.perf_counter() - t, x.nbytes + out.nbytes))
+        return out
+
+    per_node = {}
+    bf16._as_bf16 = timed_cast
+    try:
+        for _ in range(steps):
+            for (fn, args, kw), node in zip(exe.steps, exe.step_nodes):
+                casts.clear()
+                t = time.perf_counter()
+                fn(*args, **kw)
+                seconds = time.perf_counter() - t
+                entry = per_node.setdefault(id(node), (node, [], []))
+                entry[1].append(seconds)
+                entry[2][:] = casts
+    finally:
+        bf16._as_bf16 = as_bf16
+    return per_node
+
+
 def median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -84,22 +119,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="124M", choices=list(SIZES))
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--autocast", choices=["bfloat16"], default=None)
     args = p.parse_args()
     spec = SIZES[args.size]
     bandwidth, rate = machine.copy_bandwidth(), machine.gemm_rate()
     model = gpt2.GPT(gpt2.GPTConfig(**spec["model"]), dtype="float32")
     params = model.parameters()
     opt = gpt2.AdamW(params, lr=1e-4)
-    cm = gpt2.compile(model)
+    cm = gpt2.compile(model, autocast=args.autocast)
     x, y = _batch(args.size, 0)
     _, loss = cm(x, y)
     loss.backward()
     exe = cm._last[1]
-    per_node = {}
-    for _ in range(args.steps):
-        for node, seconds in exe.run_profiled():
-            per_node.setdefault(id(node), (node, []))[1].append(seconds)
-    nodes = [(node, statistics.median(ts)) for node, ts in per_node.values()]
+    per_node = profiled_steps(exe, args.steps)
+    nodes = [(node, statistics.median(ts)) for node, ts, _ in per_node.values()]
+    casts = [(node, role, seconds, nbytes) for node, _, node_casts in per_node.values()
+             for role, seconds, nbytes in node_casts]
     args_of = {id(n): a for (_, a, _), n in zip(exe.steps, exe.step_nodes)}
 
     fused = median_time(lambda: opt.step(max_grad_norm=1.0, zero_grad=True), args.steps)
@@ -137,8 +172,9 @@ def main():
             gelu_bytes += out.nbytes + pre.nbytes
     step = sum(v[1] for v in by_kind.values())
 
+    precision = "float32" if args.autocast is None else "bf16 autocast"
     lines = [f"Profile of one compiled training step, {args.size} (B{spec['batch']} "
-             f"T{spec['seq']}), float32: {step * 1e3:.1f} ms in all.", "",
+             f"T{spec['seq']}), {precision}: {step * 1e3:.1f} ms in all.", "",
              machine.cpu_line(), machine.blas_line(),
              f"Measured in this run: copy bandwidth {bandwidth / 1e9:.1f} GB/s (bytes read + "
              f"written), float32 GEMM {rate / 1e9:.0f} GFLOP/s (the step's own GEMM nodes: "
@@ -167,13 +203,25 @@ def main():
     lines.append(f"Optimiser, PyTorch-style (clip_grad_norm, step, zero_grad): "
                  f"{unfused * 1e3:.1f} ms against {fused * 1e3:.1f} ms fused: "
                  f"{100 * (unfused - fused) / step:+.1f}% of the step.")
+    if args.autocast:
+        from kernels import bf16
+        lines += ["", "bf16 GEMM backends: " + "; ".join(
+            f"{kind} {bf16.backend(kind)[0]}" for kind in bf16.KINDS) + ".",
+            f"Casts of float32 operands to bf16 inside the GEMM nodes (in their time above): "
+            f"{len(casts)}, {sum(c[2] for c in casts) * 1e3:.1f} ms in all, "
+            f"{100 * sum(c[2] for c in casts) / step:.1f}% of the step.", "",
+            "| node | operand | ms | MB moved | fraction of copy bandwidth |", "|---|---|---|---|---|"]
+        for node, role, seconds, nbytes in sorted(casts, key=lambda c: -c[2]):
+            lines.append(f"| `{str(node)[:90]}` | {role} | {seconds * 1e3:.2f} | "
+                         f"{nbytes / 1e6:.1f} | {nbytes / seconds / bandwidth:.2f} |")
     lines += ["", "Slowest nodes:", "", "| node | ms |", "|---|---|"]
     for node, t in sorted(nodes, key=lambda nt: -nt[1])[:10]:
         lines.append(f"| `{str(node)[:110]}` | {t * 1e3:.2f} |")
     text = "\n".join(lines)
     print(text)
     os.makedirs(os.path.join(ROOT, "bench", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "bench", "results", f"profile_{args.size}.md"), "w") as f:
+    suffix = "_bf16" if args.autocast else ""
+    with open(os.path.join(ROOT, "bench", "results", f"profile_{args.size}{suffix}.md"), "w") as f:
         f.write(text + "\n")
 
 

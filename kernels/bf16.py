@@ -4,7 +4,7 @@ Arrays of bf16 are NumPy arrays of `ml_dtypes.bfloat16` (`BFLOAT16`); the jitted
 bits as uint16. Rounding from float32 is to nearest, ties to even, as every bf16 unit does.
 
 `matmul(out, a, b, ...)` computes out (float32) = op(a) op(b) (+ out) with both operands rounded to
-bf16 (a float32 operand is rounded on the way in; a bf16 one is used as it is). Two backends:
+bf16 (a float32 operand is rounded on the way in; a bf16 one is used as it is). Three backends:
 
 - "emulated": the operands are widened back to float32 (the same numbers: bf16 widens exactly)
   into scratch kept per shape, and OpenBLAS multiplies them in float32. Always available; on a CPU
@@ -13,12 +13,19 @@ bf16 (a float32 operand is rounded on the way in; a bf16 one is used as it is). 
   matmul, and 128-159 for float32 itself).
 - "mkl": MKL's `cblas_gemm_bf16bf16f32`, from the `mkl` package (`pip install -e ".[bf16]"`),
   which runs on AVX512_BF16 and AMX units (450-850 GFLOP/s on a 2-core Sapphire Rapids, against
-  150-250 for float32 GEMMs there). Its threads are GNU OpenMP's, the pool Numba's kernels use.
+  150-250 for float32 GEMMs there). MKL runs its bf16 kernels on Intel CPUs only: on an AMD
+  Zen 4 (AVX512_BF16) it measured 171 GFLOP/s, no faster than the emulation.
+- "onednn": oneDNN's `dnnl_gemm_bf16bf16f32`, from the `onednn-cpu-gomp` package (also in the bf16
+  extra), which picks its kernels by the CPU's features whatever its vendor: AVX512_BF16 on Zen 4
+  (400-447 GFLOP/s there), AMX on Sapphire Rapids (530-1930 at GPT-2's shapes, MKL 520-1670 in
+  the same run, float32 300-390).
+Both libraries run on GNU OpenMP's threads, the pool Numba's kernels use.
 
 Where the CPU has bf16 units, the first GEMM of a process times each available backend on a
-GPT-2 shape and keeps the fastest (`backend()` tells which and why), so the choice is made on the
-machine that runs it. Where it has none, the emulation runs (MKL then measured no faster: 98-133
-against 110-127 GFLOP/s on the Zen 3) and it says so once: bf16's numbers, float32's speed at best.
+GPT-2 shape of each kind of GEMM (`KINDS`: forward, input gradient, weight gradient) and keeps the
+fastest per kind (`backend(kind)` tells which and why), so the choice is made on the machine that
+runs it. Where it has none, the emulation runs (MKL then measured no faster: 98-133 against
+110-127 GFLOP/s on the Zen 3) and it says so once: bf16's numbers, float32's speed at best.
 """
 import ctypes
 import os
@@ -179,8 +186,53 @@ def _with_mkl(out, a, b, trans_a, trans_b, accumulate):
                 out.strides[0] // 4)
 
 
-BACKENDS = {"emulated": _emulated, "mkl": _with_mkl}
+_onednn = {}
+
+
+def _load_onednn():
+    """oneDNN's dnnl_gemm_bf16bf16f32 from the onednn-cpu-gomp package's libdnnl (GNU OpenMP
+    threads, the pool Numba's kernels use), or None where the package is not installed."""
+    if "gemm" not in _onednn:
+        path = os.path.join(sys.prefix, "lib", "libdnnl.so.3")
+        gemm = None
+        if os.path.exists(path):
+            gemm = ctypes.CDLL(path).dnnl_gemm_bf16bf16f32
+            gemm.restype = ctypes.c_int
+            gemm.argtypes = [ctypes.c_char, ctypes.c_char] + [ctypes.c_int64] * 3 + [
+                ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64]
+        _onednn["gemm"] = gemm
+    return _onednn["gemm"]
+
+
+def _with_onednn(out, a, b, trans_a, trans_b, accumulate):
+    a16, b16 = _as_bf16("a", a), _as_bf16("b", b)
+    m, n = out.shape
+    k = a.shape[0] if trans_a else a.shape[1]
+    status = _load_onednn()(b"T" if trans_a else b"N", b"T" if trans_b else b"N", m, n, k, 1.0,
+                            a16.ctypes.data, a16.strides[0] // 2, b16.ctypes.data,
+                            b16.strides[0] // 2, 1.0 if accumulate else 0.0, out.ctypes.data,
+                            out.strides[0] // 4)
+    if status != 0:
+        raise RuntimeError(f"oneDNN's bf16 GEMM returned status {status} for "
+                           f"({m}, {k}) x ({k}, {n})")
+
+
+BACKENDS = {"emulated": _emulated, "mkl": _with_mkl, "onednn": _with_onednn}
+_LOADERS = {"mkl": _load_mkl, "onednn": _load_onednn}
+
+# The GEMMs of a step come in three kinds, and on a Sapphire Rapids MKL and oneDNN each won some
+# shapes by up to 1.5x: each kind gets the backend that runs its GPT-2 shape fastest. (m, k, n)
+# over 256 rows, (trans_a, trans_b, accumulate) as the kind makes them.
+KINDS = {"forward": ((256, 768, 3072), (False, True, False)),
+         "input gradient": ((256, 3072, 768), (False, False, False)),
+         "weight gradient": ((3072, 256, 768), (True, False, True))}
 _chosen = {}
+
+
+def kind_of(trans_a, trans_b):
+    """Which of KINDS a GEMM is: a weight gradient takes op(a) = a.T, a forward op(b) = b.T."""
+    return "weight gradient" if trans_a else "forward" if trans_b else "input gradient"
 
 
 def bf16_units():
@@ -199,58 +251,67 @@ def bf16_units():
 
 
 def available_backends():
-    return ["emulated"] + (["mkl"] if _load_mkl() is not None else [])
+    return ["emulated"] + [name for name, load in _LOADERS.items() if load() is not None]
 
 
-def _rate(fn, shape=(256, 768, 3072), repeats=3):
-    m, k, n = shape
+def _rate(fn, kind, repeats=3):
+    (m, k, n), (trans_a, trans_b, accumulate) = KINDS[kind]
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((m, k), dtype=np.float32).astype(BFLOAT16)
-    b = rng.standard_normal((n, k), dtype=np.float32).astype(BFLOAT16)
-    out = np.empty((m, n), np.float32)
-    fn(out, a, b, False, True, False)
+    a = rng.standard_normal((k, m) if trans_a else (m, k), dtype=np.float32).astype(BFLOAT16)
+    b = rng.standard_normal((n, k) if trans_b else (k, n), dtype=np.float32).astype(BFLOAT16)
+    out = np.zeros((m, n), np.float32)
+    fn(out, a, b, trans_a, trans_b, accumulate)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        fn(out, a, b, False, True, False)
+        fn(out, a, b, trans_a, trans_b, accumulate)
         best = min(best, time.perf_counter() - t)
     return 2 * m * k * n / best
 
 
-def backend():
-    """(name, why): the backend matmul uses. Without bf16 units it is "emulated" (every library
-    emulates then, and ours measured as fast as MKL's or faster); with them, the fastest of the
-    available backends, timed once."""
+def _choose():
+    """{kind: (name, why)} for every kind: without bf16 units the emulation (every library
+    emulates then, and ours measured as fast as MKL's or faster); with them, per kind the fastest
+    available backend, timed once per process."""
+    units = bf16_units()
+    names = available_backends()
+    if units == "none":
+        warnings.warn("bf16 autocast: this CPU has no bf16 units (AVX512_BF16 or AMX), so its "
+                      "GEMMs take bf16-rounded operands in float32 arithmetic: bf16's numbers at "
+                      "float32's speed at best", RuntimeWarning, stacklevel=4)
+        return {kind: ("emulated", "this CPU has no bf16 units") for kind in KINDS}
+    if len(names) == 1:
+        return {kind: (names[0], f"bf16 units: {units}; no other backend installed")
+                for kind in KINDS}
+    chosen = {}
+    for kind in KINDS:
+        rates = {name: _rate(BACKENDS[name], kind) for name in names}
+        best = max(rates, key=rates.get)
+        chosen[kind] = (best, f"bf16 units: {units}; {kind} " + ", ".join(
+            f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    return chosen
+
+
+def backend(kind="forward"):
+    """(name, why): the backend matmul uses for GEMMs of this kind (one of KINDS)."""
     if not _chosen:
-        units = bf16_units()
-        names = available_backends()
-        if units == "none":
-            _chosen["backend"] = ("emulated", "this CPU has no bf16 units")
-            warnings.warn("bf16 autocast: this CPU has no bf16 units (AVX512_BF16 or AMX), so "
-                          "its GEMMs take bf16-rounded operands in float32 arithmetic: bf16's "
-                          "numbers at float32's speed at best", RuntimeWarning, stacklevel=3)
-        elif len(names) == 1:
-            _chosen["backend"] = (names[0], f"bf16 units: {units}; no other backend installed")
-        else:
-            rates = {name: _rate(BACKENDS[name]) for name in names}
-            best = max(rates, key=rates.get)
-            _chosen["backend"] = (best, f"bf16 units: {units}; " + ", ".join(
-                f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
-    return _chosen["backend"]
+        _chosen.update(_choose())
+    return _chosen[kind]
 
 
 def use_backend(name):
-    """Force a backend (tests compare them); None goes back to choosing by measurement."""
+    """Force a backend for every kind (tests compare them); None goes back to choosing by
+    measurement."""
     _chosen.clear()
     if name is not None:
         if name not in available_backends():
             raise ValueError(f"bf16 backend {name!r} is not available here; "
                              f"available: {available_backends()}")
-        _chosen["backend"] = (name, "chosen by use_backend")
+        _chosen.update({kind: (name, "chosen by use_backend") for kind in KINDS})
 
 
 def matmul(out, a, b, trans_a=False, trans_b=False, accumulate=False):
     """out (m, n) float32 = op(a) op(b), or += with accumulate, both operands rounded to bf16 and
     the products summed in float32. a and b: 2-D, float32 or BFLOAT16, unit stride along rows;
     op transposes when asked."""
-    BACKENDS[backend()[0]](out, a, b, trans_a, trans_b, accumulate)
+    BACKENDS[backend(kind_of(trans_a, trans_b))[0]](out, a, b, trans_a, trans_b, accumulate)

@@ -20,6 +20,7 @@ The jobs of one call wait for each other (they share packed panels), so all must
 OpenBLAS is never left with more threads than Numba's pool has.
 """
 import ctypes
+import warnings
 
 import numba
 from llvmlite import ir
@@ -121,13 +122,16 @@ def openblas_libraries():
 def install():
     """Give every loaded OpenBLAS `callback` and at most as many threads as Numba's pool has (a
     user's OPENBLAS_NUM_THREADS below that stays); return the paths of those that took it. An OpenBLAS
-    older than 0.3.27 has no such setter and keeps its own threads."""
+    older than 0.3.27 has no such setter, keeps its own threads, and is named in a warning."""
     threads = numba.config.NUMBA_NUM_THREADS
     taken = []
     for info in openblas_libraries():
         lib = ctypes.CDLL(info["filepath"])
         setter = _symbol(lib, "openblas_set_threads_callback_function")
         if setter is None:
+            warnings.warn(f"OpenBLAS {info['version']} at {info['filepath']} cannot run its GEMMs "
+                          "on our threads (that needs 0.3.27 or later): its own threads will "
+                          "spin beside our kernels", RuntimeWarning, stacklevel=2)
             continue
         setter.argtypes = [ctypes.c_void_p]
         setter.restype = None

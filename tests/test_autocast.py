@@ -76,12 +76,12 @@ def test_conversions_round_to_nearest_even_as_ml_dtypes_does():
     np.testing.assert_array_equal(widened, want.astype(np.float32))
 
 
-@pytest.mark.parametrize("backend", ["emulated", "mkl"])
+@pytest.mark.parametrize("backend", ["emulated", "mkl", "onednn"])
 @pytest.mark.parametrize("trans_a,trans_b,accumulate", [
     (False, True, False), (False, False, False), (True, False, True)])
 def test_bf16_matmul_backends(backend, trans_a, trans_b, accumulate):
     """Each backend, operands float32 or bf16, against float64 products of ml_dtypes-rounded
-    operands. The mkl backend comes with the bf16 extra, which CI installs."""
+    operands. The mkl and onednn backends come with the bf16 extra, which CI installs."""
     bf16.use_backend(backend)
     try:
         rng = np.random.default_rng(1)
@@ -103,12 +103,32 @@ def test_backend_choice():
     bf16.use_backend(None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        name, why = bf16.backend()
-    assert name in bf16.available_backends()
-    if bf16.bf16_units() == "none":             # told once that it is an emulation
-        assert name == "emulated" and any("no bf16 units" in str(w.message) for w in caught)
+        chosen = {kind: bf16.backend(kind) for kind in bf16.KINDS}
+    for kind, (name, why) in chosen.items():
+        assert name in bf16.available_backends()
+        if bf16.bf16_units() == "none":             # told once that it is an emulation
+            assert name == "emulated" and any("no bf16 units" in str(w.message) for w in caught)
+        else:                                       # timed, every backend named with its rate
+            rates = {b: float(why.split(f"{b} ")[1].split(" GFLOP/s")[0])
+                     for b in bf16.available_backends()}
+            assert rates[name] == max(rates.values()), why
     with pytest.raises(ValueError, match="'fp8'"):
         bf16.use_backend("fp8")
+    bf16.use_backend(None)
+
+
+def test_each_kind_of_gemm_runs_on_its_own_backend(monkeypatch):
+    calls = []
+    for name in bf16.BACKENDS:
+        monkeypatch.setitem(bf16.BACKENDS, name, lambda *args, name=name: calls.append(name))
+    monkeypatch.setattr(bf16, "_chosen", {"forward": ("mkl", ""), "input gradient": ("onednn", ""),
+                                          "weight gradient": ("emulated", "")})
+    out, a, b = np.zeros((4, 4), np.float32), np.ones((4, 4), np.float32), np.ones((4, 4),
+                                                                                     np.float32)
+    bf16.matmul(out, a, b, trans_b=True)
+    bf16.matmul(out, a, b)
+    bf16.matmul(out, a, b, trans_a=True, accumulate=True)
+    assert calls == ["mkl", "onednn", "emulated"]
 
 
 def test_kernels_write_bf16_by_rounding_their_float32_result():
