@@ -4,7 +4,7 @@ NumPy and SciPy each load an OpenBLAS with a pool of its own threads, which spin
 every GEMM (until OPENBLAS_THREAD_TIMEOUT, read once, when the library loads). Each GEMM of a
 step is followed by a Numba kernel, whose threads then share the cores with the spinning ones. A
 script that imports NumPy (or anything that does: SciPy, PyTorch, transformers) before gpt2 loads
-OpenBLAS before our settings exist: its 124M B4 T64 step ran 1.3x slower (1.18-1.23 s against
+OpenBLAS before any setting of ours could reach it: its 124M B4 T64 step ran 1.3x slower (1.18-1.23 s against
 0.90, Sapphire Rapids), 1.9x with PyTorch imported first, whose libgomp then ran Numba's kernels
 with its own spinning policy.
 
