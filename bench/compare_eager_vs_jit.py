@@ -9,8 +9,9 @@ reported. A step is the whole training step: forward, backward, gradient clippin
 zero_grad, in float32, each engine its fastest way (ours: the fused
 `opt.step(max_grad_norm=1.0, zero_grad=True)`; PyTorch: `clip_grad_norm_`, AdamW with
 `fused=True`, `zero_grad(set_to_none=True)`, in processes of its own). Every worker imports NumPy
-before anything else, as a user's script does. "PyTorch-style" is ours written the way a PyTorch user writes it:
-`gpt2.clip_grad_norm`, `opt.step()`, `opt.zero_grad()`. The two differ in a few
+before anything of ours, and PyTorch's workers PyTorch too, as users' scripts do. "PyTorch-style"
+is ours written the way a PyTorch user writes it: `gpt2.clip_grad_norm`, `opt.step()`,
+`opt.zero_grad()`. The two differ in a few
 passes over the flat gradient only, less than the spread between processes, so they alternate
 step by step in the compiled engine's own process, each pair in the other order from the one
 before, and their ratio is the median of each pair's.
@@ -35,8 +36,11 @@ import warnings
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)           # run from a checkout, installed or not
 # NumPy first, as in a user's script (and in every library that imports it): our speed must not
-# depend on being imported before it.
+# depend on being imported before it. A PyTorch worker loads PyTorch before us too, so that it runs
+# on its own OpenMP library, not on the one Numba's threads load with our kernels.
 import numpy  # noqa: E402,F401
+if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1].startswith("torch"):
+    import torch  # noqa: E402,F401
 from bench import machine  # noqa: E402
 RESULTS = os.path.join(ROOT, "bench", "results")
 START = time.perf_counter()

@@ -28,9 +28,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# NumPy first, as in a user's script. transformers runs in a process of its own: in this one its
-# OpenMP threads would spin beside our kernels.
+# NumPy first, as in a user's script. transformers runs in a process of its own (in this one its
+# OpenMP threads would spin beside our kernels), which loads PyTorch before us as its users do: the
+# spawned process imports this file again, as __mp_main__, before it runs the server.
 import numpy as np                                            # noqa: E402
+if __name__ == "__mp_main__":
+    import torch                                              # noqa: E402,F401
 from bench import machine                                     # noqa: E402
 import gpt2                                                    # noqa: E402
 from tracer import no_grad                                    # noqa: E402

@@ -210,7 +210,8 @@ def main():
             f"Casts of float32 operands to bf16 inside the GEMM nodes (in their time above): "
             f"{len(casts)}, {sum(c[2] for c in casts) * 1e3:.1f} ms in all, "
             f"{100 * sum(c[2] for c in casts) / step:.1f}% of the step.", "",
-            "| node | operand | ms | MB moved | fraction of copy bandwidth |", "|---|---|---|---|---|"]
+            "| node | operand | ms | MB moved | fraction of copy bandwidth |",
+            "|---|---|---|---|---|"]
         for node, role, seconds, nbytes in sorted(casts, key=lambda c: -c[2]):
             lines.append(f"| `{str(node)[:90]}` | {role} | {seconds * 1e3:.2f} | "
                          f"{nbytes / 1e6:.1f} | {nbytes / seconds / bandwidth:.2f} |")

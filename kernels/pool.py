@@ -4,9 +4,9 @@ NumPy and SciPy each load an OpenBLAS with a pool of its own threads, which spin
 every GEMM (until OPENBLAS_THREAD_TIMEOUT, read once, when the library loads). Each GEMM of a
 step is followed by a Numba kernel, whose threads then share the cores with the spinning ones. A
 script that imports NumPy (or anything that does: SciPy, PyTorch, transformers) before gpt2 loads
-OpenBLAS before any setting of ours could reach it: its 124M B4 T64 step ran 1.3x slower (1.18-1.23 s against
-0.90, Sapphire Rapids), 1.9x with PyTorch imported first, whose libgomp then ran Numba's kernels
-with its own spinning policy.
+OpenBLAS before any setting of ours could reach it: its 124M B4 T64 step ran 1.3x slower
+(1.18-1.23 s against 0.90, Sapphire Rapids), 1.9x with PyTorch imported first (it imports NumPy;
+the callback below brought both to 0.88-0.93 s).
 
 OpenBLAS 0.3.27 and later take a threading backend from the caller
 (`openblas_set_threads_callback_function`): it hands over the jobs of a parallel call and the
@@ -121,8 +121,9 @@ def openblas_libraries():
 
 def install():
     """Give every loaded OpenBLAS `callback` and at most as many threads as Numba's pool has (a
-    user's OPENBLAS_NUM_THREADS below that stays); return the paths of those that took it. An OpenBLAS
-    older than 0.3.27 has no such setter, keeps its own threads, and is named in a warning."""
+    user's OPENBLAS_NUM_THREADS below that stays); return the paths of those that took it. An
+    OpenBLAS older than 0.3.27 has no such setter, keeps its own threads, and is named in a
+    warning."""
     threads = numba.config.NUMBA_NUM_THREADS
     taken = []
     for info in openblas_libraries():
