@@ -1,1 +1,1 @@
-"""Benchmarks: each script runs from a checkout, installed or not."""
+"""Benchmarks: each script runs from a checkout, on the engine `pip install -e .` installed."""

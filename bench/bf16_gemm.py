@@ -19,8 +19,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402  (first, as in a user's script)
 from bench import machine  # noqa: E402
-from kernels import bf16  # noqa: E402
-from kernels.blas import gemm_accumulate  # noqa: E402
+from gpt2_jit.kernels import bf16  # noqa: E402
+from gpt2_jit.kernels.blas import gemm_accumulate  # noqa: E402
 
 WEIGHTS = {"c_attn": (768, 2304), "c_fc": (768, 3072), "mlp c_proj": (3072, 768),
            "lm_head": (768, 50304)}

@@ -34,7 +34,7 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)           # run from a checkout, installed or not
+sys.path.insert(0, ROOT)           # for `bench`; the engine comes from `pip install -e .`
 # NumPy first, as in a user's script (and in every library that imports it): our speed must not
 # depend on being imported before it. A PyTorch worker loads PyTorch before us too, so that it runs
 # on its own OpenMP library, not on the one Numba's threads load with our kernels.
@@ -248,7 +248,7 @@ def main():
 
 
 def bf16_note():
-    from kernels import bf16
+    from gpt2_jit.kernels import bf16
     kinds = "; ".join(f"{kind} on {name} ({why})"
                       for kind, (name, why) in ((k, bf16.backend(k)) for k in bf16.KINDS))
     note = (f"bf16 columns: ours with gpt2.compile(model, autocast=\"bfloat16\"), GEMMs by kind: "

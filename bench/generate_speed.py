@@ -36,7 +36,7 @@ if __name__ == "__mp_main__":
     import torch                                              # noqa: E402,F401
 from bench import machine                                     # noqa: E402
 import gpt2                                                    # noqa: E402
-from tracer import no_grad                                    # noqa: E402
+from gpt2_jit.tracer import no_grad  # noqa: E402
 
 
 def bytes_per_step(model, batch, context, gemm_itemsize):

@@ -16,10 +16,10 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import numpy as np  # noqa: E402
-import kernels  # noqa: E402
-from kernels import reference as ref  # noqa: E402
+from gpt2_jit import kernels  # noqa: E402
+from gpt2_jit.kernels import reference as ref  # noqa: E402
 from bench import machine  # noqa: E402
-from kernels.common import aligned_empty  # noqa: E402
+from gpt2_jit.kernels.common import aligned_empty  # noqa: E402
 
 
 def best_pair(fast, slow, repeat):

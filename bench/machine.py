@@ -6,7 +6,7 @@ import os
 import time
 
 import numpy as np
-from kernels import cpu, pool
+from gpt2_jit.kernels import cpu, pool
 
 # AMD names some of its server parts just "AMD EPYC": the family and model tell the core.
 _AMD_CORES = {23: "Zen 1/2", 26: "Zen 5"}
@@ -30,7 +30,7 @@ def _cpuinfo():
 
 def bf16_units():
     """The CPU's bf16 matrix hardware: "AMX", "AVX512_BF16" or "none"."""
-    from kernels.bf16 import bf16_units
+    from gpt2_jit.kernels.bf16 import bf16_units
     return bf16_units()
 
 

@@ -30,7 +30,7 @@ import numpy  # noqa: E402,F401  (first, as in a user's script)
 from bench import machine  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 import gpt2  # noqa: E402
-import kernels  # noqa: E402
+from gpt2_jit import kernels  # noqa: E402
 
 GEMM_OPS = {"linear", "linear_gelu", "linear_backward_x", "linear_backward_w",
             "linear_backward_w_acc", "matmul"}
@@ -78,7 +78,7 @@ def profiled_steps(exe, steps):
     """{id(node): (node, [seconds per run], [(operand, seconds, bytes) of its casts, last run])}:
     every kernel call of the plan timed over `steps` runs, and the bf16 GEMMs' float32 -> bf16
     casts of their operands timed inside them."""
-    from kernels import bf16
+    from gpt2_jit.kernels import bf16
     casts, as_bf16 = [], bf16._as_bf16
 
     def timed_cast(role, x):
@@ -204,7 +204,7 @@ def main():
                  f"{unfused * 1e3:.1f} ms against {fused * 1e3:.1f} ms fused: "
                  f"{100 * (unfused - fused) / step:+.1f}% of the step.")
     if args.autocast:
-        from kernels import bf16
+        from gpt2_jit.kernels import bf16
         lines += ["", "bf16 GEMM backends: " + "; ".join(
             f"{kind} {bf16.backend(kind)[0]}" for kind in bf16.KINDS) + ".",
             f"Casts of float32 operands to bf16 inside the GEMM nodes (in their time above): "

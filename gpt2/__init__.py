@@ -1,5 +1,5 @@
 """GPT-2 on the tracer engine: the model, its optimiser, compile, checkpoints and tools."""
-from tracer import Parameter, Tensor, autocast, no_grad
+from gpt2_jit.tracer import Parameter, Tensor, autocast, no_grad
 from gpt2.model import GPT, GPTConfig
 from gpt2.compile import compile
 from gpt2.optim import AdamW, clip_grad_norm, cosine_lr

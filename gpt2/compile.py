@@ -24,19 +24,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import kernels
+from gpt2_jit import kernels
 from gpt2.config import cache_shapes, check_ids
 from gpt2.generate import Generation
-from kernels.bf16 import BFLOAT16
-from tracer import Tensor, is_grad_enabled
-from tracer.autodiff import grad_name, joint_graph
-from tracer.fusion import accumulate_gradients, fuse
-from tracer.graph import prune
-from tracer.ops import autocast as autocasting
-from tracer.precision import bf16_activations, bf16_weights
-from tracer.runtime import Executable
-from tracer.schedule import plan_buffers
-from tracer.trace import trace
+from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.tracer import Tensor, is_grad_enabled
+from gpt2_jit.tracer.autodiff import grad_name, joint_graph
+from gpt2_jit.tracer.fusion import accumulate_gradients, fuse
+from gpt2_jit.tracer.graph import prune
+from gpt2_jit.tracer.ops import autocast as autocasting
+from gpt2_jit.tracer.precision import bf16_activations, bf16_weights
+from gpt2_jit.tracer.runtime import Executable
+from gpt2_jit.tracer.schedule import plan_buffers
+from gpt2_jit.tracer.trace import trace
 
 
 @dataclass

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tracer import Tensor
+from gpt2_jit.tracer import Tensor
 
 DTYPES = ("float32", "float64")
 

@@ -28,7 +28,7 @@ import weakref
 
 import numpy as np
 
-from tracer.schedule import gradient_final_steps
+from gpt2_jit.tracer.schedule import gradient_final_steps
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20        # PyTorch DDP's bucket size
 # How long a failing rank waits between printing its error and MPI_Abort: the launcher forwards a

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from gpt2.config import check_ids
-from tracer import no_grad
+from gpt2_jit.tracer import no_grad
 
 
 def _logits_array(logits):

@@ -13,15 +13,15 @@ import numbers
 
 import numpy as np
 
-import kernels
+from gpt2_jit import kernels
 from gpt2.compile import compile as compile_model
 from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
-from kernels.bf16 import BFLOAT16
-from kernels.common import aligned_empty
+from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.kernels.common import aligned_empty
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
-from tracer import Parameter
-from tracer import functional as F
+from gpt2_jit.tracer import Parameter
+from gpt2_jit.tracer import functional as F
 
 __all__ = ["GPT", "GPTConfig"]
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import kernels
-from kernels import optimiser
-from kernels.common import aligned_empty
+from gpt2_jit import kernels
+from gpt2_jit.kernels import optimiser
+from gpt2_jit.kernels.common import aligned_empty
 
 
 def _segments(params):

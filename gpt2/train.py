@@ -33,7 +33,7 @@ from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
-from tracer import autocast, no_grad
+from gpt2_jit.tracer import autocast, no_grad
 
 PRESETS = {
     # name: model shape and a schedule that shows learning on 2 cores in the stated time

@@ -12,9 +12,10 @@ Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout
 narrow) take the reference kernels. `DECODE` is the table generation's plans run on: `COMPILED`
 with paths for a handful of rows (`decode.FEW_ROWS_TABLE`).
 """
-from kernels import common  # noqa: F401  (Numba's cache directory, before any kernel is made)
-from kernels import (attention, cpu, decode, elementwise, embedding, gemm, loss, normalisation,
-                     optimiser, pool, reference)
+# common first: it sets Numba's cache directory before any kernel is made.
+from gpt2_jit.kernels import common  # noqa: F401
+from gpt2_jit.kernels import (attention, cpu, decode, elementwise, embedding, gemm, loss,
+                              normalisation, optimiser, pool, reference)
 
 # After the imports above, which load NumPy's and SciPy's OpenBLAS: their GEMMs join Numba's pool.
 cpu.use_threads()

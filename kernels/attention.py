@@ -51,11 +51,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
-from kernels.reduction import ordered_sum
-from kernels.scalar import exp_clamped_native, row_max
-from kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
+from gpt2_jit.kernels.reduction import ordered_sum
+from gpt2_jit.kernels.scalar import exp_clamped_native, row_max
+from gpt2_jit.kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
                           pack_rows, panel_product, panel_width)
 
 # Query rows per block, and keys per tile in the backward: a multiple of every panel width (up to 32

@@ -38,7 +38,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from kernels.common import FASTMATH, workspace
+from gpt2_jit.kernels.common import FASTMATH, workspace
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -144,7 +144,7 @@ def _as_bf16(role, x):
 
 
 def _emulated(out, a, b, trans_a, trans_b, accumulate):
-    from kernels.blas import gemm_accumulate
+    from gpt2_jit.kernels.blas import gemm_accumulate
     a32, b32 = _as_float32("a", a), _as_float32("b", b)
     if accumulate:
         gemm_accumulate(out, a32, b32, trans_a=trans_a, trans_b=trans_b)

@@ -16,7 +16,7 @@ from numba import njit, types
 from numba.extending import get_cython_function_address, intrinsic
 from threadpoolctl import ThreadpoolController
 
-from kernels.common import workspace
+from gpt2_jit.kernels.common import workspace
 
 # Addresses of BLAS's Fortran ?gemm, handed to the kernels as plain integers: a kernel that held a
 # ctypes function as a global could not be cached.

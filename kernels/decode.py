@@ -34,13 +34,14 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from kernels import gemm as gemm_kernels
-from kernels import normalisation, reference
-from kernels.attention import causal_softmax_row
-from kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
-from kernels.blas import GEMM_ADDRESS, gemm, gemm_scalars, one_blas_thread
-from kernels.common import FASTMATH, PARALLEL, is_fast, is_suffix, n_workers, rows, workspace
-from kernels.elementwise import bias_gelu_rows, gelu_form
+from gpt2_jit.kernels import gemm as gemm_kernels
+from gpt2_jit.kernels import normalisation, reference
+from gpt2_jit.kernels.attention import causal_softmax_row
+from gpt2_jit.kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
+from gpt2_jit.kernels.blas import GEMM_ADDRESS, gemm, gemm_scalars, one_blas_thread
+from gpt2_jit.kernels.common import (FASTMATH, PARALLEL, is_fast, is_suffix, n_workers, rows,
+                                     workspace)
+from gpt2_jit.kernels.elementwise import bias_gelu_rows, gelu_form
 
 Q_BLOCK = 128       # query rows per prefill task
 FEW_ROWS = 16       # up to this many rows, FEW_ROWS_TABLE's paths

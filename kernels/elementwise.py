@@ -6,10 +6,11 @@ import functools
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.bf16 import put
-from kernels.common import CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small, is_suffix, rows
-from kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.bf16 import put
+from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small,
+                                     is_suffix, rows)
+from gpt2_jit.kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
                             gelu_tanh_native)
 
 

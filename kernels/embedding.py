@@ -2,8 +2,8 @@
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.common import PARALLEL, ids, is_fast, is_small, n_workers, rows
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.common import PARALLEL, ids, is_fast, is_small, n_workers, rows
 
 
 @njit(**PARALLEL)

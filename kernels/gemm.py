@@ -4,10 +4,10 @@ the GEMM itself.
 """
 import numpy as np
 
-from kernels import bf16, reference
-from kernels.blas import gemm_accumulate
-from kernels.common import chunk_scratch, is_fast, is_small, rows, workspace
-from kernels.elementwise import binary_rows, bias_gelu_rows, column_sums, gelu_form
+from gpt2_jit.kernels import bf16, reference
+from gpt2_jit.kernels.blas import gemm_accumulate
+from gpt2_jit.kernels.common import chunk_scratch, is_fast, is_small, rows, workspace
+from gpt2_jit.kernels.elementwise import binary_rows, bias_gelu_rows, column_sums, gelu_form
 
 
 def _product(out, a, b, trans_a, trans_b, compute, accumulate=False):

@@ -6,10 +6,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.common import FASTMATH, PARALLEL, SEG, ids, is_fast, n_workers, rows, workspace
-from kernels.reduction import ordered_sum
-from kernels.scalar import exp, exp_native, row_max
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.common import (FASTMATH, PARALLEL, SEG, ids, is_fast, n_workers, rows,
+                                     workspace)
+from gpt2_jit.kernels.reduction import ordered_sum
+from gpt2_jit.kernels.scalar import exp, exp_native, row_max
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")

@@ -6,11 +6,12 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.bf16 import bits_or_self
-from kernels.common import CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_suffix, rows, workspace
-from kernels.scalar import exp, row_max
-from kernels.stream import store_fence, write_row
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.bf16 import bits_or_self
+from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_suffix, rows,
+                                     workspace)
+from gpt2_jit.kernels.scalar import exp, row_max
+from gpt2_jit.kernels.stream import store_fence, write_row
 
 
 @njit(**PARALLEL)

@@ -6,11 +6,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from kernels import reference
-from kernels.bf16 import bf16_bits, bits_or_self
-from kernels.common import PARALLEL, chunk_scratch, is_fast, is_small, workspace
-from kernels.elementwise import scale_flat
-from kernels.stream import clear_row, store_fence
+from gpt2_jit.kernels import reference
+from gpt2_jit.kernels.bf16 import bf16_bits, bits_or_self
+from gpt2_jit.kernels.common import PARALLEL, chunk_scratch, is_fast, is_small, workspace
+from gpt2_jit.kernels.elementwise import scale_flat
+from gpt2_jit.kernels.stream import clear_row, store_fence
 
 
 @njit(**PARALLEL)

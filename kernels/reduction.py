@@ -17,7 +17,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from kernels.common import VECTOR_BYTES
+from gpt2_jit.kernels.common import VECTOR_BYTES
 
 # Four independent chains cover the adder's latency on data already in L1 (the callers sum rows
 # they have just written).

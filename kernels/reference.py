@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from kernels.bf16 import BFLOAT16
+from gpt2_jit.kernels.bf16 import BFLOAT16
 
 
 def _rows(a):

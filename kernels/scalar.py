@@ -18,7 +18,7 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from kernels.common import FASTMATH
+from gpt2_jit.kernels.common import FASTMATH
 
 
 def _ln2_split():

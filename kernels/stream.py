@@ -20,8 +20,8 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic, overload
 
-from kernels.bf16 import put
-from kernels.common import VECTOR_BYTES
+from gpt2_jit.kernels.bf16 import put
+from gpt2_jit.kernels.common import VECTOR_BYTES
 
 
 def _store_nontemporal(builder, value, dst):

@@ -24,7 +24,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
-from kernels.common import FASTMATH, PARALLEL, VECTOR_BYTES, workspace
+from gpt2_jit.kernels.common import FASTMATH, PARALLEL, VECTOR_BYTES, workspace
 
 BLOCK_ROWS = 6
 PANEL_VECTORS = 2

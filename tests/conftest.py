@@ -1,4 +1,4 @@
-"""Shared set-up: the repository root and this folder on sys.path, BLAS on one thread."""
+"""Shared set-up: this folder on sys.path and the checkout's root off it, BLAS on one thread."""
 import os
 import sys
 
@@ -8,7 +8,11 @@ import sys
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-for _path in (os.path.dirname(_HERE), _HERE):
-    if _path not in sys.path:
-        sys.path.insert(0, _path)
+# The engine comes from its install (gpt2, gpt2_jit.tracer, gpt2_jit.kernels). The checkout's root,
+# which `python -m pytest` puts first on sys.path, is taken off it: there its `kernels/` folder
+# would stand in for Hugging Face's `kernels`, which transformers imports.
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _ROOT]
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 

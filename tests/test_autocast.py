@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import gpt2
-import kernels
-from kernels import bf16
-from kernels.bf16 import BFLOAT16
+from gpt2_jit import kernels
+from gpt2_jit.kernels import bf16
+from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2 import train as train_mod
 from test_cli import corpus, small_options  # noqa: F401  (corpus is a fixture)
 from torch_gpt2 import GPT as TorchGPT

@@ -13,7 +13,6 @@ import pytest
 import gpt2
 from gpt2 import checkpoints
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=97)
 
 
@@ -262,8 +261,7 @@ def test_killed_writer_leaves_previous_loadable(saved, tmp_path):
     path, model, opt, _ = saved
     before = snapshot(model, opt)
     script = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {ROOT!r})
+        import os
         import gpt2
         from gpt2 import checkpoints
         model = gpt2.GPT(gpt2.GPTConfig(**{CFG!r}), dtype="float64", seed=11)
@@ -291,7 +289,6 @@ def test_killed_writer_leaves_previous_loadable(saved, tmp_path):
 RESUME_SCRIPT = """
 import sys
 import numpy as np
-sys.path.insert(0, {root!r})
 import gpt2
 
 CFG = {cfg!r}
@@ -355,7 +352,7 @@ else:
 
 def test_exact_resume_in_fresh_process(tmp_path):
     script = tmp_path / "resume.py"
-    script.write_text(RESUME_SCRIPT.format(root=ROOT, cfg=CFG))
+    script.write_text(RESUME_SCRIPT.format(cfg=CFG))
     ckpt, straight, resumed = tmp_path / "half.ckpt", tmp_path / "a.npz", tmp_path / "b.npz"
     for args in (["straight", straight], ["first", ckpt], ["second", ckpt, resumed]):
         result = subprocess.run([sys.executable, str(script)] + [str(a) for a in args],

@@ -9,8 +9,8 @@ from numba import njit
 from numba.core.dispatcher import Dispatcher
 
 import gpt2
-import kernels
-from kernels import common, reference
+from gpt2_jit import kernels
+from gpt2_jit.kernels import common, reference
 
 
 def tiny_config(**kw):
@@ -118,7 +118,7 @@ class KernelCalls:
     def __init__(self, monkeypatch, table):
         self.op = None
         self.numba, self.fallbacks, self.arrays = Counter(), Counter(), Counter()
-        for name in [m for m in sys.modules if m.startswith("kernels.")]:
+        for name in [m for m in sys.modules if m.startswith("gpt2_jit.kernels.")]:
             module = sys.modules[name]
             for attr, value in list(vars(module).items()):
                 if isinstance(value, Dispatcher):
@@ -416,7 +416,7 @@ def test_small_config_memory_plan_halves_naive():
     cm = gpt2.compile(model)
     idx = np.zeros((12, 64), np.int64)
     cm(idx, idx)                                  # the plan a training step really runs
-    from tracer.schedule import check_plan
+    from gpt2_jit.tracer.schedule import check_plan
     check_plan(cm._last[1].plan)
     assert cm.memory.planned_bytes <= 0.5 * cm.memory.naive_bytes
     assert 0 < cm.memory.held_bytes < cm.memory.planned_bytes
@@ -447,11 +447,11 @@ def test_per_step_allocation_stays_flat():
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_fusion_merges_pairs_and_keeps_results(bias):
-    from tracer.autodiff import joint_graph
-    from tracer.fusion import fuse
-    from tracer.runtime import Executable
-    from tracer.schedule import check_plan, plan_buffers
-    import kernels
+    from gpt2_jit.tracer.autodiff import joint_graph
+    from gpt2_jit.tracer.fusion import fuse
+    from gpt2_jit.tracer.runtime import Executable
+    from gpt2_jit.tracer.schedule import check_plan, plan_buffers
+    from gpt2_jit import kernels
 
     cfg = tiny_config(n_layer=3, bias=bias)
     model = gpt2.GPT(cfg, dtype="float64", seed=2)

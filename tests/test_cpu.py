@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from kernels import cpu
+from gpt2_jit.kernels import cpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORES = len(os.sched_getaffinity(0))
@@ -29,7 +29,7 @@ def test_numpy_blas_reports_the_kernels_in_use(core):
     blas = cpu.numpy_blas()
     assert blas is not None and blas["internal_api"] == "openblas", blas
     assert "numpy" in blas["filepath"]
-    code = "from kernels import cpu; print(cpu.numpy_blas()['architecture'])"
+    code = "from gpt2_jit.kernels import cpu; print(cpu.numpy_blas()['architecture'])"
     assert _run(code, env={"OPENBLAS_CORETYPE": core}) == core
 
 
@@ -42,7 +42,7 @@ importlib.import_module(sys.argv[1])
 import numpy as np
 others = set(os.listdir("/proc/self/task")) - {str(os.getpid())}
 import gpt2
-from kernels import pool
+from gpt2_jit.kernels import pool
 
 def ticks():
     total = 0
@@ -88,7 +88,7 @@ def test_openblas_gemms_run_on_numbas_threads_whatever_was_imported_first(first)
 
 THREADS = """
 import numba, gpt2
-from kernels import pool
+from gpt2_jit.kernels import pool
 print([numba.get_num_threads()] + [i["num_threads"] for i in pool.openblas_libraries()])
 """
 

@@ -7,15 +7,15 @@ import torch
 import transformers
 
 import gpt2
-import kernels
+from gpt2_jit import kernels
 from gpt2.config import cache_shapes
-from kernels.bf16 import BFLOAT16
-from tracer import Parameter
-from tracer import functional as F
-from tracer.autodiff import joint_graph
-from tracer.graph import prune
-from tracer.schedule import check_plan, plan_buffers
-from tracer.trace import trace
+from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.tracer import Parameter
+from gpt2_jit.tracer import functional as F
+from gpt2_jit.tracer.autodiff import joint_graph
+from gpt2_jit.tracer.graph import prune
+from gpt2_jit.tracer.schedule import check_plan, plan_buffers
+from gpt2_jit.tracer.trace import trace
 from test_export import tiny
 
 VOCAB = 97

@@ -20,7 +20,7 @@ from gpt2 import train as train_mod
 from gpt2.checkpoints import read_checkpoint
 from gpt2.config import parameter_shapes
 from gpt2.model import backward_order
-from tracer.schedule import gradient_final_steps
+from gpt2_jit.tracer.schedule import gradient_final_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The launcher the mpich wheel installs beside this Python (the test extra brings it), else PATH's.

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import gpt2
-from tracer import Parameter, Tensor, is_grad_enabled, no_grad
-from tracer import eager
-from tracer import functional as F
+from gpt2_jit.tracer import Parameter, Tensor, is_grad_enabled, no_grad
+from gpt2_jit.tracer import eager
+from gpt2_jit.tracer import functional as F
 
 
 def test_tensor_used_twice_in_one_op():

@@ -8,7 +8,7 @@ import torch
 
 import gpt2
 from gpt2.evaluate import last_word_accuracy, perplexity, sliding_windows
-from tracer import no_grad
+from gpt2_jit.tracer import no_grad
 
 BLOCK = 8
 VOCAB = 40

@@ -8,7 +8,7 @@ import pytest
 
 import gpt2
 from gpt2.generate import Sampler, generate, sample_next
-from tracer import no_grad
+from gpt2_jit.tracer import no_grad
 
 BLOCK = 12
 VOCAB = 64

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import gpt2
-import kernels
-from tracer import Tensor, no_grad
-from tracer import functional as F
-from tracer.ops import OPS
+from gpt2_jit import kernels
+from gpt2_jit.tracer import Tensor, no_grad
+from gpt2_jit.tracer import functional as F
+from gpt2_jit.tracer.ops import OPS
 
 H = 1e-6        # central-difference step
 TOL = 1e-6      # max |analytic - numeric| / max |numeric|, per input

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-import kernels
-from kernels import attention, common, decode, optimiser, scalar, stream, tile
-from kernels import reference as ref
-from kernels.bf16 import BFLOAT16
+from gpt2_jit import kernels
+from gpt2_jit.kernels import attention, common, decode, optimiser, scalar, stream, tile
+from gpt2_jit.kernels import reference as ref
+from gpt2_jit.kernels.bf16 import BFLOAT16
 
 NUMBA = kernels.NUMBA
 
@@ -475,7 +475,7 @@ def test_gelu_backward_compiles_without_numba_ir_warnings(tmp_path):
     Quick start's progress bar."""
     code = ("import warnings; from numba.core.errors import NumbaIRAssumptionWarning\n"
             "warnings.simplefilter('error', NumbaIRAssumptionWarning)\n"
-            "import numpy as np; from kernels import elementwise as e\n"
+            "import numpy as np; from gpt2_jit.kernels import elementwise as e\n"
             "x = np.linspace(-5, 5, 64, dtype=np.float32); dy = np.ones_like(x)\n"
             "e.gelu_backward(dy, dy, x, form='erf')\n"
             "e.gelu_backward(np.empty_like(x), dy, x, form='erf')")

@@ -239,7 +239,7 @@ def test_cosine_lr(max_lr, warmup, decay, min_lr):
 def test_adamw_segments_match_the_reference_segment_by_segment(dtype):
     """The fused kernel over segments of mixed weight decay, against the NumPy AdamW applied to
     each segment on its own; segment edges fall inside and across the kernel's blocks."""
-    from kernels import optimiser, reference
+    from gpt2_jit.kernels import optimiser, reference
     rng = np.random.default_rng(8)
     bounds = np.array([0, 5, 20_000, 20_001, 40_000, 70_000])
     decays = np.array([0.1, 0.0, 0.1, 0.0, 0.3])

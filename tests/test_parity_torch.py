@@ -13,8 +13,8 @@ import torch.nn.functional as TF
 import gpt2
 import torch_gpt2
 from torch_gpt2 import rel_err
-from tracer import Tensor
-from tracer import functional as F
+from gpt2_jit.tracer import Tensor
+from gpt2_jit.tracer import functional as F
 
 # The tensors here are tiny: one thread avoids OpenMP hand-offs that cost milliseconds per op on
 # a shared machine.

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from numba import njit
 
-from kernels.common import VECTOR_BYTES
-from kernels.reduction import ACCUMULATORS, ordered_sum
+from gpt2_jit.kernels.common import VECTOR_BYTES
+from gpt2_jit.kernels.reduction import ACCUMULATORS, ordered_sum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,8 +74,8 @@ def test_ordered_sum_adds_in_the_documented_order(dtype):
 _SAME_BITS = r"""
 import hashlib, json, sys
 import numpy as np
-import kernels
-from kernels import attention, loss, normalisation
+from gpt2_jit import kernels
+from gpt2_jit.kernels import attention, loss, normalisation
 rng = np.random.default_rng(3)
 logits = rng.standard_normal((64, 5003)).astype(np.float32)
 lse = np.zeros(64, np.float32)

@@ -5,13 +5,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import gpt2
-import kernels
-from tracer import functional as F
-from tracer.autodiff import joint_graph
-from tracer.ops import kernel_attrs
-from tracer.runtime import Executable
-from tracer.schedule import check_plan, plan_buffers
-from tracer.trace import trace
+from gpt2_jit import kernels
+from gpt2_jit.tracer import functional as F
+from gpt2_jit.tracer.autodiff import joint_graph
+from gpt2_jit.tracer.ops import kernel_attrs
+from gpt2_jit.tracer.runtime import Executable
+from gpt2_jit.tracer.schedule import check_plan, plan_buffers
+from gpt2_jit.tracer.trace import trace
 
 SHAPE = (4, 6)
 

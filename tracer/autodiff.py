@@ -7,9 +7,9 @@ what the outputs and the requested gradients need.
 """
 import numpy as np
 
-from tracer.graph import Graph, prune
-from tracer.ops import bind1, interpreting
-from tracer.trace import TraceInterpreter
+from gpt2_jit.tracer.graph import Graph, prune
+from gpt2_jit.tracer.ops import bind1, interpreting
+from gpt2_jit.tracer.trace import TraceInterpreter
 
 
 def grad_name(param_name):

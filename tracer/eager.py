@@ -10,9 +10,9 @@ import contextlib
 
 import numpy as np
 
-from kernels.bf16 import to_bf16
-from tracer import functional as F
-from tracer.ops import ArrayInterpreter, interpreting, push_interpreter
+from gpt2_jit.kernels.bf16 import to_bf16
+from gpt2_jit.tracer import functional as F
+from gpt2_jit.tracer.ops import ArrayInterpreter, interpreting, push_interpreter
 
 _grad_enabled = [True]
 

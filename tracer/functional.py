@@ -3,7 +3,7 @@
 Each returns the op's primary output; statistics kept for the backward (layernorm's mean and
 rstd, attention's and cross-entropy's log-sum-exps) stay inside the recorded node.
 """
-from tracer.ops import bind, bind1
+from gpt2_jit.tracer.ops import bind, bind1
 
 
 def add(a, b):

@@ -8,8 +8,8 @@ Fused nodes take the producer's place, which is valid because every input of the
 there and nothing between the two reads the intermediate. Output Values are kept, so consumers
 (including backward nodes) need no rewiring.
 """
-from tracer.graph import Graph, Node
-from tracer.ops import OPS
+from gpt2_jit.tracer.graph import Graph, Node
+from gpt2_jit.tracer.ops import OPS
 
 
 def _consumers(graph):

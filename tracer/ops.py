@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-import kernels
-from kernels.bf16 import BFLOAT16
+from gpt2_jit import kernels
+from gpt2_jit.kernels.bf16 import BFLOAT16
 
 
 @dataclass(frozen=True)

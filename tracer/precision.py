@@ -9,8 +9,8 @@
 
 Both keep the numbers: a bf16 GEMM rounds its operands to bf16 whichever side does it.
 """
-from kernels.bf16 import BFLOAT16
-from tracer.graph import Node
+from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.tracer.graph import Node
 
 # Op -> the input positions that are GEMM operands (a .grad accumulator is not one).
 GEMM_OPERANDS = {"linear": (0, 1), "linear_gelu": (0, 1), "linear_backward_x": (0, 1),

@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 
-from kernels.bf16 import BFLOAT16
-from kernels.common import aligned_empty
-from tracer.ops import kernel_attrs
+from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.kernels.common import aligned_empty
+from gpt2_jit.tracer.ops import kernel_attrs
 
 
 class Executable:

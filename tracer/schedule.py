@@ -10,7 +10,7 @@ the same time.
 """
 from dataclasses import dataclass, field
 
-from kernels.common import CACHE_LINE
+from gpt2_jit.kernels.common import CACHE_LINE
 
 ALIGN = CACHE_LINE              # the arena starts on one too: every value does
 

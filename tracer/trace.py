@@ -6,9 +6,9 @@ arrays become constants; symbolic Values flow through.
 """
 import numpy as np
 
-from tracer.eager import Tensor
-from tracer.graph import Graph, Node, Value
-from tracer.ops import interpreting
+from gpt2_jit.tracer.eager import Tensor
+from gpt2_jit.tracer.graph import Graph, Node, Value
+from gpt2_jit.tracer.ops import interpreting
 
 
 class TraceInterpreter:
