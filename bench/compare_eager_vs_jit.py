@@ -34,7 +34,8 @@ import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)           # for `bench`; the engine comes from `pip install -e .`
+# Appended, for `bench`: first on the path, the root's kernels/ would shadow Hugging Face's.
+sys.path.append(ROOT)
 # NumPy first, as in a user's script (and in every library that imports it): our speed must not
 # depend on being imported before it. A PyTorch worker loads PyTorch before us too, so that it runs
 # on its own OpenMP library, not on the one Numba's threads load with our kernels.

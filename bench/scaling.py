@@ -34,7 +34,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)           # for `bench`; the engine comes from `pip install -e .`
+# Appended, for `bench`: first on the path, the root's kernels/ would shadow Hugging Face's.
+sys.path.append(ROOT)
 from bench import machine  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 
