@@ -4,6 +4,7 @@ With no command at all, `python -m gpt2` is `train` on the built-in corpus: the 
 library's own source files, prepared on first use.
 """
 import argparse
+import json
 import os
 import sys
 from dataclasses import fields
@@ -107,8 +108,26 @@ def cmd_eval(args):
     if args.lambada:
         acc, n = last_word_accuracy(model, get_tokenizer(), args.lambada)
         print(f"last-word accuracy {acc:.4f} over {n} passages")
-    if ids is None and not args.lambada:
-        raise ValueError("eval needs --text FILE, --data-dir DIR or --lambada JSONL")
+    if args.tasks:
+        _run_harness(model, args)
+    if ids is None and not args.lambada and not args.tasks:
+        raise ValueError("eval needs --text FILE, --data-dir DIR, --lambada JSONL or --tasks")
+
+
+def _run_harness(model, args):
+    try:
+        from gpt2.harness import evaluate
+        from lm_eval.utils import make_table
+    except ImportError as e:
+        raise ValueError(f"--tasks runs EleutherAI's lm-evaluation-harness, which is not "
+                         f"installed ({e}): pip install 'gpt2-jit[eval]'") from None
+    tasks = [t for t in args.tasks.split(",") if t]
+    results = evaluate(model, tasks, include_path=args.include_path, batch_size=args.batch_size,
+                       autocast=args.autocast, limit=args.limit, num_fewshot=args.num_fewshot)
+    print(make_table(results))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(results["results"], f, indent=2, default=str)
 
 
 def cmd_export(args):
@@ -179,6 +198,15 @@ def build_parser():
     pe.add_argument("--stride", type=int, default=None)
     pe.add_argument("--lambada", help="JSONL of {\"text\": passage} for last-word accuracy")
     pe.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    pe.add_argument("--tasks", help="lm-eval tasks, comma-separated (the eval extra)")
+    pe.add_argument("--include-path", help="a folder of lm-eval task YAMLs of your own")
+    pe.add_argument("--limit", type=float, default=None,
+                    help="lm-eval: documents per task (a fraction if below 1)")
+    pe.add_argument("--num-fewshot", type=int, default=None)
+    pe.add_argument("--batch-size", type=int, default=8, help="lm-eval: requests per plan run")
+    pe.add_argument("--autocast", default=None, choices=["bfloat16"],
+                    help="lm-eval: bf16 GEMM operands, float32 accumulation")
+    pe.add_argument("--output", help="lm-eval: write the results per task to this JSON file")
 
     px = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 directory")
     px.add_argument("--ckpt", required=True,

@@ -16,7 +16,8 @@ naming the path and the culprit.
 
 `save_pretrained` writes what `transformers.GPT2LMHeadModel.from_pretrained` reads: `config.json`
 and `model.safetensors` under GPT2LMHeadModel's names, the four Conv1D weights (in, out), the tied
-lm_head left out (transformers ties it to wte on loading), each file written atomically.
+lm_head left out (transformers ties it to wte on loading), and for a vocabulary that holds GPT-2's
+BPE its tokenizer (vocab.json, merges.txt), each file written atomically.
 """
 import json
 import os
@@ -26,7 +27,7 @@ import numpy as np
 
 from gpt2.checkpoints import MAGIC, read_checkpoint
 from gpt2.config import DTYPES, GPTConfig, parameter_shapes
-from gpt2.tokenizer import EOT_TOKEN
+from gpt2.tokenizer import EOT_TOKEN, N_VOCAB, write_hf_tokenizer
 
 # Hugging Face activation_function -> our GPTConfig.gelu
 HF_ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh",
@@ -53,7 +54,8 @@ class Pretrained:
 
     def save_pretrained(self, path, dtype=None):
         """Write this model as a Hugging Face GPT-2 directory at `path` (created if need be):
-        config.json and model.safetensors, in `dtype` (default: the model's). Returns `path`."""
+        config.json and model.safetensors, in `dtype` (default: the model's), and GPT-2's
+        tokenizer files if the vocabulary holds it. Returns `path`."""
         return save_pretrained(self, path, dtype)
 
 
@@ -128,6 +130,8 @@ def save_pretrained(model, path, dtype=None):
 
     _write_atomically(os.path.join(path, "model.safetensors"), write_weights)
     _write_atomically(os.path.join(path, "config.json"), write_config)
+    if cfg.vocab_size >= N_VOCAB:                 # the vocabulary holds GPT-2's BPE
+        write_hf_tokenizer(path)
     return path
 
 

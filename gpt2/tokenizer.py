@@ -13,6 +13,7 @@ The cache lives in $GPT2_JIT_CACHE, or ~/.cache/gpt2-jit when that is unset.
 import base64
 import functools
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -156,6 +157,57 @@ def build_encoding(ranks):
         raise TokenizerSetupError(f"the built GPT-2 encoding maps {_PROBE_TEXT!r} to {got}, "
                                   f"expected {_PROBE_IDS}: the ranks file is not GPT-2's")
     return enc
+
+
+def _byte_symbols():
+    """The character GPT-2's vocab.json and merges.txt write for each byte: printable Latin-1
+    bytes stand for themselves, the other 68 for U+0100 onwards, in byte order."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    others = iter(range(0x100, 0x200))
+    return [chr(b) if b in printable else chr(next(others)) for b in range(256)]
+
+
+def _last_merge(token, ranks):
+    """The two parts BPE joins last to make `token`: the token's bytes merged pair by pair,
+    lowest rank first, through the tokens ranked below it."""
+    limit = ranks[token]
+    parts = [token[i:i + 1] for i in range(len(token))]
+    while len(parts) > 2:
+        pairs = [(ranks.get(parts[i] + parts[i + 1], limit), i) for i in range(len(parts) - 1)]
+        rank, i = min(pairs)
+        if rank >= limit:
+            raise TokenizerSetupError(f"token {token!r} cannot be built from lower-ranked ones")
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+@functools.lru_cache(maxsize=None)
+def hf_vocab_and_merges():
+    """GPT-2's tokenizer as Hugging Face writes it: vocab.json's {symbol string: id} (with
+    <|endoftext|>) and merges.txt's lines, "#version: 0.2" then one "left right" per merge in
+    rank order."""
+    ranks = parse_ranks(ensure_bpe_ranks().read_bytes())
+    symbols = _byte_symbols()
+
+    def spelled(token):
+        return "".join(symbols[b] for b in token)
+
+    vocab = {spelled(token): rank for token, rank in ranks.items()}
+    vocab[ENDOFTEXT] = EOT_TOKEN
+    merges = ["#version: 0.2"]
+    for token, _ in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) > 1:
+            merges.append(" ".join(spelled(part) for part in _last_merge(token, ranks)))
+    return vocab, merges
+
+
+def write_hf_tokenizer(directory):
+    """vocab.json and merges.txt in `directory`, each written atomically: what
+    transformers.AutoTokenizer.from_pretrained reads as GPT-2's tokenizer."""
+    vocab, merges = hf_vocab_and_merges()
+    directory = Path(directory)
+    _write_atomic(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False).encode())
+    _write_atomic(directory / "merges.txt", ("\n".join(merges) + "\n").encode())
 
 
 @functools.lru_cache(maxsize=None)

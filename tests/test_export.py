@@ -69,6 +69,18 @@ def test_export_reads_back_exactly(tmp_path):
         np.testing.assert_array_equal(back.state_dict()[name], value, err_msg=name)
 
 
+def test_export_carries_gpt2s_tokenizer(tmp_path):
+    """A model whose vocabulary holds GPT-2's BPE is written with its tokenizer, which
+    transformers' AutoTokenizer reads and encodes with as we do; a smaller vocabulary gets none."""
+    cfg = gpt2.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=50304)
+    gpt2.GPT(cfg, dtype="float32", seed=0).save_pretrained(tmp_path / "full")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "full")
+    text = "def f(x):\n    return x  # naïve 日本<|endoftext|>"
+    assert tokenizer.encode(text) == gpt2.get_tokenizer().encode(text, allowed_special="all")
+    tiny().save_pretrained(tmp_path / "small")
+    assert sorted(os.listdir(tmp_path / "small")) == ["config.json", "model.safetensors"]
+
+
 def test_export_dtype(tmp_path):
     model = tiny(dtype="float32")
     model.save_pretrained(tmp_path / "f32")                     # the model's own dtype
