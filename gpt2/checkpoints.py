@@ -85,6 +85,10 @@ def _decode_extra(value):
 
 # ---------------------------------------------------------------- writing
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, a failing device)."""
+
+
 def save_checkpoint(path, model, opt=None, step=0, extra=None):
     """Write model weights, config and dtype, optimiser state, `step` and `extra` to `path`.
 
@@ -164,11 +168,14 @@ def save_checkpoint(path, model, opt=None, step=0, extra=None):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):
+            raise CheckpointWriteError(f"could not write checkpoint {path!r} ({e}); the file "
+                                       "there before, if any, is intact") from e
         raise
     _fsync_directory(directory)
     return path

@@ -36,6 +36,7 @@ def cmd_prepare(args):
 
 def cmd_train(args):
     from gpt2 import distributed
+    from gpt2.checkpoints import CheckpointWriteError
     from gpt2.train import NonFiniteError, TrainConfig, train
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                if hasattr(args, f.name) and f.name != "history"}
@@ -48,7 +49,7 @@ def cmd_train(args):
             world.barrier()
     try:
         history = train(cfg)
-    except NonFiniteError as e:
+    except (NonFiniteError, CheckpointWriteError) as e:
         print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 3
     if distributed.launched_rank() != 0:   # rank 0 alone reports and samples

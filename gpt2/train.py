@@ -5,7 +5,9 @@ Every `eval_interval` steps the validation loss is measured and a checkpoint is 
 atomically (with the states of the training and validation batch RNGs, so a resumed run draws the
 same batches and logs the same losses as an uninterrupted one).
 A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
-the step with `skip_nonfinite`. Ctrl-C writes a final checkpoint and returns cleanly.
+the step with `skip_nonfinite`. Ctrl-C or SIGTERM writes a final checkpoint and returns cleanly;
+a checkpoint that cannot be written stops the run with the previous one intact. One run at a
+time uses an output directory (`gpt2.rundir`).
 
 Gradient accumulation and data parallelism (nanoGPT's semantics): `batch_size` is the micro-batch
 of one process, and a step sees batch_size x grad_accum x world-size sequences, its global batch.
@@ -18,6 +20,7 @@ grad_scale), which makes it the gradient of the mean loss over the global batch 
 The logged loss is the mean over the global batch, validation splits its batches the same way,
 and rank 0 alone writes the checkpoint, history.json and loss.png.
 """
+import contextlib
 import json
 import math
 import os
@@ -33,6 +36,7 @@ from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
+from gpt2.rundir import RunLock
 from gpt2_jit.tracer import autocast, no_grad
 
 PRESETS = {
@@ -185,15 +189,48 @@ def train(cfg):
     Under mpiexec, every rank calls this alike (data parallel)."""
     cfg.resolve()
     world = distributed.init()
-    with world.stop_all_on_error(collective=(NonFiniteError, distributed.RunMismatch)):
+    with world.stop_all_on_error(collective=(NonFiniteError, distributed.RunMismatch)), \
+            _output_directory(cfg.out_dir, world):
         return _train(cfg, world)
+
+
+@contextlib.contextmanager
+def _output_directory(out_dir, world):
+    """Rank 0 makes out_dir and holds its lock for the run (it alone writes there)."""
+    if world.rank != 0:
+        yield
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with RunLock(out_dir):
+        yield
+
+
+def _start(cfg, ckpt_path, quiet):
+    """The model, its optimiser, the two batch RNGs, the step and the history: fresh, or as
+    the checkpoint left them with --resume."""
+    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
+    opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                weight_decay=cfg.weight_decay)
+    # Two streams: training batches, and the validation batches, so that how often the run
+    # evaluates does not change which training batches it draws.
+    rng = np.random.default_rng(cfg.seed)
+    val_rng = np.random.default_rng(cfg.seed + 1)
+    if not cfg.resume:
+        return model, opt, rng, val_rng, 0, []
+    step, extra = load_checkpoint(ckpt_path, model, opt, return_extra=True)
+    missing = [key for key in ("rng", "val_rng") if key not in extra]
+    if missing:
+        raise ValueError(f"checkpoint {ckpt_path!r} lacks the RNG state {missing} needed to "
+                         "resume exactly (not written by this training loop?)")
+    rng.bit_generator.state = extra["rng"]
+    val_rng.bit_generator.state = extra["val_rng"]
+    _say(quiet, f"resumed from {ckpt_path} at step {step}")
+    return model, opt, rng, val_rng, step, extra.get("history", [])
 
 
 def _train(cfg, world):
     main = world.rank == 0
     quiet = cfg.quiet or not main
-    if main:
-        os.makedirs(cfg.out_dir, exist_ok=True)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.bin")
     train_data = data_mod.load_split(cfg.data_dir, "train")
     val_data = data_mod.load_split(cfg.data_dir, "val")
@@ -206,25 +243,7 @@ def _train(cfg, world):
             raise ValueError(f"the {name} split of {cfg.data_dir!r} has {len(split)} tokens, "
                              f"fewer than block_size + 1 = {cfg.block_size + 1}")
 
-    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
-    opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                weight_decay=cfg.weight_decay)
-    # Two streams: training batches, and the validation batches, so that how often the run
-    # evaluates does not change which training batches it draws.
-    rng = np.random.default_rng(cfg.seed)
-    val_rng = np.random.default_rng(cfg.seed + 1)
-    step = 0
-    history = []
-    if cfg.resume:
-        step, extra = load_checkpoint(ckpt_path, model, opt, return_extra=True)
-        missing = [key for key in ("rng", "val_rng") if key not in extra]
-        if missing:
-            raise ValueError(f"checkpoint {ckpt_path!r} lacks the RNG state {missing} needed to "
-                             "resume exactly (not written by this training loop?)")
-        rng.bit_generator.state = extra["rng"]
-        val_rng.bit_generator.state = extra["val_rng"]
-        history = extra.get("history", [])
-        _say(quiet, f"resumed from {ckpt_path} at step {step}")
+    model, opt, rng, val_rng, step, history = _start(cfg, ckpt_path, quiet)
     run = _engine(model, cfg)
     micro_steps, ranks = cfg.grad_accum, world.size
     global_batch = cfg.batch_size * micro_steps * ranks
@@ -304,10 +323,9 @@ def _train(cfg, world):
                 history.append(entry)
     if step < cfg.steps:
         checkpoint()
-        _say(quiet, f"interrupted at step {step}: checkpoint written to {ckpt_path}")
-        cfg.history = history
-        return history
-    if main:
+        _say(quiet, f"stopped by {interrupt.name or 'a signal to another rank'} at step {step}: "
+                    f"checkpoint written to {ckpt_path}")
+    if main and history:
         write_loss_curve(history, os.path.join(cfg.out_dir, "loss.png"))
         with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
             json.dump({"history": history, "skipped_steps": skipped}, f)
@@ -335,19 +353,25 @@ def write_loss_curve(history, path):
 
 
 class _InterruptFlag:
-    """While active, Ctrl-C only raises a flag, checked between steps, so the final checkpoint
-    is taken at a step boundary rather than halfway through an optimiser update."""
+    """While active, Ctrl-C and SIGTERM (what SLURM, Kubernetes and `timeout` send before they
+    kill) only raise a flag, checked between steps, so the final checkpoint is taken at a step
+    boundary rather than halfway through an optimiser update."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = False
+        self.name = None              # the first signal's; None if another rank had one
 
     def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.raised = True
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
         return False

@@ -342,8 +342,9 @@ def test_a_rank_that_raises_stops_every_rank(corpus, tmp_path):
     assert "no train split" in result.stderr
 
 
-@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_rank_stops_every_rank_and_keeps_the_checkpoint(corpus, tmp_path, how):
+def launch_and_signal(corpus, tmp_path, target, how):
+    """Start a 2-rank run, wait for its first checkpoint, send `how` to `target` ("launcher",
+    or a rank number); returns (exit code, what the job printed, the rank pids)."""
     run = options(corpus, tmp_path / "run", batch_size=4, steps=10**6, eval_interval=2,
                   quiet=False)
     log = tmp_path / "log.txt"
@@ -358,22 +359,35 @@ def test_a_killed_rank_stops_every_rank_and_keeps_the_checkpoint(corpus, tmp_pat
                 time.sleep(0.1)
             pids = [int(p) for p in re.search(r"rank 0 pid (\d+), rank 1 pid (\d+)",
                                                 log.read_text()).groups()]
-            pid = pids[1]
-            os.kill(pid, how)
-            killed = time.monotonic()
+            os.kill(launcher.pid if target == "launcher" else pids[target], how)
+            signalled = time.monotonic()
             code = launcher.wait(timeout=60)
         finally:
             if launcher.poll() is None:
                 launcher.kill()
+    assert time.monotonic() - signalled < 60
+    return code, log.read_text(), pids
+
+
+def test_a_killed_rank_stops_every_rank_and_keeps_the_checkpoint(corpus, tmp_path):
+    code, printed, pids = launch_and_signal(corpus, tmp_path, 1, signal.SIGKILL)
     assert code != 0
-    assert time.monotonic() - killed < 60
-    printed = log.read_text()
-    if how == signal.SIGKILL:
-        # The launcher names whichever rank it reaps first: the killed one or one it stopped.
-        assert "BAD TERMINATION" in printed
-        reaped = int(re.search(r"PID (\d+) RUNNING AT", printed).group(1))
-        assert reaped in pids and "EXIT CODE: 9" in printed
-    else:
-        assert f"rank 1 of 2 (pid {pid}): stopped by SIGTERM" in printed
+    # The launcher names whichever rank it reaps first: the killed one or one it stopped.
+    assert "BAD TERMINATION" in printed
+    reaped = int(re.search(r"PID (\d+) RUNNING AT", printed).group(1))
+    assert reaped in pids and "EXIT CODE: 9" in printed
     ckpt = read_checkpoint(tmp_path / "run" / "ckpt.bin")      # verifies its SHA-256
     assert ckpt["step"] % 2 == 0 and ckpt["step"] >= 2
+
+
+@pytest.mark.parametrize("target", ["launcher", 1], ids=["to-mpiexec", "to-rank-1"])
+def test_sigterm_stops_every_rank_with_one_checkpoint(corpus, tmp_path, target):
+    """SIGTERM to the job (mpiexec passes it to every rank) or to one rank: every rank stops at
+    the same step boundary, rank 0 writes one checkpoint of that step, and the job exits 0."""
+    code, printed, _ = launch_and_signal(corpus, tmp_path, target, signal.SIGTERM)
+    assert code == 0, printed
+    why = "SIGTERM" if target == "launcher" else "a signal to another rank"
+    step = int(printed.split(f"stopped by {why} at step ")[1].split(":")[0])
+    assert printed.count("checkpoint written to") == 1
+    assert read_checkpoint(tmp_path / "run" / "ckpt.bin")["step"] == step
+    assert not [n for n in os.listdir(tmp_path / "run") if n.endswith(".tmp")]
