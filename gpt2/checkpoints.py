@@ -21,11 +21,11 @@ import json
 import math
 import os
 import struct
-import tempfile
 
 import numpy as np
 
 from gpt2.config import DTYPES, GPTConfig, parameter_shapes
+from gpt2.files import atomic_write
 
 MAGIC = b"GPT2CKPT"
 FORMAT_VERSION = 1
@@ -85,19 +85,14 @@ def _decode_extra(value):
 
 # ---------------------------------------------------------------- writing
 
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (a full disk, a quota, a failing device)."""
-
-
 def save_checkpoint(path, model, opt=None, step=0, extra=None):
     """Write model weights, config and dtype, optimiser state, `step` and `extra` to `path`.
 
     `extra` is a dict of JSON-like values (str keys; numbers, strings, bools, None, lists, dicts,
     numpy scalars and small numpy arrays), meant for e.g. {"rng": gen.bit_generator.state,
-    "data_position": n}. Tuples come back as lists. The file is written to a temporary file in
-    the same directory, flushed and fsync'ed, then os.replace'd onto `path` (and the directory
-    fsync'ed), so `path` always holds either the previous checkpoint or the complete new one; a
-    failed write removes its temporary file. Returns the path written.
+    "data_position": n}. Tuples come back as lists. Written by `gpt2.files.atomic_write`: `path`
+    always holds either the previous checkpoint or the complete new one, and a write that fails
+    (WriteError) removes its temporary file. Returns the path written.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
@@ -145,53 +140,25 @@ def save_checkpoint(path, model, opt=None, step=0, extra=None):
     total = data_start + offset + _DIGEST_BYTES
     preamble = _PREAMBLE.pack(MAGIC, FORMAT_VERSION, 0, len(header_bytes), total)
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            digest = hashlib.sha256()
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        digest = hashlib.sha256()
 
-            def put(chunk):
-                digest.update(chunk)
-                f.write(chunk)
+        def put(chunk):
+            digest.update(chunk)
+            f.write(chunk)
 
-            put(preamble)
-            put(header_bytes)
-            put(bytes(data_start - _PREAMBLE.size - len(header_bytes)))
-            written = 0
-            for (name, a), entry in zip(arrays, entries):
-                put(bytes(entry["offset"] - written))
-                raw = np.ascontiguousarray(a, dtype=_ARRAY_DTYPES[str(a.dtype)])
-                put(memoryview(raw).cast("B"))
-                written = entry["offset"] + raw.nbytes
-            put(bytes(offset - written))
-            f.write(digest.digest())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CheckpointWriteError(f"could not write checkpoint {path!r} ({e}); the file "
-                                       "there before, if any, is intact") from e
-        raise
-    _fsync_directory(directory)
+        put(preamble)
+        put(header_bytes)
+        put(bytes(data_start - _PREAMBLE.size - len(header_bytes)))
+        written = 0
+        for (name, a), entry in zip(arrays, entries):
+            put(bytes(entry["offset"] - written))
+            raw = np.ascontiguousarray(a, dtype=_ARRAY_DTYPES[str(a.dtype)])
+            put(memoryview(raw).cast("B"))
+            written = entry["offset"] + raw.nbytes
+        put(bytes(offset - written))
+        f.write(digest.digest())
     return path
-
-
-def _fsync_directory(directory):
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass                                  # some file systems cannot fsync a directory
-    finally:
-        os.close(dfd)
 
 
 # ---------------------------------------------------------------- reading and verifying

@@ -11,6 +11,8 @@ from dataclasses import fields
 
 import numpy as np
 
+from gpt2.files import WriteError
+
 DEFAULT_DATA = os.path.join("data", "stdlib")
 # No trailing space: GPT-2's BPE puts a word's space in front of it (" foo"), so in this corpus a
 # lone space token is indentation, and a prompt ending in one was continued with blank indentation.
@@ -36,7 +38,6 @@ def cmd_prepare(args):
 
 def cmd_train(args):
     from gpt2 import distributed
-    from gpt2.checkpoints import CheckpointWriteError
     from gpt2.train import NonFiniteError, TrainConfig, train
     options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
                if hasattr(args, f.name) and f.name != "history"}
@@ -49,7 +50,7 @@ def cmd_train(args):
             world.barrier()
     try:
         history = train(cfg)
-    except (NonFiniteError, CheckpointWriteError) as e:
+    except (NonFiniteError, WriteError) as e:
         print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 3
     if distributed.launched_rank() != 0:   # rank 0 alone reports and samples
@@ -116,6 +117,7 @@ def cmd_eval(args):
 
 
 def _run_harness(model, args):
+    from gpt2.files import atomic_write
     try:
         from gpt2.harness import evaluate
         from lm_eval.utils import make_table
@@ -127,7 +129,7 @@ def _run_harness(model, args):
                        autocast=args.autocast, limit=args.limit, num_fewshot=args.num_fewshot)
     print(make_table(results))
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
+        with atomic_write(args.output) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(results["results"], f, indent=2, default=str)
 
 
@@ -227,7 +229,7 @@ def main(argv=None):
                "eval": cmd_eval, "export": cmd_export}[args.command]
     try:
         return handler(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, WriteError) as e:
         print(f"{_rank_prefix()}error: {e}", file=sys.stderr)
         return 2
 

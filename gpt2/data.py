@@ -9,14 +9,15 @@ Each file is one document. A split's stream is its documents in source order, ea
 The held-out split is chosen by document with a seeded permutation (deterministic); with a single
 document the tail of that document is held out instead.
 """
+import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from gpt2.files import atomic_write
 from gpt2.tokenizer import EOT_TOKEN, N_VOCAB, get_tokenizer
 
 DEFAULT_EXTENSIONS = (".txt", ".md", ".py", ".rst")
@@ -132,11 +133,6 @@ def _to_uint16(ids):
     return arr.astype(np.uint16)
 
 
-def _atomic_target(out_dir, name):
-    fd, tmp = tempfile.mkstemp(prefix=name + ".", suffix=".tmp", dir=out_dir)
-    return os.fdopen(fd, "wb"), tmp
-
-
 def prepare(sources, out_dir, val_fraction=0.1, seed=0, extensions=DEFAULT_EXTENSIONS,
             progress=True):
     """Tokenise files/folders into out_dir/{train,val}.bin (uint16) and out_dir/meta.json.
@@ -173,10 +169,11 @@ def prepare(sources, out_dir, val_fraction=0.1, seed=0, extensions=DEFAULT_EXTEN
     counts = {"train": 0, "val": 0}
     doc_counts = {"train": 0, "val": 0}
     file_rows = []
-    handles = {}
-    try:
+    with contextlib.ExitStack() as files:
+        handles = {}
         for split in SPLITS:
-            handles[split] = _atomic_target(out_dir, split + ".bin")
+            tmp = files.enter_context(atomic_write(out_dir / f"{split}.bin"))
+            handles[split] = files.enter_context(open(tmp, "wb"))
         with tqdm(total=sum(sizes), desc="tokenising", unit="B", unit_scale=True,
                   disable=not progress) as bar:
             for batch in _batches(docs, sizes):
@@ -190,22 +187,12 @@ def prepare(sources, out_dir, val_fraction=0.1, seed=0, extensions=DEFAULT_EXTEN
                         pieces = {split: list(ids) + [EOT_TOKEN]}
                     for split, piece in pieces.items():
                         arr = _to_uint16(piece)
-                        arr.tofile(handles[split][0])
+                        arr.tofile(handles[split])
                         counts[split] += int(arr.size)
                         doc_counts[split] += 1
                         file_rows.append({"path": str(docs[i]), "split": split,
                                           "tokens": int(arr.size)})
                     bar.update(sizes[i])
-        for split in SPLITS:
-            f, tmp = handles[split]
-            f.close()
-            os.replace(tmp, out_dir / f"{split}.bin")
-    finally:
-        for f, tmp in handles.values():
-            if not f.closed:
-                f.close()
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
     meta = {
         "tokenizer": "gpt2",
@@ -225,10 +212,8 @@ def prepare(sources, out_dir, val_fraction=0.1, seed=0, extensions=DEFAULT_EXTEN
         "sources": _source_names(sources),
         "files": file_rows,
     }
-    f, tmp = _atomic_target(out_dir, "meta.json")
-    with f:
-        f.write(json.dumps(meta, indent=1).encode("utf-8"))
-    os.replace(tmp, out_dir / "meta.json")
+    with atomic_write(out_dir / "meta.json") as tmp:
+        Path(tmp).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
 
 

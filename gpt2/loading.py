@@ -21,12 +21,12 @@ BPE its tokenizer (vocab.json, merges.txt), each file written atomically.
 """
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from gpt2.checkpoints import MAGIC, read_checkpoint
 from gpt2.config import DTYPES, GPTConfig, parameter_shapes
+from gpt2.files import atomic_write
 from gpt2.tokenizer import EOT_TOKEN, N_VOCAB, write_hf_tokenizer
 
 # Hugging Face activation_function -> our GPTConfig.gelu
@@ -119,45 +119,16 @@ def save_pretrained(model, path, dtype=None):
                                           dtype=dtype)
                for name, p in model.parameters().items()}
 
-    def write_weights(tmp):
-        from safetensors.numpy import save_file
+    from safetensors.numpy import save_file
+    with atomic_write(os.path.join(path, "model.safetensors")) as tmp:
         save_file(tensors, tmp, metadata={"format": "pt"})   # transformers wants format "pt"
-
-    def write_config(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _write_atomically(os.path.join(path, "model.safetensors"), write_weights)
-    _write_atomically(os.path.join(path, "config.json"), write_config)
+    with atomic_write(os.path.join(path, "config.json")) as tmp, \
+            open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
     if cfg.vocab_size >= N_VOCAB:                 # the vocabulary holds GPT-2's BPE
         write_hf_tokenizer(path)
     return path
-
-
-def _write_atomically(path, write):
-    """write(temporary path) in path's directory, fsync, then rename over path: a reader sees the
-    old file or the whole new one, never a part."""
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass                                  # some file systems cannot fsync a directory
 
 
 # ---------------------------------------------------------------- our own checkpoints

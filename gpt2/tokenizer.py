@@ -21,6 +21,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gpt2.files import atomic_write
+
 WHISPER_VERSION = "20250625"
 WHISPER_SDIST = f"openai-whisper=={WHISPER_VERSION}"
 RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
@@ -49,22 +51,9 @@ def _sha256(data):
 
 
 def _write_atomic(path, data):
-    """Write to a temporary file in the same directory, then rename over the target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)      # mkstemp creates 0600; the cache is a plain shared file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_write(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def extract_ranks(sdist_path):

@@ -34,6 +34,7 @@ from gpt2 import data as data_mod
 from gpt2 import distributed
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
+from gpt2.files import atomic_write
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
 from gpt2.rundir import RunLock
@@ -327,7 +328,7 @@ def _train(cfg, world):
                     f"checkpoint written to {ckpt_path}")
     if main and history:
         write_loss_curve(history, os.path.join(cfg.out_dir, "loss.png"))
-        with open(os.path.join(cfg.out_dir, "history.json"), "w") as f:
+        with atomic_write(os.path.join(cfg.out_dir, "history.json")) as tmp, open(tmp, "w") as f:
             json.dump({"history": history, "skipped_steps": skipped}, f)
     cfg.history = history
     return history
@@ -348,7 +349,8 @@ def write_loss_curve(history, path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
