@@ -207,10 +207,6 @@ def check_same_run(world, options, files):
 
 # ---------------------------------------------------------------- the gradient all-reduce
 
-def _address(a):
-    return a.__array_interface__["data"][0]
-
-
 class GradientAllReduce:
     """Sums every rank's gradients in place, bucket by bucket, as the compiled backward
     finishes them.
@@ -234,21 +230,18 @@ class GradientAllReduce:
         if not bucket_bytes > 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes!r}")
         self.world, self.poll = world, poll
-        flat = model.flat_grad
-        base = _address(flat)
-        spans = sorted(((_address(p.grad) - base) // flat.itemsize, p.grad.size, p)
-                       for p in model.parameters().values())
-        # (start, end) element offsets into flat and the parameters in between: consecutive
-        # parameters up to bucket_bytes, or one parameter alone if it is larger.
+        arena = model.arena
+        # (start, end) element offsets into the arena's gradients and the names of the parameters
+        # in between: consecutive slots up to bucket_bytes, or one alone if it is larger.
         self.buckets = []
-        for start, size, p in spans:
-            if self.buckets and (start + size - self.buckets[-1][0]) * flat.itemsize \
+        for slot in arena.slots.values():
+            if self.buckets and (slot.end - self.buckets[-1][0]) * arena.grad.itemsize \
                     <= bucket_bytes:
-                lo, _, params = self.buckets[-1]
-                self.buckets[-1] = (lo, start + size, params + [p])
+                lo, _, names = self.buckets[-1]
+                self.buckets[-1] = (lo, slot.end, names + [slot.name])
             else:
-                self.buckets.append((start, start + size, [p]))
-        self.views = [flat[lo:hi] for lo, hi, _ in self.buckets]
+                self.buckets.append((slot.offset, slot.end, [slot.name]))
+        self.views = [arena.grad[lo:hi] for lo, hi, _ in self.buckets]
         self.armed = False
         self._requests, self._started = [], set()
         self._schedules = weakref.WeakKeyDictionary()
@@ -259,14 +252,14 @@ class GradientAllReduce:
         """{backward step index: buckets to start right after it} for a training Executable."""
         if exe not in self._schedules:
             final = gradient_final_steps(exe.step_nodes, exe.graph.grads)
-            step_of = {id(p): final[v.id] - exe.n_forward_steps for v, p in exe.graph.grads}
+            step_of = {v.name: final[v.id] - exe.n_forward_steps for v, _ in exe.graph.grads}
             starts = {}
-            for b, (_, _, params) in enumerate(self.buckets):
-                missing = [p for p in params if id(p) not in step_of]
+            for b, (_, _, names) in enumerate(self.buckets):
+                missing = [n for n in names if n not in step_of]
                 if missing:
-                    raise ValueError(f"the plan does not accumulate the gradient of {len(missing)}"
-                                     " parameter(s) into .grad: nothing to all-reduce after")
-                starts.setdefault(max(step_of[id(p)] for p in params), []).append(b)
+                    raise ValueError(f"the plan does not accumulate the gradient of {missing} "
+                                     "into .grad: nothing to all-reduce after")
+                starts.setdefault(max(step_of[n] for n in names), []).append(b)
             self._schedules[exe] = starts
         return self._schedules[exe]
 

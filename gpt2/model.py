@@ -4,9 +4,10 @@ The same `forward` runs eagerly (Tensors) and is traced by `gpt2.compile` (symbo
 Parameter names and layouts are nanoGPT's state_dict ones: linear weights are (out, in), and the
 lm_head is tied to `transformer.wte.weight` (not listed as a parameter of its own).
 
-All parameters live in one flat array and all gradients in another, in the order the backward
-finishes the gradients: AdamW makes one pass, zero_grad is one memset, and a data-parallel
-all-reduce bucket is one contiguous slice whose gradients are final at one point of the backward.
+All parameters live in one flat array and all gradients in another (`self.arena`, a
+gpt2.arena.ParameterArena), in the order the backward finishes the gradients: AdamW makes one
+pass, zero_grad is one memset, and a data-parallel all-reduce bucket is one contiguous slice whose
+gradients are final at one point of the backward.
 """
 import math
 import numbers
@@ -14,13 +15,12 @@ import numbers
 import numpy as np
 
 from gpt2_jit import kernels
+from gpt2.arena import ParameterArena
 from gpt2.compile import compile as compile_model
 from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
-from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2_jit.kernels.common import aligned_empty
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
-from gpt2_jit.tracer import Parameter
 from gpt2_jit.tracer import functional as F
 
 __all__ = ["GPT", "GPTConfig"]
@@ -49,18 +49,8 @@ class GPT(Pretrained, Generation):
         self.config = config
         self.dtype = _check_dtype(dtype)
         shapes = parameter_shapes(config)
-        layout = backward_order(shapes)
-        sizes = {n: int(np.prod(shapes[n])) for n in shapes}
-        self.flat_data = aligned_empty(sum(sizes.values()), self.dtype, zeroed=True)
-        self.flat_grad = aligned_empty(self.flat_data.shape, self.dtype, zeroed=True)
-        self.flat_bf16 = None           # bf16 copies for autocast, made by bf16_copies()
-        views, offset = {}, 0
-        for name in layout:
-            end = offset + sizes[name]
-            views[name] = (self.flat_data[offset:end].reshape(shapes[name]),
-                           self.flat_grad[offset:end].reshape(shapes[name]))
-            offset = end
-        self._params = {n: Parameter(*views[n]) for n in shapes}
+        self.arena = ParameterArena(shapes, backward_order(shapes), self.dtype)
+        self._params = self.arena.parameters
         self._initialise(seed)
 
     def _initialise(self, seed):
@@ -82,7 +72,20 @@ class GPT(Pretrained, Generation):
         return dict(self._params)
 
     def num_parameters(self):
-        return int(self.flat_data.size)
+        return self.arena.size
+
+    @property
+    def flat_data(self):
+        return self.arena.data
+
+    @property
+    def flat_grad(self):
+        return self.arena.grad
+
+    @property
+    def flat_bf16(self):
+        """The bf16 copies autocast's GEMMs read (None until bf16_copies())."""
+        return self.arena.bf16
 
     def state_dict(self):
         return {name: p.data.copy() for name, p in self._params.items()}
@@ -115,18 +118,12 @@ class GPT(Pretrained, Generation):
             p.mark_changed()
 
     def bf16_copies(self):
-        """Give every parameter a bf16 copy of its data, all in one flat buffer laid out as
-        flat_data, so the optimiser's passes over flat_data refresh it as they go. Idempotent."""
-        if self.flat_bf16 is None:
-            self.flat_bf16 = aligned_empty(self.flat_data.shape, BFLOAT16)
-            for p in self._params.values():
-                start = (p.data.ctypes.data - self.flat_data.ctypes.data) // p.data.itemsize
-                p.bf16 = self.flat_bf16[start:start + p.data.size].reshape(p.data.shape)
-                p.bf16_version = -1
-        return self.flat_bf16
+        """Give every parameter a bf16 copy of its data, laid out as flat_data, so the
+        optimiser's passes over flat_data refresh it as they go. Idempotent."""
+        return self.arena.with_bf16()
 
     def zero_grad(self):
-        kernels.zero_fill(self.flat_grad)
+        kernels.zero_fill(self.arena.grad)
 
     # ------------------------------------------------------------ forward
 

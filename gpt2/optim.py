@@ -1,7 +1,7 @@
 """AdamW, gradient clipping and the warmup + cosine learning-rate schedule.
 
-Parameters that sit next to each other in one flat buffer (as GPT's do) are merged into one run,
-and a run is updated in one fused pass whatever its mix of decayed and undecayed tensors: each
+Parameters adjacent in their arena (`gpt2.arena`, as GPT's all are) are merged into one run, and
+a run is updated in one fused pass whatever its mix of decayed and undecayed tensors: each
 stretch of same-group parameters is a segment with its own weight decay. GPT lays its gradients
 out in the order the backward finishes them (for data-parallel buckets), which interleaves the
 two groups; a pass per group or per tensor would cost a kernel launch per tiny bias.
@@ -15,51 +15,7 @@ import numpy as np
 from gpt2_jit import kernels
 from gpt2_jit.kernels import optimiser
 from gpt2_jit.kernels.common import aligned_empty
-
-
-def _segments(params):
-    """Group parameters into runs that are contiguous in memory: [(data, grad, [names])]."""
-    def address(a):
-        return a.__array_interface__["data"][0]
-
-    runs = []
-    for name, p in sorted(params, key=lambda np_: address(np_[1].data)):
-        data, grad = p.data.reshape(-1), p.grad.reshape(-1)
-        if runs:
-            d0, g0, names = runs[-1]
-            if (d0.dtype == data.dtype and address(data) == address(d0) + d0.nbytes
-                    and address(grad) == address(g0) + g0.nbytes
-                    and data.base is not None and data.base is d0.base
-                    and grad.base is not None and grad.base is g0.base):
-                runs[-1] = (_extend(d0, data), _extend(g0, grad), names + [name])
-                continue
-        runs.append((data, grad, [name]))
-    return runs
-
-
-def _extend(a, b):
-    """The view of their common base covering the adjacent 1-D views a and b."""
-    base = a.base
-    start = (a.__array_interface__["data"][0] - base.__array_interface__["data"][0]) // a.itemsize
-    return base.reshape(-1)[start:start + a.size + b.size]
-
-
-def _bf16_copies(params):
-    """The bf16 copies of a run of parameters as one flat view, laid out as their data, so the
-    AdamW pass can refresh them; None when a parameter has none or they are not adjacent."""
-    merged = None
-    for p in params:
-        if getattr(p, "bf16", None) is None:
-            return None
-        flat = p.bf16.reshape(-1)
-        if merged is None:
-            merged = flat
-        elif flat.base is merged.base and (flat.__array_interface__["data"][0] ==
-                                            merged.__array_interface__["data"][0] + merged.nbytes):
-            merged = _extend(merged, flat)
-        else:
-            return None
-    return merged
+from gpt2.arena import runs as parameter_runs
 
 
 def _named(params):
@@ -70,31 +26,48 @@ def _named(params):
 
 @dataclass
 class _Run:
-    """Parameters contiguous in memory, updated in one pass: data and grad are flat views over
-    all of them; segment s, [bounds[s], bounds[s + 1]), holds consecutive parameters of one
-    weight-decay group, decays[s] says which."""
+    """Parameters one pass updates: data and grad are flat views over all of them (their
+    arena's, or one parameter's own); segment s, [bounds[s], bounds[s + 1]), holds consecutive
+    parameters of one weight-decay group, decays[s] says which."""
+    arena: object
+    params: list
+    names: list
     data: np.ndarray
     grad: np.ndarray
-    names: list
     bounds: np.ndarray
     decays: np.ndarray
 
+    def bf16_copies(self):
+        """The run's bf16 copies as one flat view laid out as data (refreshed by the AdamW pass),
+        or None without them."""
+        if self.arena is not None:
+            first, last = self.params[0].slot, self.params[-1].slot
+            return None if self.arena.bf16 is None else self.arena.bf16[first.offset:last.end]
+        bf16 = self.params[0].bf16
+        return None if bf16 is None else bf16.reshape(-1)
+
 
 def _runs(named):
-    runs = []
-    shapes = {n: p.data.shape for n, p in named}
-    for data, grad, names in _segments(named):
+    out = []
+    for arena, members in parameter_runs(named):
+        params = [p for _, p in members]
+        if arena is None:
+            data, grad = params[0].data.reshape(-1), params[0].grad.reshape(-1)
+        else:
+            lo, hi = params[0].slot.offset, params[-1].slot.end
+            data, grad = arena.data[lo:hi], arena.grad[lo:hi]
         bounds, decays, offset = [0], [], 0
-        for name in names:
-            decay = len(shapes[name]) >= 2
-            offset += int(np.prod(shapes[name], dtype=np.int64))
+        for p in params:
+            decay = p.slot.decay if arena is not None else p.data.ndim >= 2
+            offset += p.data.size
             if decays and decays[-1] == decay:
                 bounds[-1] = offset
             else:
                 decays.append(decay)
                 bounds.append(offset)
-        runs.append(_Run(data, grad, names, np.array(bounds, np.int64), np.array(decays)))
-    return runs
+        out.append(_Run(arena, params, [n for n, _ in members], data, grad,
+                        np.array(bounds, np.int64), np.array(decays)))
+    return out
 
 
 class AdamW:
@@ -111,7 +84,6 @@ class AdamW:
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         named = _named(params)
         self.names = [n for n, _ in named]
-        self._params = dict(named)
         self._sizes = {n: p.data.size for n, p in named}
         self.runs = _runs(named)
         self.exp_avg = [aligned_empty(run.data.shape, run.data.dtype, zeroed=True)
@@ -146,13 +118,12 @@ class AdamW:
         self.step_count += 1
         b1, b2 = self.betas
         for run, m, v in zip(self.runs, self.exp_avg, self.exp_avg_sq):
-            params = [self._params[n] for n in run.names]
-            shadow = _bf16_copies(params)
+            shadow = run.bf16_copies()
             optimiser.adamw_segments(run.data, run.grad, m, v, run.bounds,
                                      np.where(run.decays, self.weight_decay, 0.0), lr=self.lr,
                                      beta1=b1, beta2=b2, eps=self.eps, step=self.step_count,
                                      grad_scale=scale, zero_grad=zero_grad, shadow=shadow)
-            for p in params:
+            for p in run.params:
                 p.mark_changed()
                 if shadow is not None:
                     p.bf16_version = p.version
@@ -213,11 +184,11 @@ def _global_norm(grads):
 def clip_grad_norm(params, max_norm):
     """Scale all gradients so their global L2 norm is at most max_norm; returns the norm before."""
     _check_max_norm("max_norm", max_norm)
-    segments = _segments(_named(params))
-    total = _global_norm(g for _, g, _ in segments)
+    grads = [run.grad for run in _runs(_named(params))]
+    total = _global_norm(grads)
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        for _, g, _ in segments:
+        for g in grads:
             kernels.scale_in_place(g, coef)
     return total
 

@@ -96,12 +96,15 @@ def training_executable(model, batch=2):
 
 
 def final_steps_in_memory_order(model, exe):
+    """The plan step that finishes each gradient, in the order the arena lays them out."""
     final = gradient_final_steps(exe.step_nodes, exe.graph.grads)
-    step = {id(p): final[v.id] for v, p in exe.graph.grads}
-    base = model.flat_grad.__array_interface__["data"][0]
-    params = sorted(model.parameters().values(),
-                    key=lambda p: p.grad.__array_interface__["data"][0] - base)
-    return [step[id(p)] for p in params]
+    step = {v.name: final[v.id] for v, _ in exe.graph.grads}
+    return [step[name] for name in model.arena.slots]
+
+
+def in_backward_order(steps):
+    """Non-decreasing: a LayerNorm's gain and bias are finished by one step."""
+    return all(a <= b for a, b in zip(steps, steps[1:]))
 
 
 def test_gradient_layout_is_the_order_the_backward_finishes_them():
@@ -109,8 +112,7 @@ def test_gradient_layout_is_the_order_the_backward_finishes_them():
     _, _, exe = training_executable(model)
     steps = final_steps_in_memory_order(model, exe)
     assert len(steps) == len(model.parameters())        # every gradient is finished in the plan
-    # non-decreasing: a LayerNorm's gain and bias are finished by one step
-    assert all(a <= b for a, b in zip(steps, steps[1:])), steps
+    assert in_backward_order(steps), steps
     assert exe.n_forward_steps <= steps[0] and steps[-1] == len(exe.steps) - 1
 
 
@@ -120,8 +122,9 @@ def test_layout_check_catches_another_order(monkeypatch):
     monkeypatch.setattr(model_mod, "backward_order",
                         lambda shapes: sorted(shapes, key=lambda n: len(shapes[n]) < 2))
     model = gpt2.GPT(CFG, dtype="float64")
+    assert list(model.arena.slots) != backward_order(parameter_shapes(CFG))   # the patch took
     steps = final_steps_in_memory_order(model, training_executable(model)[2])
-    assert not all(a < b for a, b in zip(steps, steps[1:]))
+    assert not in_backward_order(steps), steps
 
 
 def test_backward_order_puts_the_tied_embedding_last():

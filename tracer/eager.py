@@ -99,6 +99,7 @@ class Parameter(Tensor):
         self.version = 0
         self.bf16 = None
         self.bf16_version = -1
+        self.slot = None          # its place in its owner's flat parameter arena, if any
 
     def mark_changed(self):
         self.version += 1
