@@ -3,7 +3,10 @@
 Shapes are small and odd (C=13, V=37, T=1, one head, B=1, T past the attention key block) so the
 run stays short; Numba compiles once per dtype, not per shape, so the cases add no compile work.
 """
+import contextlib
+import functools
 import inspect
+from contextlib import contextmanager
 import math
 import os
 import shutil
@@ -37,11 +40,47 @@ def close(got, want, dt):
     np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale)
 
 
-def both(fn_name, outs, *args, **attrs):
-    """Run the Numba and the reference kernel on fresh copies of the outputs; returns both sets."""
+# Set while a kernel may hand its case to NumPy on purpose (see `both`, `numpy_paths`).
+FALLBACK_ALLOWED = []
+
+
+@pytest.fixture(autouse=True)
+def no_silent_fallbacks(monkeypatch):
+    """A NumPy reference kernel called from a compiled kernel raises (unless FALLBACK_ALLOWED):
+    a kernel whose guard fell back to the reference cannot pass as compiled, its comparison
+    being the reference against itself. The tests' own calls of the reference run as usual."""
+    for name in kernels.REFERENCE:
+        monkeypatch.setattr(ref, name, _refusing_fallback(name, getattr(ref, name)))
+
+
+def _refusing_fallback(name, fn):
+    @functools.wraps(fn)
+    def reference_kernel(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("gpt2_jit.kernels.") and caller != ref.__name__ \
+                and not FALLBACK_ALLOWED:
+            raise AssertionError(f"{caller} fell back to reference.{name}")
+        return fn(*args, **kwargs)
+    return reference_kernel
+
+
+@contextmanager
+def numpy_paths():
+    """Within: the kernels may hand cases to NumPy (they are meant to)."""
+    FALLBACK_ALLOWED.append(True)
+    try:
+        yield
+    finally:
+        FALLBACK_ALLOWED.pop()
+
+
+def both(fn_name, outs, *args, numpy_fallback=False, **attrs):
+    """Run the Numba kernel (which must not fall back to the reference, unless numpy_fallback)
+    and the reference kernel on fresh copies of the outputs; returns both sets."""
     got = [np.full_like(o, np.nan) for o in outs]
     want = [np.full_like(o, np.nan) for o in outs]
-    NUMBA[fn_name](*got, *args, **attrs)
+    with numpy_paths() if numpy_fallback else contextlib.nullcontext():
+        NUMBA[fn_name](*got, *args, **attrs)
     getattr(ref, fn_name)(*want, *args, **attrs)
     return got, want
 
@@ -111,18 +150,21 @@ def test_elementwise(dt, case):
             close(got[0], want[0], dt)
             got, want = both(name, [x], other, x)       # broadcast on the left
             close(got[0], want[0], dt)
-    got, want = both("add", [x], f(b, 1, c), y)         # a broadcast the kernel leaves to NumPy
+    got, want = both("add", [x], f(b, 1, c), y, numpy_fallback=True)   # a broadcast left to NumPy
     close(got[0], want[0], dt)
     got, want = both("scale", [x], x, factor=0.37)
     close(got[0], want[0], dt)
     for shape in [(t, c), (c,), (1, t, c)]:
-        got, want = both("sum_to", [np.empty(shape, dt)], x)
+        copy = math.prod(shape) == x.size                 # nothing to sum: NumPy copies
+        got, want = both("sum_to", [np.empty(shape, dt)], x, numpy_fallback=copy)
         close(got[0], want[0], dt)
 
 
 @pytest.mark.parametrize("small_bytes", [0, 1 << 30], ids=["kernel", "numpy"])
 def test_add_and_scale_in_place(dt, monkeypatch, small_bytes):
     monkeypatch.setattr(common, "SMALL_BYTES", small_bytes)
+    if small_bytes:
+        monkeypatch.setattr(sys.modules[__name__], "FALLBACK_ALLOWED", [True])   # NumPy's sizes
     _, f = data(dt)
     a, b, row = f(3, 5, 2100), f(3, 5, 2100), f(5, 2100)   # rows longer than one segment
     for other in (b, row):
@@ -463,8 +505,9 @@ def test_gelu(dt, case, form):
     NUMBA["gelu_backward"](dx, dx, x, form=form)
     close(dx, want[0], dt)
     shifted = np.append(dy.reshape(-1), dt(1.0))          # dx one element ahead of dy: a loop
-    NUMBA["gelu_backward"](shifted[1:].reshape(x.shape), shifted[:-1].reshape(x.shape), x,
-                           form=form)                     # would read what it has just written
+    with numpy_paths():
+        NUMBA["gelu_backward"](shifted[1:].reshape(x.shape), shifted[:-1].reshape(x.shape), x,
+                               form=form)                 # would read what it has just written
     close(shifted[1:].reshape(x.shape), want[0], dt)
 
 
@@ -1030,12 +1073,20 @@ def run_with_threads(n, fn):
         numba.set_num_threads(before)
 
 
+def test_a_silent_fallback_is_caught(dt):
+    """Negative control for no_silent_fallbacks: outside numpy_paths the same call raises."""
+    _, f = data(dt)
+    with pytest.raises(AssertionError, match="normalisation fell back to reference.softmax"):
+        NUMBA["softmax"](np.empty((6, 5), dt), f(6, 10)[:, ::2])
+
+
 def test_fallback_non_contiguous(dt):
     """Arrays the kernels do not take (non-contiguous views) go to the reference path."""
     _, f = data(dt)
     x = f(6, 10)[:, ::2]
     out = np.empty((6, 5), dt)
-    NUMBA["softmax"](out, x)
+    with numpy_paths():
+        NUMBA["softmax"](out, x)
     want = np.empty_like(out)
     ref.softmax(want, x)
     close(out, want, dt)
