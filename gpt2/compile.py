@@ -155,7 +155,7 @@ class CompiledModel(Generation):
         self.model = model
         self.config = model.config
         self.dtype = model.dtype
-        self.table = with_add_acc(kernels.COMPILED if table is None else table)
+        self.table = kernels.COMPILED if table is None else table
         # Generation's plans: the same kernels, with paths for the few rows of a decode step.
         self.decode_table = dict(kernels.DECODE if table is None else table)
         self.max_plans = max_plans
@@ -312,13 +312,6 @@ def refresh_bf16_copies(exe):
     for v, p in exe.graph.params:
         if v.dtype == BFLOAT16:
             p.refresh_bf16()
-
-
-def with_add_acc(table):
-    """The kernel table plus `add_acc` (grad += g, made by tracer.fusion.accumulate_gradients),
-    which is the table's own `add` run in place."""
-    add = table["add"]
-    return {**table, "add_acc": lambda acc, x: add(acc, acc, x)}
 
 
 def compile(model, table=None, max_plans=8, autocast=None):

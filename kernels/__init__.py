@@ -1,10 +1,10 @@
 """Numerics only: reference NumPy kernels and Numba kernels behind one calling convention.
 
-`REFERENCE` maps an op name to its NumPy implementation (outputs first, then inputs, then
-attributes); `COMPILED` is the table the compiled runtime uses: the Numba kernels, one file per
-family (elementwise, gemm, embedding, normalisation, attention, loss, optimiser), with the reference
-ones for the layout ops NumPy already does at its best (permute, split, concat, causal_mask, fill,
-matmul). This package imports nothing from `tracer` or `gpt2`; `common` sets Numba's cache directory
+`REFERENCE` maps a kernel's name (the one its op in tracer.ops names) to its NumPy implementation
+(outputs first, then inputs, then attributes); `COMPILED` is the table the compiled runtime uses:
+the Numba kernels, one file per family (elementwise, gemm, embedding, normalisation, attention,
+loss, optimiser), with the reference ones for the layout ops NumPy already does at its best
+(permute, split, concat, causal_mask, fill, matmul). This package imports nothing from `tracer` or `gpt2`; `common` sets Numba's cache directory
 (`common.numba_cache_dir`) before any kernel is made, and `pool.install()` puts NumPy's and SciPy's
 OpenBLAS on Numba's threads.
 
@@ -12,6 +12,8 @@ Inference with a KV cache adds `decode` (kv_write, cached_attention); its layout
 narrow) take the reference kernels. `DECODE` is the table generation's plans run on: `COMPILED`
 with paths for a handful of rows (`decode.FEW_ROWS_TABLE`).
 """
+import inspect
+
 # common first: it sets Numba's cache directory before any kernel is made.
 from gpt2_jit.kernels import common  # noqa: F401
 from gpt2_jit.kernels import (attention, cpu, decode, elementwise, embedding, gemm, loss,
@@ -21,18 +23,11 @@ from gpt2_jit.kernels import (attention, cpu, decode, elementwise, embedding, ge
 cpu.use_threads()
 pool.install()
 
-OP_NAMES = (
-    "add", "mul", "scale", "sum_to", "permute", "split", "concat", "causal_mask", "fill",
-    "matmul", "linear", "linear_backward_x", "linear_backward_w", "linear_backward_b",
-    "embedding", "embedding_backward", "layernorm", "layernorm_backward", "gelu", "gelu_backward",
-    "softmax", "softmax_backward", "attention", "attention_backward",
-    "cross_entropy", "cross_entropy_backward", "linear_gelu", "residual_layernorm",
-    "linear_backward_w_acc", "linear_backward_b_acc", "embedding_backward_acc",
-    "layernorm_backward_acc",
-    "arange", "narrow", "kv_write", "cached_attention",
-)
-
-REFERENCE = {name: getattr(reference, name) for name in OP_NAMES}
+# Every function of reference.py, by name: the ops' kernels (each op of tracer.ops names its own)
+# and the optimiser's.
+REFERENCE = {name: fn for name, fn in vars(reference).items()
+             if inspect.isfunction(fn) and fn.__module__ == reference.__name__
+             and not name.startswith("_")}
 NUMBA = {**elementwise.TABLE, **gemm.TABLE, **embedding.TABLE, **normalisation.TABLE,
          **attention.TABLE, **loss.TABLE}
 NUMBA.update(decode.TABLE)

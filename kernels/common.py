@@ -163,3 +163,10 @@ def is_suffix(small, big):
     while len(small) > 1 and small[0] == 1:
         small = small[1:]
     return 0 < len(small) <= len(big) and tuple(big[len(big) - len(small):]) == small
+
+
+def check_positions(start, t, size):
+    """Positions start .. start + t - 1 must lie in a cache of `size` positions: the Numba kernels
+    do not bounds-check, so this is checked before they run."""
+    if not 0 <= start <= size - t:
+        raise ValueError(f"positions {start} .. {start + t - 1} do not fit a cache of {size}")

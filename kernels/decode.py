@@ -39,8 +39,8 @@ from gpt2_jit.kernels import normalisation, reference
 from gpt2_jit.kernels.attention import causal_softmax_row
 from gpt2_jit.kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
 from gpt2_jit.kernels.blas import GEMM_ADDRESS, gemm, gemm_scalars, one_blas_thread
-from gpt2_jit.kernels.common import (FASTMATH, PARALLEL, is_fast, is_suffix, n_workers, rows,
-                                     workspace)
+from gpt2_jit.kernels.common import (FASTMATH, PARALLEL, check_positions, is_fast, is_suffix,
+                                     n_workers, rows, workspace)
 from gpt2_jit.kernels.elementwise import bias_gelu_rows, gelu_form
 
 Q_BLOCK = 128       # query rows per prefill task
@@ -86,7 +86,7 @@ def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
     """Keys and values of qkv (B, T, 3C) into the caches (B, H, S, D) at positions start ..
     start + T - 1; k_out, v_out are k_cache, v_cache themselves (written in place)."""
     s0 = int(start)
-    reference.check_positions(s0, qkv.shape[1], k_cache.shape[2])
+    check_positions(s0, qkv.shape[1], k_cache.shape[2])
     if is_fast(k_out, v_out, qkv):
         _kv_write(k_out, v_out, qkv, s0)
     else:
@@ -173,7 +173,7 @@ def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
     keys and values (B, H, S, D) of positions 0 .. start + r."""
     b, t, c3 = qkv.shape
     s0 = int(start)
-    reference.check_positions(s0, t, k_cache.shape[2])
+    check_positions(s0, t, k_cache.shape[2])
     if not (is_fast(out, qkv, k_cache, v_cache) and k_cache.shape[1] == n_head):
         reference.cached_attention(out, qkv, k_cache, v_cache, start, n_head=n_head)
         return

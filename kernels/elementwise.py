@@ -152,6 +152,11 @@ def add(out, a, b):
     _binary(out, a, b, 0, reference.add)
 
 
+def add_acc(acc, x):
+    """acc += x (same shapes): a gradient added into a Parameter's .grad."""
+    add(acc, acc, x)
+
+
 def mul(out, a, b):
     """out = a * b, broadcasting as in add."""
     _binary(out, a, b, 1, reference.mul)
@@ -203,5 +208,5 @@ def gelu_backward(dx, dy, x, *, form):
     reference.gelu_backward(dx, dy, x, form=form)
 
 
-TABLE = {"add": add, "mul": mul, "scale": scale, "sum_to": sum_to, "gelu": gelu,
-         "gelu_backward": gelu_backward}
+TABLE = {"add": add, "add_acc": add_acc, "mul": mul, "scale": scale, "sum_to": sum_to,
+         "gelu": gelu, "gelu_backward": gelu_backward}

@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.kernels.common import check_positions
 
 
 def _rows(a):
@@ -23,6 +24,11 @@ def _rows(a):
 
 def add(out, a, b):
     np.add(a, b, out=out)
+
+
+def add_acc(acc, x):
+    """acc += x: a gradient added into a Parameter's .grad (tracer.fusion.accumulate_gradients)."""
+    np.add(acc, x, out=acc)
 
 
 def mul(out, a, b):
@@ -280,13 +286,6 @@ def arange(out, start):
 def narrow(out, x, *, axis, start):
     """out = x's entries [start, start + out.shape[axis]) along axis."""
     out[...] = x[(slice(None),) * axis + (slice(start, start + out.shape[axis]),)]
-
-
-def check_positions(start, t, size):
-    """Positions start .. start + t - 1 must lie in a cache of `size` positions: the Numba kernels
-    do not bounds-check, so this is checked before they run."""
-    if not 0 <= start <= size - t:
-        raise ValueError(f"positions {start} .. {start + t - 1} do not fit a cache of {size}")
 
 
 def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):

@@ -33,13 +33,19 @@ class Op:
     # cache). Unlike `inplace`, not the planner's choice: every engine passes the input as the
     # output, and the output is the updated value that later readers must use.
     writes: dict = field(default_factory=dict)
+    # The name of its kernel in a kernel table (gpt2_jit.kernels.REFERENCE and the others): the
+    # op's own name unless given; None for a view, which runs no kernel.
+    kernel: Optional[str] = None
 
 
 OPS = {}
 
 
 def defop(name, shape_rule, vjp=None, **kw):
-    OPS[name] = Op(name, shape_rule, vjp, **kw)
+    op = Op(name, shape_rule, vjp, **kw)
+    if op.kernel is None and not op.is_view:
+        op.kernel = name
+    OPS[name] = op
 
 
 # ---------------------------------------------------------------- interpreters
@@ -56,7 +62,7 @@ class ArrayInterpreter:
             return [inputs[0].reshape(avals[0].shape)]
         outs = [inputs[op.writes[k]] if k in op.writes else np.empty(a.shape, a.dtype)
                 for k, a in enumerate(avals)]
-        self.table[op.name](*outs, *inputs, **kernel_attrs(op, attrs))
+        self.table[op.kernel](*outs, *inputs, **kernel_attrs(op, attrs))
         return outs
 
 

@@ -60,7 +60,7 @@ class Executable:
             if n.op.is_view:
                 continue
             args = tuple(arrays[o.id] for o in n.outputs) + tuple(arrays[v.id] for v in n.inputs)
-            self.steps.append((self.table[n.op.name], args, kernel_attrs(n.op, n.attrs)))
+            self.steps.append((self.table[n.op.kernel], args, kernel_attrs(n.op, n.attrs)))
             self.step_nodes.append(n)
         self.n_forward_steps = sum(1 for n in plan.order[:plan.n_forward] if not n.op.is_view)
         self.outputs = {k: arrays[v.id] for k, v in self.graph.outputs.items()}
