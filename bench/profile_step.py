@@ -90,18 +90,29 @@ def profiled_steps(exe, steps):
         casts.append((role, time.perf_counter() - t, x.nbytes + out.nbytes))
         return out
 
-    per_node = {}
+    per_node, started = {}, [0.0]
+
+    def lap(nodes):
+        """The runtime's per-step callback: the step's time and casts, then the next step's
+        clock starts (this bookkeeping is not counted)."""
+        def after_step(i):
+            seconds = time.perf_counter() - started[0]
+            entry = per_node.setdefault(id(nodes[i]), (nodes[i], [], []))
+            entry[1].append(seconds)
+            entry[2][:] = casts
+            casts.clear()
+            started[0] = time.perf_counter()
+        return after_step
+
+    phases = ((exe.run_forward, exe.step_nodes[:exe.n_forward_steps]),
+              (exe.run_backward, exe.step_nodes[exe.n_forward_steps:]))
     bf16._as_bf16 = timed_cast
     try:
         for _ in range(steps):
-            for (fn, args, kw), node in zip(exe.steps, exe.step_nodes):
+            for run, nodes in phases:
                 casts.clear()
-                t = time.perf_counter()
-                fn(*args, **kw)
-                seconds = time.perf_counter() - t
-                entry = per_node.setdefault(id(node), (node, [], []))
-                entry[1].append(seconds)
-                entry[2][:] = casts
+                started[0] = time.perf_counter()
+                run(lap(nodes))
     finally:
         bf16._as_bf16 = as_bf16
     return per_node
@@ -131,7 +142,7 @@ def main():
     x, y = _batch(args.size, 0)
     _, loss = cm(x, y)
     loss.backward()
-    exe = cm._last[1]
+    exe = cm.program.executable
     per_node = profiled_steps(exe, args.steps)
     nodes = [(node, statistics.median(ts)) for node, ts, _ in per_node.values()]
     casts = [(node, role, seconds, nbytes) for node, _, node_casts in per_node.values()

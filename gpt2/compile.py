@@ -19,7 +19,6 @@ plan, written in place by `kv_write` nodes. The position is the graph input `sta
 plan serves every position. A model compiled with autocast="bfloat16" decodes with its linear
 layers reading bf16 weights, accumulating in float32 (float32 activations, LayerNorm, attention).
 """
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,15 +28,7 @@ from gpt2.config import cache_shapes, check_ids
 from gpt2.generate import Generation
 from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2_jit.tracer import Tensor, is_grad_enabled
-from gpt2_jit.tracer.autodiff import grad_name, joint_graph
-from gpt2_jit.tracer.fusion import accumulate_gradients, fuse
-from gpt2_jit.tracer.graph import prune
-from gpt2_jit.tracer.ops import autocast as autocasting
-from gpt2_jit.tracer.precision import bf16_activations, bf16_weights
-from gpt2_jit.tracer.runtime import Executable
-from gpt2_jit.tracer.schedule import plan_buffers
-from gpt2_jit.tracer.trace import trace
-
+from gpt2_jit.tracer.pipeline import Compiler, Signature, inference_passes, training_passes
 
 @dataclass
 class MemoryReport:
@@ -141,9 +132,7 @@ class Decoder:
 
 
 class CompiledModel(Generation):
-    def __init__(self, model, table=None, max_plans=8, autocast=None):
-        if max_plans < 1:
-            raise ValueError(f"max_plans must be at least 1, got {max_plans}")
+    def __init__(self, model, table=None, max_plans=8, autocast=None, debug=False):
         if autocast not in (None, "bfloat16"):
             raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
         if autocast is not None and model.dtype != np.float32:
@@ -159,14 +148,13 @@ class CompiledModel(Generation):
         # Generation's plans: the same kernels, with paths for the few rows of a decode step.
         self.decode_table = dict(kernels.DECODE if table is None else table)
         self.max_plans = max_plans
-        self.trace_count = 0
-        self._traces = OrderedDict()     # (shape, has_targets) -> forward Graph
-        self._plans = OrderedDict()      # (shape, has_targets, training) -> (Graph, Executable)
+        self.compiler = Compiler(self._forward_for, model.parameters(), self.table,
+                                 max_entries=max_plans, autocast=autocast, debug=debug)
         self._generation = 0
-        self._last = None
+        self._last = None                # the Program that ran last
         self._logits = None
-        # Set by data-parallel training (gpt2.distributed.GradientAllReduce): runs the backward
-        # itself, starting each bucket's all-reduce at the step that finishes its gradients.
+        # Set once by data-parallel training (gpt2.distributed.GradientAllReduce): each backward
+        # asks it for the callback that starts a bucket's all-reduce where its gradients are final.
         self.grad_sync = None
         self._decoders = {}              # batch size -> Decoder
 
@@ -180,36 +168,45 @@ class CompiledModel(Generation):
         self.model.load_state_dict(state)
 
     @property
+    def trace_count(self):
+        return self.compiler.trace_count
+
+    @property
+    def program(self):
+        """The program that ran last (print it to see the graph after every stage)."""
+        return self._last
+
+    @property
     def graph(self):
-        return self._last[0] if self._last else None
+        return self._last.graph if self._last else None
 
     @property
     def memory(self):
         if not self._last:
             return None
-        p = self._last[1].plan
-        state = sum(v.nbytes for v in self._last[0].state)
+        p = self._last.plan
+        state = sum(v.nbytes for v in self._last.graph.state)
         return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes, state)
 
-    def _forward_graph(self, shape, has_targets):
-        key = (shape, has_targets)
-        if key in self._traces:
-            self._traces.move_to_end(key)
-            return self._traces[key]
-        names = {id(p): n for n, p in self.model.parameters().items()}
-        inputs = [("idx", shape, np.int64)] + ([("targets", shape, np.int64)] if has_targets else [])
+    def _forward_for(self, signature):
+        """GPT-2's forward as the compiler traces it: idx (and targets) -> logits (and loss), or,
+        for a signature with state, idx and start over the KV cache -> the last logits."""
+        if not signature.state:
+            def forward(idx, targets=None):
+                logits, loss = self.model.forward(idx, targets)
+                return {"logits": logits, "loss": loss}
+            return forward
+        names = [name for name, _, _ in signature.state]
 
-        def forward(idx, targets=None):
-            logits, loss = self.model.forward(idx, targets)
-            return {"logits": logits, "loss": loss}
+        def cached_forward(idx, start, *cache):
+            logits, _ = self.model.forward(idx, None, dict(zip(names, cache)), start)
+            return {"logits": logits}
+        return cached_forward
 
-        with autocasting(self.autocast):
-            graph = trace(forward, inputs, names)
-        self.trace_count += 1
-        self._traces[key] = graph
-        if len(self._traces) > self.max_plans:
-            self._traces.popitem(last=False)
-        return graph
+    @staticmethod
+    def _signature(shape, has_targets):
+        ids = ("idx", tuple(shape), np.int64)
+        return Signature((ids, ("targets", tuple(shape), np.int64)) if has_targets else (ids,))
 
     def decoder(self, batch_size):
         """The prefill/decode plans for batch_size rows and their KV cache, made on first use."""
@@ -217,64 +214,29 @@ class CompiledModel(Generation):
             self._decoders[batch_size] = Decoder(self, batch_size)
         return self._decoders[batch_size]
 
-    def _cached_graph(self, shape):
-        """The forward with a KV cache, traced for ids of `shape`: inputs idx and start, the
-        cache as state."""
-        key = (shape, "cache")
-        if key in self._traces:
-            self._traces.move_to_end(key)
-            return self._traces[key]
-        names = {id(p): n for n, p in self.model.parameters().items()}
-        state = [(name, s, self.dtype) for name, s in cache_shapes(self.config, shape[0]).items()]
-
-        def forward(idx, start, *cache):
-            logits, _ = self.model.forward(idx, None, dict(zip([n for n, _, _ in state], cache)),
-                                           start)
-            return {"logits": logits}
-
-        with autocasting(self.autocast):
-            graph = trace(forward, [("idx", shape, np.int64), ("start", (), np.int64)], names,
-                          state)
-        self.trace_count += 1
-        self._traces[key] = graph
-        if len(self._traces) > self.max_plans:
-            self._traces.popitem(last=False)
-        return graph
-
     def _cached_executable(self, shape, cache):
         """The plan for ids of `shape` over `cache`. Under autocast its GEMMs read the weights'
         bf16 copies (half the bytes a decode step streams); activations stay float32."""
-        def make():
-            graph = fuse(prune(self._cached_graph(shape)))
-            if self.autocast is not None:
-                graph = bf16_weights(graph)
-            return graph, Executable(graph, plan_buffers(graph), self.decode_table, cache)
-        return self._plan((shape, "cache"), make)
+        state = tuple((name, s, self.dtype)
+                      for name, s in cache_shapes(self.config, shape[0]).items())
+        signature = Signature((("idx", tuple(shape), np.int64), ("start", (), np.int64)), state)
+        return self._run_program(self.compiler.program(
+            signature, "decode", inference_passes(self.autocast, activations=False),
+            table=self.decode_table, state=cache))
 
     def _executable(self, shape, has_targets, training):
-        def make():
-            forward = self._forward_graph(shape, has_targets)
-            if training:
-                graph = accumulate_gradients(fuse(joint_graph(forward)), grad_name)
-            else:
-                graph = fuse(prune(forward))
-            if self.autocast is not None:
-                graph = bf16_activations(bf16_weights(graph))
-            plan = plan_buffers(graph, forward_only_outputs=("logits",) if training else ())
-            return graph, Executable(graph, plan, self.table)
-        return self._plan((shape, has_targets, training), make)
-
-    def _plan(self, key, make):
-        """The (graph, Executable) cached under key, made by make() on a miss (least recently used
-        out past max_plans); its parameters rebound if they moved."""
-        if key in self._plans:
-            self._plans.move_to_end(key)
+        signature = self._signature(shape, has_targets)
+        if training:
+            program = self.compiler.program(signature, "training", training_passes(self.autocast),
+                                            forward_only_outputs=("logits",))
         else:
-            self._plans[key] = make()
-            if len(self._plans) > self.max_plans:
-                self._plans.popitem(last=False)
-        self._last = self._plans[key]
-        exe = self._last[1]
+            program = self.compiler.program(signature, "forward", inference_passes(self.autocast))
+        return self._run_program(program)
+
+    def _run_program(self, program):
+        """program's Executable, made the last to run, its parameters rebound if they moved."""
+        self._last = program
+        exe = program.executable
         if exe.parameters_moved():
             exe.bind_parameters()
         return exe
@@ -300,10 +262,9 @@ class CompiledModel(Generation):
 
     def _backward(self, exe):
         self._logits.invalidate("loss.backward() wrote the gradient over them")
-        if self.grad_sync is None:
-            exe.run_backward()       # the plan adds every gradient into its Parameter's .grad
-        else:
-            self.grad_sync.run_backward(exe)
+        # The plan adds every gradient into its Parameter's .grad, and, data parallel, starts
+        # each bucket's all-reduce after the step that finishes it.
+        exe.run_backward(None if self.grad_sync is None else self.grad_sync.after_each_step(exe))
 
 
 def refresh_bf16_copies(exe):
@@ -314,12 +275,15 @@ def refresh_bf16_copies(exe):
             p.refresh_bf16()
 
 
-def compile(model, table=None, max_plans=8, autocast=None):
+def compile(model, table=None, max_plans=8, autocast=None, debug=False):
     """Wrap a GPT so each call runs a traced, planned static graph instead of the Python forward.
 
     autocast="bfloat16": every linear layer and its two backward GEMMs (the lm_head included)
     multiply bf16 operands with float32 accumulation; weights, gradients, AdamW moments, LayerNorm,
     softmax, cross-entropy and the residual stream stay float32. The GEMMs read bf16 copies of the
     weights that AdamW refreshes in its own pass (a Parameter written by hand: `mark_changed()`).
-    The eager reference is `with gpt2.autocast("bfloat16"): model(idx, targets)`."""
-    return CompiledModel(model, table=table, max_plans=max_plans, autocast=autocast)
+    The eager reference is `with gpt2.autocast("bfloat16"): model(idx, targets)`.
+
+    The compiler (tracer.pipeline) keeps up to max_plans input signatures; debug=True prints every
+    program it makes, stage by stage (`print(cm.program)` shows the last one)."""
+    return CompiledModel(model, table=table, max_plans=max_plans, autocast=autocast, debug=debug)

@@ -220,16 +220,22 @@ class GradientAllReduce:
     parameters' layout and bucket_bytes alone, so every rank issues the same collectives in the
     same order.
 
-    Only the backward of a step's last micro-batch reduces (`armed`); earlier ones accumulate.
+    Only the backward of a step's last micro-batch (of micro_steps) reduces; earlier ones
+    accumulate. The compiled model asks for the callback that does it on each backward
+    (`after_each_step`); `finish()` ends the step.
     MPI moves a non-blocking collective on only inside MPI calls, so after each backward step
     with a reduction in flight we poll it (MPI_Testall, `poll`); see bench/scaling.py for what
     that hides. The sum over ranks is not divided here: AdamW's grad_scale does that for free.
     """
 
-    def __init__(self, model, world, bucket_bytes=DEFAULT_BUCKET_BYTES, poll=True):
+    def __init__(self, model, world, bucket_bytes=DEFAULT_BUCKET_BYTES, poll=True,
+                 micro_steps=1):
         if not bucket_bytes > 0:
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes!r}")
-        self.world, self.poll = world, poll
+        if isinstance(micro_steps, bool) or not isinstance(micro_steps, int) or micro_steps < 1:
+            raise ValueError(f"micro_steps must be an integer >= 1, got {micro_steps!r}")
+        self.world, self.poll, self.micro_steps = world, poll, micro_steps
+        self._backwards = 0           # backward passes since the last finish()
         arena = model.arena
         # (start, end) element offsets into the arena's gradients and the names of the parameters
         # in between: consecutive slots up to bucket_bytes, or one alone if it is larger.
@@ -242,7 +248,6 @@ class GradientAllReduce:
             else:
                 self.buckets.append((slot.offset, slot.end, [slot.name]))
         self.views = [arena.grad[lo:hi] for lo, hi, _ in self.buckets]
-        self.armed = False
         self._requests, self._started = [], set()
         self._schedules = weakref.WeakKeyDictionary()
         self.mpi_seconds = 0.0        # time this rank spent inside the MPI calls below
@@ -263,14 +268,16 @@ class GradientAllReduce:
             self._schedules[exe] = starts
         return self._schedules[exe]
 
-    def run_backward(self, exe):
-        """Run exe's backward steps; if armed, start each bucket's all-reduce where it is final."""
-        if not self.armed:
-            exe.run_backward()
-            return
+    def after_each_step(self, exe):
+        """For a backward of exe about to run: the callback after each of its steps, which starts
+        each bucket's all-reduce once it is final and polls those in flight, or None for a
+        micro-step before the last (its gradients only accumulate)."""
+        self._backwards += 1
+        if self._backwards < self.micro_steps:
+            return None
         starts = self.schedule(exe)
-        for i, (fn, args, kw) in enumerate(exe.steps[exe.n_forward_steps:]):
-            fn(*args, **kw)
+
+        def after_step(i):
             if i in starts:
                 for b in starts[i]:
                     self._start(b)
@@ -279,6 +286,7 @@ class GradientAllReduce:
                 if self.world.test_all(self._requests):
                     self._requests = []
                 self.mpi_seconds += time.perf_counter() - t
+        return after_step
 
     def _start(self, b):
         t = time.perf_counter()
@@ -297,4 +305,4 @@ class GradientAllReduce:
         dt = time.perf_counter() - t
         self.wait_seconds += dt
         self.mpi_seconds += dt
-        self._requests, self._started = [], set()
+        self._requests, self._started, self._backwards = [], set(), 0

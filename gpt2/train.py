@@ -250,7 +250,8 @@ def _train(cfg, world):
     global_batch = cfg.batch_size * micro_steps * ranks
     grads = None
     if ranks > 1:
-        grads = distributed.GradientAllReduce(model, world, int(cfg.bucket_mb * 2**20))
+        grads = distributed.GradientAllReduce(model, world, int(cfg.bucket_mb * 2**20),
+                                              micro_steps=micro_steps)
         if not cfg.eager:
             run.grad_sync = grads
         _say(quiet, f"data parallel: {ranks} ranks, {world.threads} thread(s) each ("
@@ -283,11 +284,9 @@ def _train(cfg, world):
             opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
             x, y = data_mod.get_batch(train_data, global_batch, cfg.block_size, rng)
             loss_sum = 0.0
-            for k, (xs, ys) in enumerate(micro_batches(x, y, cfg, world)):
+            for xs, ys in micro_batches(x, y, cfg, world):
                 _, loss = run(xs, ys)
                 loss_sum += loss.item()
-                if grads is not None:
-                    grads.armed = k == micro_steps - 1     # earlier micro-steps only accumulate
                 loss.backward()
             if grads is not None:
                 grads.finish()                               # before the optimiser reads .grad

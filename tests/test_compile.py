@@ -353,7 +353,7 @@ def test_trace_once_per_shape_and_cache_bound():
     assert cm.trace_count == 3
     cm(idx, idx)
     assert cm.trace_count == 4
-    assert len(cm._plans) <= 2
+    assert len(cm.compiler) <= 2
 
 
 def test_new_shape_gives_right_answer():
@@ -417,7 +417,7 @@ def test_small_config_memory_plan_halves_naive():
     idx = np.zeros((12, 64), np.int64)
     cm(idx, idx)                                  # the plan a training step really runs
     from gpt2_jit.tracer.schedule import check_plan
-    check_plan(cm._last[1].plan)
+    check_plan(cm.program.plan)
     assert cm.memory.planned_bytes <= 0.5 * cm.memory.naive_bytes
     assert 0 < cm.memory.held_bytes < cm.memory.planned_bytes
 
@@ -456,7 +456,7 @@ def test_fusion_merges_pairs_and_keeps_results(bias):
     cfg = tiny_config(n_layer=3, bias=bias)
     model = gpt2.GPT(cfg, dtype="float64", seed=2)
     cm = gpt2.compile(model)
-    joint = joint_graph(cm._forward_graph((2, 6), True))
+    joint = joint_graph(cm.compiler.trace(cm._signature((2, 6), True)))
     fused = fuse(joint)
     before, after = joint.op_counts(), fused.op_counts()
     assert after["linear_gelu"] == before["gelu"] == 3 and "gelu" not in after
@@ -508,7 +508,7 @@ def test_training_and_decoding_arrays_start_on_cache_lines():
     _, loss = cm(idx, idx)
     loss.backward()
     opt.step()
-    exe = cm._last[1]
+    exe = cm.program.executable
     arrays = [model.flat_data, model.flat_grad, *opt.exp_avg, *opt.exp_avg_sq, exe.arena,
               *exe.inputs.values(), *cm.decoder(2).cache.values()]
     arrays += [p.data for p in model.parameters().values()]

@@ -99,9 +99,9 @@ def test_cache_is_state_the_plans_own_and_write_in_place():
     dec = cm.decoder(2)
     seq = prompt(2, 7)
     dec.prefill(seq[:, :5])
-    prefill_graph, prefill_exe = cm._last
+    prefill_graph, prefill_exe = cm.program.graph, cm.program.executable
     dec.step(seq[:, 5:6])
-    graph, exe = cm._last
+    graph, exe = cm.program.graph, cm.program.executable
     shapes = cache_shapes(model.config, 2)
     assert [(v.name, v.shape) for v in graph.state] == list(shapes.items())
     # Both plans run over the decoder's own arrays: nothing is copied between them.
@@ -150,12 +150,12 @@ def test_generation_plans_run_the_decode_table_unless_told_otherwise():
     for table, want in ((None, kernels.DECODE), (kernels.REFERENCE, kernels.REFERENCE)):
         cm = gpt2.compile(model, table=table)
         cm.decoder(1).prefill(prompt(1, 3))
-        steps = {node.op.name: fn for (fn, _, _), node in zip(cm._last[1].steps,
-                                                             cm._last[1].step_nodes)}
+        exe = cm.program.executable
+        steps = {node.op.name: fn for (fn, _, _), node in zip(exe.steps, exe.step_nodes)}
         assert steps["linear"] is want["linear"] and steps["kv_write"] is want["kv_write"]
         cm(prompt(1, 3))                      # a plain forward keeps the table it was given
-        steps = {node.op.name: fn for (fn, _, _), node in zip(cm._last[1].steps,
-                                                             cm._last[1].step_nodes)}
+        exe = cm.program.executable
+        steps = {node.op.name: fn for (fn, _, _), node in zip(exe.steps, exe.step_nodes)}
         assert steps["linear"] is (kernels.COMPILED if table is None else table)["linear"]
     assert kernels.DECODE["linear"] is not kernels.COMPILED["linear"]
 

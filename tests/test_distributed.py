@@ -92,7 +92,7 @@ def training_executable(model, batch=2):
     cm = gpt2.compile(model)
     x = np.random.default_rng(0).integers(0, CFG.vocab_size, (batch, CFG.block_size))
     _, loss = cm(x, x)
-    return cm, loss, cm._last[1]
+    return cm, loss, cm.program.executable
 
 
 def final_steps_in_memory_order(model, exe):
@@ -165,7 +165,6 @@ def test_buckets_tile_the_gradient_and_start_once_final():
 
     cm, loss, exe = training_executable(model)
     cm.grad_sync = sync
-    sync.armed = True
     loss.backward()
     sync.finish()
     assert len(world.started) == len(sync.buckets)
@@ -187,21 +186,27 @@ def test_bucket_check_catches_an_early_start(monkeypatch):
                         lambda self, exe: {i - 1: b for i, b in real(self, exe).items()})
     cm, loss, _ = training_executable(model)
     cm.grad_sync = sync
-    sync.armed = True
     loss.backward()
     assert any(not np.array_equal(at_start, buf) for buf, at_start in world.started)
 
 
-def test_only_the_armed_backward_reduces_and_finish_reduces_the_rest():
+def test_only_the_last_micro_step_reduces_and_finish_reduces_the_rest():
     model = gpt2.GPT(CFG, dtype="float64")
     world = RecordingWorld()
-    sync = distributed.GradientAllReduce(model, world, bucket_bytes=4096)
+    sync = distributed.GradientAllReduce(model, world, bucket_bytes=4096, micro_steps=2)
     cm, loss, _ = training_executable(model)
     cm.grad_sync = sync
-    loss.backward()                               # not armed: an earlier micro-step
+    loss.backward()                               # the first of two micro-steps: accumulates
     assert world.started == []
     sync.finish()                                 # the eager engine's way: all buckets at once
     assert len(world.started) == len(sync.buckets)
+    for _ in range(2):                            # a step of two micro-steps: the second reduces
+        x = np.random.default_rng(1).integers(0, CFG.vocab_size, (2, CFG.block_size))
+        _, loss = cm(x, x)
+        loss.backward()
+    assert len(world.started) == 2 * len(sync.buckets)
+    sync.finish()
+    assert len(world.started) == 2 * len(sync.buckets)
 
 
 def test_micro_batches_are_the_rank_and_step_slices_of_the_global_batch():

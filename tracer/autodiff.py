@@ -7,7 +7,7 @@ what the outputs and the requested gradients need.
 """
 import numpy as np
 
-from gpt2_jit.tracer.graph import Graph, prune
+from gpt2_jit.tracer.graph import prune
 from gpt2_jit.tracer.ops import bind1, interpreting
 from gpt2_jit.tracer.trace import TraceInterpreter
 
@@ -21,10 +21,8 @@ def joint_graph(forward, loss_name="loss"):
     loss = forward.outputs[loss_name]
     if loss.shape != ():
         raise ValueError(f"autodiff needs a scalar loss, got shape {loss.shape}")
-    g = Graph()
-    g._next_id = forward._next_id
-    g.inputs, g.params, g.consts = list(forward.inputs), list(forward.params), list(forward.consts)
-    g.nodes = list(forward.nodes)
+    # Copies of the lists the backward's tracing appends to (nodes, constants).
+    g = forward.with_nodes(list(forward.nodes), consts=list(forward.consts))
 
     wrt = {v.id for v, _ in forward.params}
     needs_grad = set(wrt)

@@ -8,7 +8,7 @@ Fused nodes take the producer's place, which is valid because every input of the
 there and nothing between the two reads the intermediate. Output Values are kept, so consumers
 (including backward nodes) need no rewiring.
 """
-from gpt2_jit.tracer.graph import Graph, Node
+from gpt2_jit.tracer.graph import Node
 from gpt2_jit.tracer.ops import OPS
 
 
@@ -44,13 +44,8 @@ def fuse(graph):
         else:
             continue
         removed.add(j)
-    g = Graph()
-    g._next_id = graph._next_id
-    g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, graph.grads
-    g.state = graph.state
-    g.outputs = graph.outputs
-    g.nodes = [replaced.get(i, n) for i, n in enumerate(graph.nodes) if i not in removed]
-    return g
+    return graph.with_nodes([replaced.get(i, n) for i, n in enumerate(graph.nodes)
+                             if i not in removed])
 
 
 # op -> its accumulating form and the outputs that form adds into .grad buffers instead of
@@ -124,13 +119,9 @@ def accumulate_gradients(graph, grad_output_name):
             added.setdefault(i, []).extend(
                 Node(OPS["add_acc"], [target, g], [], {}, phase=n.phase)
                 for target, g in claims.values())
-    g = Graph()
-    g._next_id = graph._next_id
-    g.inputs, g.params, g.consts, g.grads = graph.inputs, graph.params, graph.consts, grads
-    g.outputs = outputs
-    g.nodes = []
+    nodes = []
     for i, n in enumerate(graph.nodes):
         if i not in removed:
-            g.nodes.append(replaced.get(i, n))
-        g.nodes.extend(added.get(i, ()))
-    return g
+            nodes.append(replaced.get(i, n))
+        nodes.extend(added.get(i, ()))
+    return graph.with_nodes(nodes, grads=grads, outputs=outputs)

@@ -100,14 +100,12 @@ class Graph:
         return v
 
     def with_nodes(self, nodes, **fields):
-        """A copy of this graph with other nodes and, by keyword, other inputs, params, grads,
-        consts, state or outputs (passes build graphs this way instead of changing one)."""
-        g = Graph()
-        g._next_id = self._next_id
-        g.inputs, g.params, g.grads = self.inputs, self.params, self.grads
-        g.consts, g.state, g.outputs = self.consts, self.state, self.outputs
-        for name, value in fields.items():
-            setattr(g, name, value)
+        """A copy of this graph with other nodes and, by keyword, other values of its fields
+        (inputs, params, grads, consts, state, outputs, ...). Every pass builds its result this
+        way, so a field it does not touch, including one added later, is carried over."""
+        g = Graph.__new__(Graph)
+        g.__dict__.update(self.__dict__)
+        g.__dict__.update(fields)
         g.nodes = nodes
         return g
 
@@ -177,13 +175,9 @@ def prune(graph, output_names=None):
         if any(o.id in live for o in n.outputs) or n.op.writes:
             kept.append(n)
             live.update(v.id for v in n.inputs)
-    g = Graph()
-    g._next_id = graph._next_id
-    g.inputs = [v for v in graph.inputs if v.id in live or v.kind == "input"]
-    g.params = [(v, p) for v, p in graph.params if v.id in live]
-    g.grads = [(v, p) for v, p in graph.grads if v.id in live]
-    g.consts = [v for v in graph.consts if v.id in live]
-    g.state = list(graph.state)
-    g.nodes = kept[::-1]
-    g.outputs = outputs
-    return g
+    return graph.with_nodes(
+        kept[::-1], outputs=outputs,
+        inputs=[v for v in graph.inputs if v.id in live or v.kind == "input"],
+        params=[(v, p) for v, p in graph.params if v.id in live],
+        grads=[(v, p) for v, p in graph.grads if v.id in live],
+        consts=[v for v in graph.consts if v.id in live])

@@ -78,19 +78,34 @@ class Executable:
         """True when a Parameter's .data or .grad array was replaced since the steps were built."""
         return any(a is not b for a, b in zip(self._parameter_arrays(), self._bound_params))
 
-    def run_forward(self):
-        for fn, args, kw in self.steps[:self.n_forward_steps]:
-            fn(*args, **kw)
+    def run_forward(self, after_step=None):
+        """Run the forward phase; after_step(i), if given, is called after its step i."""
+        _run(self.steps[:self.n_forward_steps], after_step)
 
-    def run_backward(self):
-        for fn, args, kw in self.steps[self.n_forward_steps:]:
-            fn(*args, **kw)
+    def run_backward(self, after_step=None):
+        """Run the backward phase; after_step(i) as for run_forward (i counts from its start)."""
+        _run(self.steps[self.n_forward_steps:], after_step)
 
     def run_profiled(self):
         """Run forward and backward once, timing every kernel call: [(node, seconds)]."""
         timings = []
-        for (fn, args, kw), node in zip(self.steps, self.step_nodes):
-            t0 = time.perf_counter()
-            fn(*args, **kw)
-            timings.append((node, time.perf_counter() - t0))
+        for phase, nodes in ((self.run_forward, self.step_nodes[:self.n_forward_steps]),
+                             (self.run_backward, self.step_nodes[self.n_forward_steps:])):
+            last = [time.perf_counter()]
+
+            def lap(i, nodes=nodes, last=last):
+                now = time.perf_counter()
+                timings.append((nodes[i], now - last[0]))
+                last[0] = now
+            phase(lap)
         return timings
+
+
+def _run(steps, after_step):
+    if after_step is None:
+        for fn, args, kw in steps:
+            fn(*args, **kw)
+        return
+    for i, (fn, args, kw) in enumerate(steps):
+        fn(*args, **kw)
+        after_step(i)
