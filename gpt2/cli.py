@@ -166,7 +166,11 @@ def build_parser():
     pt.add_argument("--eval-batches", type=int, default=8)
     pt.add_argument("--seed", type=int, default=1337)
     pt.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    pt.add_argument("--gelu", default="tanh", choices=["tanh", "erf"])
+    pt.add_argument("--gelu", default=None, choices=["tanh", "erf"],
+                    help="tanh (GPT-2's, the default from scratch) or erf (nanoGPT's)")
+    pt.add_argument("--init-from", default=None, metavar="PATH",
+                    help="start from pretrained weights: a Hugging Face GPT-2 directory, a "
+                         "nanoGPT ckpt.pt or our checkpoint (the optimiser starts fresh)")
     pt.add_argument("--autocast", default=None, choices=["bfloat16"],
                     help="bf16 GEMM operands with float32 accumulation and master weights")
     pt.add_argument("--eager", action="store_true", help="run the NumPy reference engine")

@@ -9,6 +9,7 @@ gpt2.arena.ParameterArena), in the order the backward finishes the gradients: Ad
 pass, zero_grad is one memset, and a data-parallel all-reduce bucket is one contiguous slice whose
 gradients are final at one point of the backward.
 """
+import dataclasses
 import math
 import numbers
 
@@ -116,6 +117,19 @@ class GPT(Pretrained, Generation):
         for name, p in self._params.items():
             p.data[...] = state[name]
             p.mark_changed()
+
+    def crop_block_size(self, block_size):
+        """A copy of this model with its first block_size positions only (nanoGPT's
+        crop_block_size): for fine-tuning a pretrained model on shorter sequences."""
+        if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) \
+                or not 1 <= block_size <= self.config.block_size:
+            raise ValueError(f"block_size must be an integer in [1, {self.config.block_size}], "
+                             f"got {block_size!r}")
+        cropped = GPT(dataclasses.replace(self.config, block_size=int(block_size)), self.dtype)
+        state = self.state_dict()
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+        cropped.load_state_dict(state)
+        return cropped
 
     def bf16_copies(self):
         """Give every parameter a bf16 copy of its data, laid out as flat_data, so the

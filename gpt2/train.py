@@ -57,6 +57,10 @@ PRESETS = {
 }
 
 
+# The options that give a model its shape: a preset's, or a pretrained model's with init_from.
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size")
+
+
 class NonFiniteError(RuntimeError):
     """A non-finite loss or gradient norm: decided on values every rank shares, so every rank
     raises it at the same step."""
@@ -85,8 +89,9 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "float32"
     autocast: str = None
-    vocab_size: int = 50304
-    gelu: str = "tanh"
+    vocab_size: int = None       # 50304 from scratch; a pretrained model's own with init_from
+    gelu: str = None             # "tanh" from scratch
+    init_from: str = None        # a Hugging Face directory, nanoGPT ckpt.pt or our checkpoint
     eager: bool = False
     resume: bool = False
     skip_nonfinite: bool = False
@@ -108,8 +113,12 @@ class TrainConfig:
         if not (isinstance(self.bucket_mb, (int, float)) and self.bucket_mb > 0):
             raise ValueError(f"--bucket-mb must be a number > 0, got {self.bucket_mb!r}")
         for key, value in PRESETS[self.preset].items():
-            if getattr(self, key) is None:
+            # A pretrained model brings its own shape (checked against these in _pretrained).
+            if getattr(self, key) is None and not (self.init_from and key in SHAPE):
                 setattr(self, key, value)
+        if self.init_from is None:
+            self.vocab_size = 50304 if self.vocab_size is None else self.vocab_size
+            self.gelu = "tanh" if self.gelu is None else self.gelu
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         for key in ("steps", "eval_interval", "eval_batches", "batch_size"):
@@ -209,7 +218,8 @@ def _output_directory(out_dir, world):
 def _start(cfg, ckpt_path, quiet):
     """The model, its optimiser, the two batch RNGs, the step and the history: fresh, or as
     the checkpoint left them with --resume."""
-    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
+    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed) if cfg.init_from is None \
+        else _pretrained(cfg, quiet)
     opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
     # Two streams: training batches, and the validation batches, so that how often the run
@@ -229,6 +239,30 @@ def _start(cfg, ckpt_path, quiet):
     return model, opt, rng, val_rng, step, extra.get("history", [])
 
 
+def _pretrained(cfg, quiet):
+    """The model at cfg.init_from (weights only), cropped to --block-size if that is smaller.
+    Fills cfg's shape options in from it; one it contradicts is a ValueError naming both."""
+    model = GPT.from_pretrained(cfg.init_from, dtype=cfg.dtype)
+    source = model.config
+    for key in ("n_layer", "n_head", "n_embd", "vocab_size", "gelu"):
+        given, theirs = getattr(cfg, key), getattr(source, key)
+        if given is not None and given != theirs:
+            raise ValueError(f"--{key.replace('_', '-')} {given!r} contradicts --init-from "
+                             f"{cfg.init_from!r}, whose {key} is {theirs!r}")
+        setattr(cfg, key, theirs)
+    if cfg.block_size is None:
+        cfg.block_size = source.block_size
+    elif cfg.block_size > source.block_size:
+        raise ValueError(f"--block-size {cfg.block_size} exceeds the {source.block_size} "
+                         f"positions of --init-from {cfg.init_from!r}: a pretrained model's "
+                         "block can be cropped, not grown")
+    elif cfg.block_size < source.block_size:
+        model = model.crop_block_size(cfg.block_size)
+    _say(quiet, f"initialised from {cfg.init_from} (block {source.block_size}"
+                f"{f', cropped to {cfg.block_size}' if cfg.block_size < source.block_size else ''})")
+    return model
+
+
 def _train(cfg, world):
     main = world.rank == 0
     quiet = cfg.quiet or not main
@@ -239,12 +273,11 @@ def _train(cfg, world):
         distributed.check_same_run(
             world, {k: v for k, v in vars(cfg).items() if k != "history"},
             [os.path.join(cfg.data_dir, f"{split}.bin") for split in data_mod.SPLITS])
+    model, opt, rng, val_rng, step, history = _start(cfg, ckpt_path, quiet)
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < cfg.block_size + 1:
             raise ValueError(f"the {name} split of {cfg.data_dir!r} has {len(split)} tokens, "
                              f"fewer than block_size + 1 = {cfg.block_size + 1}")
-
-    model, opt, rng, val_rng, step, history = _start(cfg, ckpt_path, quiet)
     run = _engine(model, cfg)
     micro_steps, ranks = cfg.grad_accum, world.size
     global_batch = cfg.batch_size * micro_steps * ranks

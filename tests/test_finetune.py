@@ -1,0 +1,117 @@
+"""Fine-tuning from pretrained weights: `python -m gpt2 train --init-from PATH` on a checkpoint
+transformers wrote, its first loss transformers' own, the result exported back to transformers."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import gpt2
+from gpt2 import cli
+from gpt2 import data as data_mod
+from gpt2 import train as train_mod
+from test_cli import corpus  # noqa: F401
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A small GPT-2 of GPT-2's vocabulary and 32 positions, written by transformers."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=50257, n_positions=32, n_embd=16, n_layer=2,
+                                     n_head=2, initializer_range=0.1)
+    path = tmp_path_factory.mktemp("hf-gpt2")
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    return path
+
+
+def finetune(corpus, out_dir, pretrained, **kw):
+    options = dict(data_dir=str(corpus), out_dir=str(out_dir), init_from=str(pretrained),
+                   dtype="float64", batch_size=2, steps=3, lr=1e-3, warmup=0, eval_interval=100,
+                   eval_batches=1, quiet=True, sample_tokens=0)
+    options.update(kw)
+    return train_mod.TrainConfig(**options)
+
+
+def hf_loss(pretrained, x, y):
+    model = transformers.GPT2LMHeadModel.from_pretrained(pretrained, dtype=torch.float64).eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x)).logits
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                   torch.from_numpy(y).reshape(-1)))
+
+
+def test_first_loss_is_transformers_and_the_export_reads_back(corpus, pretrained, tmp_path):
+    cfg = finetune(corpus, tmp_path / "run", pretrained, block_size=16)
+    history = train_mod.train(cfg)
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 16, 50257)
+    assert cfg.block_size == 16                                  # cropped from 32
+    x, y = data_mod.get_batch(data_mod.load_split(str(corpus), "train"), 2, 16,
+                              np.random.default_rng(cfg.seed))
+    want = hf_loss(pretrained, x, y)
+    assert abs(history[0]["loss"] - want) <= 1e-6 * want
+    assert history[-1]["loss"] != history[0]["loss"]
+    # Fine-tuned, exported, and read by transformers: the same logits as ours.
+    assert cli.main(["export", "--ckpt", str(tmp_path / "run" / "ckpt.bin"), "--out",
+                     str(tmp_path / "hf"), "--dtype", "float64"]) == 0
+    ours = gpt2.GPT.from_pretrained(tmp_path / "run" / "ckpt.bin", dtype="float64")
+    with gpt2.no_grad():
+        mine = ours(x)[0].data
+    back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf", dtype=torch.float64)
+    with torch.no_grad():
+        theirs = back.eval()(torch.from_numpy(x)).logits.numpy()
+    assert np.max(np.abs(mine - theirs)) <= 1e-10 * np.max(np.abs(theirs))
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["n_positions"] == 16
+
+
+def test_the_command_line_trains_from_a_pretrained_model(corpus, pretrained, tmp_path, capsys):
+    code = cli.main(["train", "--init-from", str(pretrained), "--data-dir", str(corpus),
+                     "--out-dir", str(tmp_path), "--steps", "2", "--batch-size", "2",
+                     "--eval-interval", "2", "--eval-batches", "1", "--sample-tokens", "0"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert f"initialised from {pretrained} (block 32)" in printed
+    assert "2 layers, 2 heads, width 16, block 32" in printed
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("block_size", 64, "--block-size 64 exceeds the 32 positions"),
+    ("n_layer", 3, "--n-layer 3 contradicts --init-from"),
+    ("n_embd", 32, "--n-embd 32 contradicts"),
+    ("gelu", "erf", "--gelu 'erf' contradicts"),
+])
+def test_an_option_against_the_source_is_refused(corpus, pretrained, tmp_path, option, value,
+                                                  message):
+    with pytest.raises(ValueError, match=message):
+        train_mod.train(finetune(corpus, tmp_path, pretrained, **{option: value}))
+
+
+def test_a_bad_source_is_refused_by_name(corpus, pretrained, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        train_mod.train(finetune(corpus, tmp_path / "a", tmp_path / "nowhere"))
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="cannot read a JSON config"):
+        train_mod.train(finetune(corpus, tmp_path / "b", damaged))
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type 'llama' is not 'gpt2'"):
+        train_mod.train(finetune(corpus, tmp_path / "c", other))
+
+
+def test_crop_block_size_keeps_the_first_positions(pretrained):
+    model = gpt2.GPT.from_pretrained(pretrained, dtype="float64")
+    cropped = model.crop_block_size(8)
+    assert cropped.config.block_size == 8 and model.config.block_size == 32
+    np.testing.assert_array_equal(cropped.parameters()["transformer.wpe.weight"].data,
+                                  model.parameters()["transformer.wpe.weight"].data[:8])
+    ids = np.arange(16).reshape(2, 8)
+    with gpt2.no_grad():
+        np.testing.assert_array_equal(cropped(ids)[0].data, model(ids)[0].data)
+    for bad in (0, 33, 2.5):
+        with pytest.raises(ValueError, match="block_size must be an integer"):
+            model.crop_block_size(bad)
