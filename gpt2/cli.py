@@ -153,7 +153,8 @@ def build_parser():
 
     pt = sub.add_parser("train", help="train a model (compiled unless --eager)")
     pt.add_argument("--preset", default="default",
-                    help="default (what `python -m gpt2` trains), tiny, small or gpt2-124M")
+                    help="default (what `python -m gpt2` trains), tiny, small, gpt2-124M (from "
+                         "scratch); gpt2, gpt2-medium, gpt2-large, gpt2-xl (fine-tuning)")
     pt.add_argument("--data-dir", default=DEFAULT_DATA)
     pt.add_argument("--out-dir", default="out")
     for name, kind in (("n_layer", int), ("n_head", int), ("n_embd", int), ("block_size", int),
@@ -179,7 +180,7 @@ def build_parser():
                     help="skip steps whose loss or gradient norm is NaN/Inf instead of stopping")
     pt.add_argument("--sample-tokens", type=int, default=120)
     pt.add_argument("--quiet", action="store_true")
-    pt.add_argument("--grad-accum", type=int, default=1,
+    pt.add_argument("--grad-accum", type=int, default=None,
                     help="micro-batches of --batch-size per optimiser step (and per process)")
     pt.add_argument("--global-batch", type=int, default=None,
                     help="sequences per optimiser step over all processes and micro-steps: sets "

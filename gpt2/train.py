@@ -21,6 +21,7 @@ The logged loss is the mean over the global batch, validation splits its batches
 and rank 0 alone writes the checkpoint, history.json and loss.png.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -34,7 +35,9 @@ from gpt2 import data as data_mod
 from gpt2 import distributed
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
 from gpt2.compile import compile as compile_model
+from gpt2.config import parameter_shapes
 from gpt2.files import atomic_write
+from gpt2.loading import hf_config
 from gpt2.model import GPT, GPTConfig
 from gpt2.optim import AdamW, cosine_lr
 from gpt2.rundir import RunLock
@@ -55,6 +58,16 @@ PRESETS = {
     "gpt2-124M": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=4,
                       steps=5000, lr=6e-4, warmup=200),
 }
+# GPT-2's four sizes, for fine-tuning (with --init-from, whose shape then wins), on the schedule
+# of nanoGPT's finetune_shakespeare: a small constant learning rate, 20 steps of 32 sequences.
+GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
+              "gpt2-xl": (48, 25, 1600)}
+PRESETS.update({name: dict(n_layer=layers, n_head=heads, n_embd=width, block_size=1024,
+                           batch_size=1, grad_accum=32, steps=20, lr=3e-5, min_lr=3e-5, warmup=0)
+                for name, (layers, heads, width) in GPT2_SIZES.items()})
+# Values per token and layer that the planned arena of a training step holds beside the logits,
+# in units of the width: 16.3-17.6 measured over plan_buffers' GPT-2 plans (tiny to 124M).
+ARENA_VALUES_PER_LAYER = 18
 
 
 # The options that give a model its shape: a preset's, or a pretrained model's with init_from.
@@ -97,7 +110,7 @@ class TrainConfig:
     skip_nonfinite: bool = False
     sample_tokens: int = 120
     quiet: bool = False
-    grad_accum: int = 1
+    grad_accum: int = None       # 1 unless the preset says otherwise
     global_batch: int = None     # if set, batch_size = global_batch / (grad_accum x world size)
     bucket_mb: float = distributed.DEFAULT_BUCKET_BYTES / 2**20
     history: list = field(default_factory=list)
@@ -106,6 +119,8 @@ class TrainConfig:
         """Fill unset fields from the preset; validate. The world size is the launcher's."""
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        if self.grad_accum is None:
+            self.grad_accum = PRESETS[self.preset].get("grad_accum", 1)
         if not _is_int(self.grad_accum) or self.grad_accum < 1:
             raise ValueError(f"--grad-accum must be an integer >= 1, got {self.grad_accum!r}")
         if self.global_batch is not None:
@@ -218,8 +233,11 @@ def _output_directory(out_dir, world):
 def _start(cfg, ckpt_path, quiet):
     """The model, its optimiser, the two batch RNGs, the step and the history: fresh, or as
     the checkpoint left them with --resume."""
-    model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed) if cfg.init_from is None \
-        else _pretrained(cfg, quiet)
+    if cfg.init_from is None:
+        check_memory(cfg.model_config(), cfg)
+        model = GPT(cfg.model_config(), dtype=cfg.dtype, seed=cfg.seed)
+    else:
+        model = _pretrained(cfg, quiet)
     opt = AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                 weight_decay=cfg.weight_decay)
     # Two streams: training batches, and the validation batches, so that how often the run
@@ -239,9 +257,63 @@ def _start(cfg, ckpt_path, quiet):
     return model, opt, rng, val_rng, step, extra.get("history", [])
 
 
+def training_bytes(model_cfg, batch_size, dtype, autocast=None):
+    """(parameter state, arena) bytes a compiled training step of this shape holds: weights,
+    gradients and AdamW's two moments (plus bf16 copies under autocast), and the planned arena,
+    the logits and ARENA_VALUES_PER_LAYER x width values per token and layer."""
+    itemsize = np.dtype(dtype).itemsize
+    n = sum(math.prod(shape) for shape in parameter_shapes(model_cfg).values())
+    state = 4 * itemsize * n + (2 * n if autocast else 0)
+    per_sequence = itemsize * model_cfg.block_size * (
+        model_cfg.vocab_size + ARENA_VALUES_PER_LAYER * model_cfg.n_embd * model_cfg.n_layer)
+    return state, batch_size * per_sequence
+
+
+def available_memory():
+    """Bytes this machine can still give a process: MemAvailable, else all of its memory."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_memory(model_cfg, cfg):
+    """Refuse, before allocating, a training run whose estimate exceeds the memory available,
+    naming the estimate and the largest batch that would fit."""
+    state, arena = training_bytes(model_cfg, cfg.batch_size, cfg.dtype, cfg.autocast)
+    free = available_memory()
+    if state + arena <= free:
+        return
+    per_sequence = arena // cfg.batch_size
+    fits = (free - state) // per_sequence if free > state else 0
+    gib = 2.0 ** 30
+    advice = (f"--batch-size {fits} (with --grad-accum for the same global batch) would fit"
+              if fits >= 1 else "no batch fits at this shape and dtype: a smaller model, a "
+              "shorter --block-size or float32 instead of float64")
+    raise ValueError(f"training {model_cfg.n_layer} layers x width {model_cfg.n_embd} at batch "
+                     f"{cfg.batch_size} x block {model_cfg.block_size} in {cfg.dtype} needs about "
+                     f"{(state + arena) / gib:.1f} GiB ({state / gib:.1f} for weights, gradients "
+                     f"and AdamW's moments, {arena / gib:.1f} for the step's activations); "
+                     f"{free / gib:.1f} GiB are available: {advice}")
+
+
+def _source_config(path):
+    """The GPTConfig of a Hugging Face directory, read without its weights (None otherwise)."""
+    config = os.path.join(path, "config.json")
+    return hf_config(config) if os.path.isdir(path) and os.path.isfile(config) else None
+
+
 def _pretrained(cfg, quiet):
     """The model at cfg.init_from (weights only), cropped to --block-size if that is smaller.
     Fills cfg's shape options in from it; one it contradicts is a ValueError naming both."""
+    source = _source_config(cfg.init_from)
+    if source is not None:
+        check_memory(dataclasses.replace(source, block_size=cfg.block_size or source.block_size),
+                     cfg)
     model = GPT.from_pretrained(cfg.init_from, dtype=cfg.dtype)
     source = model.config
     for key in ("n_layer", "n_head", "n_embd", "vocab_size", "gelu"):

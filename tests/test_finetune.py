@@ -115,3 +115,47 @@ def test_crop_block_size_keeps_the_first_positions(pretrained):
     for bad in (0, 33, 2.5):
         with pytest.raises(ValueError, match="block_size must be an integer"):
             model.crop_block_size(bad)
+
+
+def test_the_presets_have_gpt2s_shapes_and_a_fine_tuning_schedule():
+    shapes = {name: (p["n_layer"], p["n_head"], p["n_embd"], p["block_size"])
+              for name, p in train_mod.PRESETS.items() if name in train_mod.GPT2_SIZES}
+    assert shapes == {"gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024),
+                      "gpt2-large": (36, 20, 1280, 1024), "gpt2-xl": (48, 25, 1600, 1024)}
+    cfg = train_mod.TrainConfig(preset="gpt2-medium").resolve()
+    assert (cfg.lr, cfg.min_lr, cfg.grad_accum, cfg.batch_size, cfg.steps) == \
+        (3e-5, 3e-5, 32, 1, 20)
+    assert train_mod.TrainConfig(preset="gpt2-medium", grad_accum=4).resolve().grad_accum == 4
+
+
+def test_the_memory_estimate_bounds_the_plan():
+    """The estimate's parameter state is exact and its arena covers the planned one, within 25%."""
+    from gpt2_jit.tracer.pipeline import training_passes
+    from gpt2_jit.tracer.schedule import plan_buffers
+    for shape in [dict(n_layer=2, n_head=2, n_embd=64, block_size=32, vocab_size=1000),
+                  dict(n_layer=3, n_head=4, n_embd=128, block_size=16, vocab_size=4000)]:
+        config = gpt2.GPTConfig(**shape)
+        model = gpt2.GPT(config, dtype="float32")
+        cm = gpt2.compile(model)
+        graph = cm.compiler.trace(cm._signature((3, config.block_size), True))
+        for p in training_passes():
+            graph = p.run(graph)
+        planned = plan_buffers(graph, forward_only_outputs=("logits",)).arena_bytes
+        state, arena = train_mod.training_bytes(config, 3, "float32")
+        assert state == 16 * model.num_parameters()
+        assert planned <= arena <= 1.25 * planned, (planned, arena)
+
+
+@pytest.mark.parametrize("preset, batch, advice", [
+    ("gpt2-large", 4, "--batch-size 3 (with --grad-accum for the same global batch) would fit"),
+    ("gpt2-xl", 1, "no batch fits at this shape and dtype"),
+])
+def test_a_run_too_big_for_the_machine_is_refused_before_allocating(monkeypatch, tmp_path, corpus,
+                                                                      preset, batch, advice):
+    monkeypatch.setattr(train_mod, "available_memory", lambda: 24 * 2**30)
+    cfg = train_mod.TrainConfig(data_dir=str(corpus), out_dir=str(tmp_path), preset=preset,
+                                batch_size=batch, quiet=True)
+    with pytest.raises(ValueError, match="needs about") as info:
+        train_mod.train(cfg)
+    assert advice in str(info.value) and "GiB are available" in str(info.value)
+    assert not (tmp_path / "ckpt.bin").exists()
