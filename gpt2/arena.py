@@ -52,6 +52,13 @@ class ParameterArena:
             p = Parameter(self.view(self.data, name), self.view(self.grad, name))
             p.slot = self.slots[name]
             self.parameters[name] = p
+        self._views = {name: (p.data, p.grad) for name, p in self.parameters.items()}
+
+    def holds(self, p):
+        """True while Parameter p's data and grad are still its slot's views (someone may have
+        replaced either array since)."""
+        views = self._views.get(p.slot.name) if p.slot is not None else None
+        return views is not None and p.data is views[0] and p.grad is views[1]
 
     def view(self, flat, name):
         """Parameter `name`'s part of one of the flat arrays, in its shape."""
@@ -72,11 +79,11 @@ class ParameterArena:
 def runs(named):
     """(name, Parameter) pairs grouped into runs one pass can update: [(arena or None, [(name,
     Parameter)])]. The slots of a run are adjacent in their arena, in layout order; a parameter
-    outside any arena is a run of its own."""
+    outside any arena, or whose data or grad array was replaced, is a run of its own."""
     found, alone = {}, []
     for name, p in named:
         slot = getattr(p, "slot", None)
-        if slot is None:
+        if slot is None or not slot.arena.holds(p):
             alone.append((None, [(name, p)]))
         else:
             found.setdefault(slot.arena, []).append((name, p))

@@ -122,8 +122,10 @@ def _run_harness(model, args):
         from gpt2.harness import evaluate
         from lm_eval.utils import make_table
     except ImportError as e:
-        raise ValueError(f"--tasks runs EleutherAI's lm-evaluation-harness, which is not "
-                         f"installed ({e}): pip install 'gpt2-jit[eval]'") from None
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ValueError(f"--tasks runs EleutherAI's lm-evaluation-harness 0.4.10 or later, "
+                         f"which is not installed ({e}): pip install 'gpt2-jit[eval]'") from None
     tasks = [t for t in args.tasks.split(",") if t]
     results = evaluate(model, tasks, include_path=args.include_path, batch_size=args.batch_size,
                        autocast=args.autocast, limit=args.limit, num_fewshot=args.num_fewshot)

@@ -5,8 +5,9 @@
     loss.backward()                    # runs the backward part, adds into each Parameter's .grad
 
 A call without targets, or under `no_grad()`, runs a forward-only plan in which activations die as
-soon as they are read. Plans are cached per (shape, with/without targets, training or not), up to
-`max_plans`, least recently used first out.
+soon as they are read. The compiler (tracer.pipeline) caches up to `max_plans` input signatures
+(shape, with/without targets), least recently used first out; each holds its trace and the plans
+made from it (training and forward-only: up to two arenas per signature).
 
 Generation runs two more graphs traced from the same `model.forward`, with a KV cache:
 

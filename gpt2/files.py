@@ -19,22 +19,46 @@ class WriteError(OSError):
 def atomic_write(path):
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp",
+                                   dir=directory)
+        os.close(fd)
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)             # mkstemp makes it 0600; these are plain shared files
+        os.chmod(tmp, 0o666 & ~_umask())     # mkstemp's 0600 -> what open() would have given
         os.replace(tmp, path)
     except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError) and not isinstance(e, WriteError):
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        # Errors of the write itself (ENOSPC and the like name no file, or ours), not those of
+        # reading some other file inside the block.
+        if isinstance(e, OSError) and not isinstance(e, WriteError) and \
+                _names_ours(e.filename, path):
             raise WriteError(f"could not write {path!r} ({e}); the file there before, if any, "
                              "is intact") from e
         raise
     _fsync_directory(directory)
+
+
+def _names_ours(filename, path):
+    """True for an error about no file in particular, the target, its directory or one of our
+    temporary files beside it."""
+    if filename is None:
+        return True
+    where = os.path.abspath(os.fspath(filename))
+    target = os.path.abspath(path)
+    return where in (target, os.path.dirname(target)) or (
+        os.path.dirname(where) == os.path.dirname(target)
+        and os.path.basename(where).startswith(f".{os.path.basename(target)}."))
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_directory(directory):

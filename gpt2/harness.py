@@ -70,6 +70,9 @@ class HarnessLM(TemplateLM):
         for _, context, continuation in requests:
             if not continuation:
                 raise ValueError(f"loglikelihood: an empty continuation after {context!r}")
+            if len(continuation) > self.max_length:
+                raise ValueError(f"loglikelihood: a continuation of {len(continuation)} tokens "
+                                 f"is longer than block_size {self.max_length}")
             ids = (list(context) + list(continuation))[-(self.max_length + 1):]
             windows.append((ids[:-1], ids[-len(continuation):]))
         results = [None] * len(windows)
@@ -80,8 +83,9 @@ class HarnessLM(TemplateLM):
             for row, i in enumerate(batch):
                 inputs, continuation = windows[i]
                 scored = logits[row, len(inputs) - len(continuation):len(inputs)]
-                results[i] = _continuation_score(scored, continuation)
-                self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
+                results[i] = _continuation_score(scored[:, :self.encoding.n_vocab], continuation)
+                if requests[i][0] is not None:            # rolling windows have no cache key
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], results[i])
         return results
 
     def _logits(self, rows):
@@ -148,7 +152,8 @@ class HarnessLM(TemplateLM):
         logits = decoder.prefill(ids)
         new = np.empty((ids.shape[0], max_new), dtype=np.int64)
         for n in range(max_new):
-            new[:, n] = np.argmax(logits, axis=-1)
+            # Over the tokenizer's ids only: a padded vocabulary's extra rows decode to nothing.
+            new[:, n] = np.argmax(logits[:, :self.encoding.n_vocab], axis=-1)
             texts = [self.tok_decode(row[:n + 1]) for row in new]
             if all(any(stop and stop in text for stop in until) for text in texts):
                 break

@@ -5,12 +5,16 @@ holder (pid, host, start time). The kernel drops the lock when its process ends,
 ends, so a lock file left by a run that died is taken over without asking, while a second run
 started beside a live one is refused with the holder's name.
 """
+import errno
 import fcntl
 import os
 import socket
 import time
+import warnings
 
 LOCK_NAME = ".lock"
+# What flock raises where the file system does not implement it.
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP}
 
 
 class DirectoryInUse(ValueError):
@@ -34,6 +38,14 @@ class RunLock:
             raise DirectoryInUse(
                 f"output directory {os.path.dirname(self.path)!r} is in use by {holder} (lock "
                 f"{self.path}); stop that run or give this one another --out-dir") from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in _NO_FLOCK:
+                raise
+            # Lustre mounted without flock, some NFS set-ups: run, but say it is unguarded.
+            warnings.warn(f"{self.path}: this file system cannot lock ({e.strerror}); nothing "
+                          "stops a second run from using the same output directory")
+            return self
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, running since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
@@ -43,6 +55,7 @@ class RunLock:
     def __exit__(self, *exc):
         # The file stays: unlinking it could let a third run lock a new file while a second
         # one waits on the old.
-        os.close(self._fd)
-        self._fd = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         return False

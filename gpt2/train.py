@@ -5,7 +5,8 @@ Every `eval_interval` steps the validation loss is measured and a checkpoint is 
 atomically (with the states of the training and validation batch RNGs, so a resumed run draws the
 same batches and logs the same losses as an uninterrupted one).
 A non-finite loss or gradient norm stops the run with the last good checkpoint intact, or skips
-the step with `skip_nonfinite`. Ctrl-C or SIGTERM writes a final checkpoint and returns cleanly;
+the step with `skip_nonfinite`. Ctrl-C or SIGTERM during the training loop writes a final
+checkpoint and returns cleanly (before the loop, while data and plans load, they stop the run);
 a checkpoint that cannot be written stops the run with the previous one intact. One run at a
 time uses an output directory (`gpt2.rundir`).
 
@@ -427,7 +428,8 @@ def _train(cfg, world):
             else:
                 history.append(entry)
     if step < cfg.steps:
-        checkpoint()
+        if not (history and "val_loss" in history[-1] and history[-1]["step"] == step):
+            checkpoint()                         # unless the last step wrote one already
         _say(quiet, f"stopped by {interrupt.name or 'a signal to another rank'} at step {step}: "
                     f"checkpoint written to {ckpt_path}")
     if main and history:

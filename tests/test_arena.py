@@ -85,3 +85,19 @@ def test_no_module_of_gpt2_reads_an_address():
 
     assert reading("kernels")
     assert reading("gpt2") == [] and reading("tracer") == []
+
+
+def test_a_replaced_array_leaves_the_arena_and_is_still_updated():
+    """A Parameter whose data and grad were replaced (bind_parameters exists for this) runs
+    alone: AdamW updates the new arrays, not the slot it left."""
+    model = gpt2.GPT(CFG, dtype="float64")
+    p = model.parameters()["transformer.ln_f.bias"]
+    slot = p.slot
+    p.data, p.grad = p.data.copy(), np.ones_like(p.grad)
+    assert not model.arena.holds(p)
+    assert model.arena.holds(model.parameters()["transformer.wte.weight"])
+    opt = gpt2.AdamW(model.parameters(), lr=0.1, weight_decay=0.0)
+    assert sum(len(r.params) for r in opt.runs if r.arena is None) == 1
+    opt.step()
+    assert np.all(p.data < 0)                                       # it moved against its grad
+    assert np.all(model.arena.data[slot.offset:slot.end] == 0.0)    # the slot it left did not

@@ -17,7 +17,9 @@ def test_a_clean_block_replaces_the_file(tmp_path):
         assert target.read_text() == "old"              # nothing visible before the rename
     assert target.read_text() == "new"
     assert os.listdir(tmp_path) == ["out.txt"]
-    assert oct(target.stat().st_mode & 0o777) == "0o644"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask      # as open() would have made it
 
 
 @pytest.mark.parametrize("error", [RuntimeError("interrupted"), OSError(28, "No space left")])
@@ -46,3 +48,19 @@ def test_every_writer_uses_it():
             found[name] = any(s in text for s in ("mkstemp", "os.replace", "os.rename"))
     assert found.pop("files.py")
     assert not any(found.values()), [n for n, f in found.items() if f]
+
+
+def test_a_missing_directory_is_a_write_error_naming_the_file(tmp_path):
+    target = tmp_path / "absent" / "out.txt"
+    with pytest.raises(WriteError, match="absent/out.txt"):
+        with atomic_write(target):
+            pass
+
+
+def test_an_error_reading_another_file_is_not_called_a_write_error(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(FileNotFoundError) as info:
+        with atomic_write(target) as tmp:
+            open(tmp_path / "source.txt").read()
+    assert not isinstance(info.value, WriteError)
+    assert os.listdir(tmp_path) == []

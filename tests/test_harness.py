@@ -90,8 +90,50 @@ def test_generations_match_hf(results):
     ours, theirs = results
     mine, hf = _responses(ours, "tiny_generate"), _responses(theirs, "tiny_generate")
     assert mine == hf
-    # The stop sequences cut something: not every answer ran to max_gen_toks unbroken.
-    assert any(len(r[0]) < 8 for _, r in mine)
+
+
+def _generate(lm, contexts, until, max_gen_toks=8):
+    from lm_eval.api.instance import Instance
+    kwargs = {"until": until, "max_gen_toks": max_gen_toks, "do_sample": False}
+    return lm.generate_until([Instance("generate_until", {}, (c, dict(kwargs)), i)
+                              for i, c in enumerate(contexts)])
+
+
+def test_stop_sequences_cut_the_greedy_text(checkpoint):
+    """With "e" a stop, every answer is the uncut greedy text up to its first "e", and some
+    answers are cut."""
+    lm = HarnessLM(pretrained=str(checkpoint), batch_size=2)
+    contexts = ["The sky is", "Hello", "1, 2, 3,", "def f(x):"]
+    uncut = _generate(lm, contexts, [])
+    cut = _generate(lm, contexts, ["e"])
+    assert cut == [text.split("e")[0] for text in uncut]
+    assert cut != uncut
+
+
+def test_padding_ids_are_never_generated_or_scored():
+    """A vocabulary padded past GPT-2's 50257 ids (as trained here) whose padding rows would win
+    the argmax: generation still yields GPT-2 tokens, and scoring ignores the padding."""
+    model = gpt2.GPT(gpt2.GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32,
+                                    vocab_size=50304), dtype="float32", seed=3)
+    model.parameters()["transformer.wte.weight"].data[:50257] = 0.0   # real ids' logits: 0
+    model.parameters()["transformer.wte.weight"].data[50257:] = 1.0
+    model.parameters()["transformer.wte.weight"].mark_changed()
+    lm = HarnessLM(model=model)
+    assert _generate(lm, ["Hello"], [], max_gen_toks=3) == ["!!!"]     # id 0, the first maximum
+    from lm_eval.api.instance import Instance
+    [(logprob, greedy)] = lm.loglikelihood([Instance("loglikelihood", {}, ("Hello", "!"), 0)])
+    assert logprob == pytest.approx(-np.log(50257), rel=1e-6) and greedy
+
+
+def test_rolling_scores_under_lm_evals_cache(checkpoint, tmp_path):
+    """lm-eval's CachingLM (--use_cache) around ours: rolling windows have no cache key."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import CachingLM
+    lm = CachingLM(HarnessLM(pretrained=str(checkpoint)), str(tmp_path / "cache.db"))
+    text = "The quick brown fox jumps over the lazy dog. " * 8
+    first = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    again = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert first == again and first[0] < 0
 
 
 def test_metrics_equal_hf(results):
