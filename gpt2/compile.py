@@ -151,6 +151,11 @@ class CompiledModel(Generation):
         self.max_plans = max_plans
         self.compiler = Compiler(self._forward_for, model.parameters(), self.table,
                                  max_entries=max_plans, autocast=autocast, debug=debug)
+        # Made once: every call and every decoded token looks its program up with these.
+        self._passes = {"training": training_passes(autocast),
+                        "forward": inference_passes(autocast),
+                        "decode": inference_passes(autocast, activations=False)}
+        self._decode_signatures = {}     # ids shape -> Signature
         self._generation = 0
         self._last = None                # the Program that ran last
         self._logits = None
@@ -218,20 +223,23 @@ class CompiledModel(Generation):
     def _cached_executable(self, shape, cache):
         """The plan for ids of `shape` over `cache`. Under autocast its GEMMs read the weights'
         bf16 copies (half the bytes a decode step streams); activations stay float32."""
-        state = tuple((name, s, self.dtype)
-                      for name, s in cache_shapes(self.config, shape[0]).items())
-        signature = Signature((("idx", tuple(shape), np.int64), ("start", (), np.int64)), state)
+        signature = self._decode_signatures.get(shape)
+        if signature is None:
+            state = tuple((name, s, self.dtype)
+                          for name, s in cache_shapes(self.config, shape[0]).items())
+            signature = Signature((("idx", tuple(shape), np.int64), ("start", (), np.int64)),
+                                  state)
+            self._decode_signatures[shape] = signature
         return self._run_program(self.compiler.program(
-            signature, "decode", inference_passes(self.autocast, activations=False),
-            table=self.decode_table, state=cache))
+            signature, "decode", self._passes["decode"], table=self.decode_table, state=cache))
 
     def _executable(self, shape, has_targets, training):
         signature = self._signature(shape, has_targets)
         if training:
-            program = self.compiler.program(signature, "training", training_passes(self.autocast),
+            program = self.compiler.program(signature, "training", self._passes["training"],
                                             forward_only_outputs=("logits",))
         else:
-            program = self.compiler.program(signature, "forward", inference_passes(self.autocast))
+            program = self.compiler.program(signature, "forward", self._passes["forward"])
         return self._run_program(program)
 
     def _run_program(self, program):
