@@ -111,7 +111,7 @@ def save_checkpoint(path, model, opt=None, step=0, extra=None):
     arrays = [(f"param/{n}", p.data) for n, p in params.items()]
     optimizer = None
     if opt is not None:
-        state = opt.state_dict()
+        state = opt.state_dict(copy=False)
         strangers = [n for n in opt.names if n not in params]
         if strangers:
             raise ValueError(f"cannot checkpoint an optimizer over parameters the model lacks: "
@@ -254,8 +254,10 @@ def _parse(header, view, data_start, fault):
             raise fault(f"array {name!r} lies outside the data section")
         spans.append((offset, offset + nbytes, name))
         raw = view[data_start + offset:data_start + offset + nbytes]
+        # Views of the file's bytes (a copy only where the stored byte order is not native):
+        # copying every array would hold the checkpoint in memory twice.
         arrays[name] = np.frombuffer(raw, dtype=_ARRAY_DTYPES[adtype]).reshape(shape) \
-            .astype(adtype)
+            .astype(adtype, copy=False)
     spans.sort()
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
         if start < end:
@@ -358,7 +360,7 @@ def load_checkpoint(path, model, opt=None, return_extra=False):
         if differ:
             raise fault(f"optimizer parameter names {differ} differ between the file and the "
                         "optimizer")
-        current = opt.state_dict()
+        current = opt.state_dict(copy=False)
         for key in _MOMENTS:
             for name in opt.names:
                 a, b = saved[key][name], current[key][name]

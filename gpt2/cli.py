@@ -4,6 +4,7 @@ With no command at all, `python -m gpt2` is `train` on the built-in corpus: the 
 library's own source files, prepared on first use.
 """
 import argparse
+import gc
 import json
 import os
 import sys
@@ -66,6 +67,7 @@ def cmd_train(args):
             max_new_tokens=args.sample_tokens, temperature=0.8, top_k=40, seed=cfg.seed,
             dtype=cfg.dtype)
         print("--- sample ---")
+        gc.collect()           # the run's model, optimiser and plans, before the sample loads
         cmd_sample(sample_args)
     return 0
 
@@ -171,6 +173,9 @@ def build_parser():
     pt.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     pt.add_argument("--gelu", default=None, choices=["tanh", "erf"],
                     help="tanh (GPT-2's, the default from scratch) or erf (nanoGPT's)")
+    pt.add_argument("--dropout", type=float, default=None,
+                    help="dropout rate in training (0.1 for the gpt2* presets, else 0; with "
+                         "--init-from, the source's unless given)")
     pt.add_argument("--init-from", default=None, metavar="PATH",
                     help="start from pretrained weights: a Hugging Face GPT-2 directory, a "
                          "nanoGPT ckpt.pt or our checkpoint (the optimiser starts fresh)")

@@ -5,9 +5,12 @@
     loss.backward()                    # runs the backward part, adds into each Parameter's .grad
 
 A call without targets, or under `no_grad()`, runs a forward-only plan in which activations die as
-soon as they are read. The compiler (tracer.pipeline) caches up to `max_plans` input signatures
-(shape, with/without targets), least recently used first out; each holds its trace and the plans
-made from it (training and forward-only: up to two arenas per signature).
+soon as they are read. A model in training mode whose config has dropout traces with a runtime
+input `dropout_key` (the model's `next_dropout_key()`, taken per call) and so has plans of its
+own; in eval mode, or at rate 0, the graph has no dropout node. The compiler (tracer.pipeline)
+caches up to `max_plans` input signatures (shape, with/without targets, with/without dropout),
+least recently used first out; each holds its trace and the plans made from it (training and
+forward-only: up to two arenas per signature).
 
 Generation runs two more graphs traced from the same `model.forward`, with a KV cache:
 
@@ -194,12 +197,33 @@ class CompiledModel(Generation):
         state = sum(v.nbytes for v in self._last.graph.state)
         return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes, state)
 
+    # Training mode, evaluation mode: the model's (see gpt2.model).
+    def train(self, mode=True):
+        self.model.train(mode)
+        return self
+
+    def eval(self):
+        self.model.eval()
+        return self
+
+    def evaluating(self):
+        return self.model.evaluating()
+
+    @property
+    def training(self):
+        return self.model.training
+
     def _forward_for(self, signature):
-        """GPT-2's forward as the compiler traces it: idx (and targets) -> logits (and loss), or,
-        for a signature with state, idx and start over the KV cache -> the last logits."""
+        """GPT-2's forward as the compiler traces it: idx (targets, dropout_key) -> logits (and
+        loss), or, for a signature with state, idx and start over the KV cache -> the last
+        logits."""
         if not signature.state:
-            def forward(idx, targets=None):
-                logits, loss = self.model.forward(idx, targets)
+            names = [name for name, _, _ in signature.inputs]
+
+            def forward(*inputs):
+                given = dict(zip(names, inputs))
+                logits, loss = self.model.forward(given["idx"], given.get("targets"),
+                                                  dropout_key=given.get("dropout_key"))
                 return {"logits": logits, "loss": loss}
             return forward
         names = [name for name, _, _ in signature.state]
@@ -210,9 +234,13 @@ class CompiledModel(Generation):
         return cached_forward
 
     @staticmethod
-    def _signature(shape, has_targets):
-        ids = ("idx", tuple(shape), np.int64)
-        return Signature((ids, ("targets", tuple(shape), np.int64)) if has_targets else (ids,))
+    def _signature(shape, has_targets, drops=False):
+        inputs = (("idx", tuple(shape), np.int64),)
+        if has_targets:
+            inputs += (("targets", tuple(shape), np.int64),)
+        if drops:
+            inputs += (("dropout_key", (), np.uint64),)
+        return Signature(inputs)
 
     def decoder(self, batch_size):
         """The prefill/decode plans for batch_size rows and their KV cache, made on first use."""
@@ -233,8 +261,8 @@ class CompiledModel(Generation):
         return self._run_program(self.compiler.program(
             signature, "decode", self._passes["decode"], table=self.decode_table, state=cache))
 
-    def _executable(self, shape, has_targets, training):
-        signature = self._signature(shape, has_targets)
+    def _executable(self, shape, has_targets, training, drops):
+        signature = self._signature(shape, has_targets, drops)
         if training:
             program = self.compiler.program(signature, "training", self._passes["training"],
                                             forward_only_outputs=("logits",))
@@ -255,8 +283,10 @@ class CompiledModel(Generation):
         call or, in training, until loss.backward() writes the gradient over them: copy to keep."""
         idx, targets = self.model.check_inputs(idx, targets)
         training = targets is not None and is_grad_enabled()
-        exe = self._executable(idx.shape, targets is not None, training)
-        exe.set_inputs(idx=idx, **({"targets": targets} if targets is not None else {}))
+        key = self.model.next_dropout_key()
+        exe = self._executable(idx.shape, targets is not None, training, key is not None)
+        exe.set_inputs(idx=idx, **({"targets": targets} if targets is not None else {}),
+                       **({"dropout_key": key} if key is not None else {}))
         refresh_bf16_copies(exe)
         exe.run_forward()
         self._generation += 1

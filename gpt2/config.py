@@ -22,6 +22,12 @@ class GPTConfig:
     bias: bool = True
     gelu: str = "tanh"          # "tanh": GPT-2 / Hugging Face gelu_new; "erf": nanoGPT's nn.GELU()
     layer_norm_eps: float = 1e-5
+    # Dropout (in training mode only): `dropout` on the two residual branches, and on the
+    # embeddings and the attention probabilities unless those have rates of their own (Hugging
+    # Face's config has three: resid_pdrop, embd_pdrop, attn_pdrop).
+    dropout: float = 0.0
+    embd_dropout: float = None
+    attn_dropout: float = None
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
@@ -34,6 +40,25 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.gelu must be 'tanh' or 'erf', got {self.gelu!r}")
         if not self.layer_norm_eps > 0:
             raise ValueError(f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}")
+        for name in ("dropout", "embd_dropout", "attn_dropout"):
+            value = getattr(self, name)
+            if value is None and name != "dropout":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) \
+                    or not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig.{name} must be a number in [0, 1), got {value!r}")
+            setattr(self, name, float(value))
+        # One spelling per model: a site's own rate equal to `dropout` is the default, None.
+        for name in ("embd_dropout", "attn_dropout"):
+            if getattr(self, name) == self.dropout:
+                setattr(self, name, None)
+
+    @property
+    def dropout_rates(self):
+        """(embeddings, attention probabilities, residual branches)."""
+        return (self.dropout if self.embd_dropout is None else self.embd_dropout,
+                self.dropout if self.attn_dropout is None else self.attn_dropout,
+                self.dropout)
 
     def to_dict(self):
         return asdict(self)

@@ -55,7 +55,8 @@ def sliding_windows(n_tokens, block_size, stride):
 
 
 def perplexity(model, token_ids, block_size, stride):
-    """exp(mean NLL) of token_ids (1-D ids) under model, strided sliding windows.
+    """exp(mean NLL) of token_ids (1-D ids) under model, strided sliding windows, in evaluation
+    mode (no dropout).
 
     model: a gpt2.GPT or a compiled model (`logits, _ = model(x)`, logits with .data).
     block_size <= model.config.block_size, 1 <= stride <= block_size, and at least 2 tokens.
@@ -76,7 +77,7 @@ def perplexity(model, token_ids, block_size, stride):
     ids = check_ids(arr.reshape(1, -1), "token_ids", cfg.vocab_size)[0]
 
     total_nll, count = 0.0, 0
-    with no_grad():
+    with no_grad(), model.evaluating():
         for begin, end, n_scored in sliding_windows(ids.size, block_size, stride):
             x = ids[begin:end][None, :]
             logits, _ = model(x)

@@ -41,7 +41,9 @@ class HarnessLM(TemplateLM):
             raise ValueError("HarnessLM takes one of pretrained (a path) or model (a GPT)")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
-        self.model = GPT.from_pretrained(pretrained, dtype=dtype) if model is None else model
+        # Scored in evaluation mode, without dropout, whatever mode a given model was in.
+        self.model = (GPT.from_pretrained(pretrained, dtype=dtype) if model is None
+                      else model).eval()
         self.compiled = compile_model(self.model, autocast=autocast)
         self.encoding = get_tokenizer()
         if self.model.config.vocab_size < self.encoding.n_vocab:

@@ -60,8 +60,12 @@ class Pretrained:
 
 
 def load_pretrained(cls, path, dtype):
-    """Build a `cls` (GPT) of `dtype` from a checkpoint at `path` (see the module docstring)."""
-    path = os.fspath(path)
+    """Build a `cls` (GPT) of `dtype` from a checkpoint at `path` (see the module docstring), in
+    evaluation mode, as transformers' from_pretrained does: `train()` turns its dropout on."""
+    return _load(cls, os.fspath(path), dtype).eval()
+
+
+def _load(cls, path, dtype):
     if not os.path.exists(path):
         raise ValueError(f"from_pretrained: path {path!r} does not exist")
     if os.path.isdir(path):
@@ -100,14 +104,15 @@ def save_pretrained(model, path, dtype=None):
     os.makedirs(path, exist_ok=True)
     # The end-of-text id only where the vocabulary has it (a small test vocabulary may not).
     eot = EOT_TOKEN if cfg.vocab_size > EOT_TOKEN else None
+    embd, attn, resid = cfg.dropout_rates
     config = {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
         "vocab_size": cfg.vocab_size, "n_positions": cfg.block_size, "n_ctx": cfg.block_size,
         "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": None,
         "activation_function": HF_ACTIVATION_NAMES[cfg.gelu],
         "layer_norm_epsilon": cfg.layer_norm_eps,
-        # Trained here without dropout; transformers applies these only in train mode.
-        "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
+        # transformers applies these in train mode only, as we do.
+        "resid_pdrop": resid, "embd_pdrop": embd, "attn_pdrop": attn,
         "initializer_range": 0.02, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "bos_token_id": eot, "eos_token_id": eot,
@@ -182,7 +187,10 @@ def hf_config(config_path):
                          block_size=need("n_positions", "n_ctx", "max_position_embeddings"),
                          vocab_size=need("vocab_size"), bias=True,
                          gelu=HF_ACTIVATIONS[activation],
-                         layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)))
+                         layer_norm_eps=float(raw.get("layer_norm_epsilon", 1e-5)),
+                         dropout=raw.get("resid_pdrop", 0.1),
+                         embd_dropout=raw.get("embd_pdrop", 0.1),
+                         attn_dropout=raw.get("attn_pdrop", 0.1))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_path!r}: {e}") from None
 
@@ -313,7 +321,7 @@ def _load_nanogpt(cls, ckpt, path, dtype):
         raise ValueError(f"{path!r}: model_args lacks {missing}")
     try:
         config = GPTConfig(**{k: args[k] for k in fields}, bias=bool(args.get("bias", True)),
-                           gelu="erf", layer_norm_eps=1e-5)
+                           gelu="erf", layer_norm_eps=1e-5, dropout=args.get("dropout", 0.0))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path!r}: {e}") from None
     model_state = ckpt["model"]

@@ -8,7 +8,13 @@ All parameters live in one flat array and all gradients in another (`self.arena`
 gpt2.arena.ParameterArena), in the order the backward finishes the gradients: AdamW makes one
 pass, zero_grad is one memset, and a data-parallel all-reduce bucket is one contiguous slice whose
 gradients are final at one point of the backward.
+
+Dropout runs in training mode (`train()`, the default; `eval()` turns it off) where the config
+gives it a rate. Its masks are a pure function of (dropout_seed, dropout_step, site, element):
+each training-mode forward takes the key of `dropout_step` and advances it by one, so setting
+`dropout_step` (the training loop does, per micro-step) replays any step's masks exactly.
 """
+import contextlib
 import dataclasses
 import math
 import numbers
@@ -20,6 +26,7 @@ from gpt2.arena import ParameterArena
 from gpt2.compile import compile as compile_model
 from gpt2.config import DTYPES, GPTConfig, cache_shapes, check_ids, parameter_shapes
 from gpt2_jit.kernels.common import aligned_empty
+from gpt2_jit.kernels.mask import step_key
 from gpt2.generate import Generation
 from gpt2.loading import Pretrained
 from gpt2_jit.tracer import functional as F
@@ -53,6 +60,9 @@ class GPT(Pretrained, Generation):
         self.arena = ParameterArena(shapes, backward_order(shapes), self.dtype)
         self._params = self.arena.parameters
         self._initialise(seed)
+        self.training = True
+        self.dropout_seed = int(seed)
+        self.dropout_step = 0
 
     def _initialise(self, seed):
         """GPT-2's init: N(0, 0.02) weights, residual projections scaled by 1/sqrt(2 n_layer)."""
@@ -129,6 +139,7 @@ class GPT(Pretrained, Generation):
         state = self.state_dict()
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
         cropped.load_state_dict(state)
+        cropped.training, cropped.dropout_seed = self.training, self.dropout_seed
         return cropped
 
     def bf16_copies(self):
@@ -138,6 +149,41 @@ class GPT(Pretrained, Generation):
 
     def zero_grad(self):
         kernels.zero_fill(self.arena.grad)
+
+    # ------------------------------------------------------------ training and evaluation modes
+
+    def train(self, mode=True):
+        """Training mode (dropout on, where the config has a rate); returns the model."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: no dropout, the same result every call; returns the model."""
+        return self.train(False)
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Evaluation mode inside the block, the previous mode after it."""
+        was = self.training
+        self.eval()
+        try:
+            yield self
+        finally:
+            self.train(was)
+
+    @property
+    def drops(self):
+        """True when a forward now applies dropout (training mode and a rate above 0)."""
+        return self.training and any(self.config.dropout_rates)
+
+    def next_dropout_key(self):
+        """The dropout key of the next forward (a 0-d uint64 array), advancing dropout_step; None
+        when it does not drop."""
+        if not self.drops:
+            return None
+        key = np.asarray(step_key(self.dropout_seed, self.dropout_step), dtype=np.uint64)
+        self.dropout_step += 1
+        return key
 
     # ------------------------------------------------------------ forward
 
@@ -194,14 +240,18 @@ class GPT(Pretrained, Generation):
     def __call__(self, idx, targets=None, cache=None, start=0):
         idx, targets = self.check_inputs(idx, targets)
         if cache is None:
-            return self.forward(idx, targets)
+            return self.forward(idx, targets, dropout_key=self.next_dropout_key())
         if targets is not None:
             raise ValueError("targets cannot be given with a cache: the cached forward is for "
                              "inference and returns the last position's logits only")
         return self.forward(idx, None, cache, self.check_cache(cache, idx, start))
 
-    def forward(self, idx, targets=None, cache=None, start=None):
+    def forward(self, idx, targets=None, cache=None, start=None, dropout_key=None):
         """idx, targets (B, T) int64 -> logits (B, T, V), mean cross-entropy loss or None.
+
+        With a dropout_key (`next_dropout_key`), dropout where GPT-2 has it: on the embeddings'
+        sum, the attention probabilities and each residual branch before it is added, each site
+        a stream of its own (0 the embeddings, then three per layer).
 
         With a KV cache (inference, no targets; see `new_cache`): idx holds the positions start ..
         start + T - 1 (start a 0-d int64 array, a runtime input when traced). Each layer writes
@@ -215,22 +265,26 @@ class GPT(Pretrained, Generation):
         def bias(name):
             return p.get(name + ".bias")
 
+        embd_p, attn_p, resid_p = cfg.dropout_rates
         positions = np.arange(t, dtype=np.int64) if cache is None else F.arange(start, t)
         x = F.add(F.embedding(p["transformer.wte.weight"], idx),
                   F.embedding(p["transformer.wpe.weight"], positions))
+        x = F.dropout(x, dropout_key, embd_p, stream=0)
         for i in range(cfg.n_layer):
             h = f"transformer.h.{i}"
             a = F.layernorm(x, p[h + ".ln_1.weight"], bias(h + ".ln_1"), cfg.layer_norm_eps)
             a = F.linear(a, p[h + ".attn.c_attn.weight"], bias(h + ".attn.c_attn"))
             if cache is None:
-                a = F.attention(a, cfg.n_head)
+                a = F.attention(a, cfg.n_head, dropout_key, attn_p, stream=3 * i + 1)
             else:
                 k, v = F.kv_write(cache[h + ".attn.k_cache"], cache[h + ".attn.v_cache"], a, start)
                 a = F.cached_attention(a, k, v, start, cfg.n_head)
-            x = F.add(x, F.linear(a, p[h + ".attn.c_proj.weight"], bias(h + ".attn.c_proj")))
+            a = F.linear(a, p[h + ".attn.c_proj.weight"], bias(h + ".attn.c_proj"))
+            x = F.add(x, F.dropout(a, dropout_key, resid_p, stream=3 * i + 2))
             m = F.layernorm(x, p[h + ".ln_2.weight"], bias(h + ".ln_2"), cfg.layer_norm_eps)
             m = F.gelu(F.linear(m, p[h + ".mlp.c_fc.weight"], bias(h + ".mlp.c_fc")), cfg.gelu)
-            x = F.add(x, F.linear(m, p[h + ".mlp.c_proj.weight"], bias(h + ".mlp.c_proj")))
+            m = F.linear(m, p[h + ".mlp.c_proj.weight"], bias(h + ".mlp.c_proj"))
+            x = F.add(x, F.dropout(m, dropout_key, resid_p, stream=3 * i + 3))
         if cache is not None and t > 1:
             x = F.narrow(x, axis=1, start=t - 1, length=1)
         x = F.layernorm(x, p["transformer.ln_f.weight"], bias("transformer.ln_f"),

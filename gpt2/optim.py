@@ -133,13 +133,15 @@ class AdamW:
         for run in self.runs:
             kernels.zero_fill(run.grad)
 
-    def state_dict(self):
-        """{"step", "exp_avg": {name: array}, "exp_avg_sq": {name: array}} (copies)."""
+    def state_dict(self, copy=True):
+        """{"step", "exp_avg": {name: array}, "exp_avg_sq": {name: array}}: copies, or with
+        copy=False views of the moments themselves (what a checkpoint writes out at once: at
+        gpt2-large's size copies would take 6 GB more)."""
         state = {"step": self.step_count, "exp_avg": {}, "exp_avg_sq": {}}
         for key, moments in (("exp_avg", self.exp_avg), ("exp_avg_sq", self.exp_avg_sq)):
             for run, flat in zip(self.runs, moments):
                 for name, view in zip(run.names, self._split(flat, run.names)):
-                    state[key][name] = view.copy()
+                    state[key][name] = view.copy() if copy else view
         return state
 
     def load_state_dict(self, state):

@@ -64,7 +64,8 @@ PRESETS = {
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
               "gpt2-xl": (48, 25, 1600)}
 PRESETS.update({name: dict(n_layer=layers, n_head=heads, n_embd=width, block_size=1024,
-                           batch_size=1, grad_accum=32, steps=20, lr=3e-5, min_lr=3e-5, warmup=0)
+                           batch_size=1, grad_accum=32, steps=20, lr=3e-5, min_lr=3e-5, warmup=0,
+                           dropout=0.1)
                 for name, (layers, heads, width) in GPT2_SIZES.items()})
 # Values per token and layer that the planned arena of a training step holds beside the logits,
 # in units of the width: 16.3-17.6 measured over plan_buffers' GPT-2 plans (tiny to 124M).
@@ -105,6 +106,7 @@ class TrainConfig:
     autocast: str = None
     vocab_size: int = None       # 50304 from scratch; a pretrained model's own with init_from
     gelu: str = None             # "tanh" from scratch
+    dropout: float = None        # the preset's, else 0 from scratch and the source's with init_from
     init_from: str = None        # a Hugging Face directory, nanoGPT ckpt.pt or our checkpoint
     eager: bool = False
     resume: bool = False
@@ -135,6 +137,10 @@ class TrainConfig:
         if self.init_from is None:
             self.vocab_size = 50304 if self.vocab_size is None else self.vocab_size
             self.gelu = "tanh" if self.gelu is None else self.gelu
+            self.dropout = 0.0 if self.dropout is None else self.dropout
+        if self.dropout is not None and (isinstance(self.dropout, bool) or not isinstance(
+                self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"--dropout must be a number in [0, 1), got {self.dropout!r}")
         if self.min_lr is None:
             self.min_lr = self.lr / 10
         for key in ("steps", "eval_interval", "eval_batches", "batch_size"):
@@ -165,7 +171,8 @@ class TrainConfig:
 
     def model_config(self):
         return GPTConfig(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
-                         block_size=self.block_size, vocab_size=self.vocab_size, gelu=self.gelu)
+                         block_size=self.block_size, vocab_size=self.vocab_size, gelu=self.gelu,
+                         dropout=self.dropout)
 
 
 def _is_int(value):
@@ -196,6 +203,19 @@ def micro_batches(x, y, cfg, world):
     for k in range(cfg.grad_accum):
         first = (world.rank * cfg.grad_accum + k) * cfg.batch_size
         yield x[first:first + cfg.batch_size], y[first:first + cfg.batch_size]
+
+
+def forward_backward(run, model, x, y, cfg, world, step):
+    """Forward and backward over this rank's micro-batches of the global batch (x, y) of `step`,
+    adding the gradients into .grad; returns the sum of their losses. Each micro-step's dropout
+    masks are those of its place in the run, (step, rank, micro-step), wherever the run resumed."""
+    loss_sum = 0.0
+    for k, (xs, ys) in enumerate(micro_batches(x, y, cfg, world)):
+        model.dropout_step = (step * world.size + world.rank) * cfg.grad_accum + k
+        _, loss = run(xs, ys)
+        loss_sum += loss.item()
+        loss.backward()
+    return loss_sum
 
 
 def estimate_val_loss(run, val, cfg, rng, world):
@@ -331,6 +351,11 @@ def _pretrained(cfg, quiet):
                          "block can be cropped, not grown")
     elif cfg.block_size < source.block_size:
         model = model.crop_block_size(cfg.block_size)
+    if cfg.dropout is None:
+        cfg.dropout = source.dropout
+    else:                                  # one rate for all three sites, as nanoGPT's
+        model.config = dataclasses.replace(model.config, dropout=cfg.dropout, embd_dropout=None,
+                                           attn_dropout=None)
     _say(quiet, f"initialised from {cfg.init_from} (block {source.block_size}"
                 f"{f', cropped to {cfg.block_size}' if cfg.block_size < source.block_size else ''})")
     return model
@@ -347,6 +372,8 @@ def _train(cfg, world):
             world, {k: v for k, v in vars(cfg).items() if k != "history"},
             [os.path.join(cfg.data_dir, f"{split}.bin") for split in data_mod.SPLITS])
     model, opt, rng, val_rng, step, history = _start(cfg, ckpt_path, quiet)
+    model.train()
+    model.dropout_seed = cfg.seed
     for name, split in (("train", train_data), ("val", val_data)):
         if len(split) < cfg.block_size + 1:
             raise ValueError(f"the {name} split of {cfg.data_dir!r} has {len(split)} tokens, "
@@ -376,7 +403,8 @@ def _train(cfg, world):
     _say(quiet, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
                 f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
                 f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
-                f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}; "
+                f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}"
+                f"{f', dropout {cfg.dropout:g}' if cfg.dropout else ''}; "
                 f"global batch {global_batch} = {cfg.batch_size} x {micro_steps} micro-step(s) x "
                 f"{ranks} rank(s); train {len(train_data):,} tokens, val {len(val_data):,}")
     tokens_per_step = global_batch * cfg.block_size
@@ -389,11 +417,7 @@ def _train(cfg, world):
         while step < cfg.steps and not world.any(interrupt.raised):
             opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
             x, y = data_mod.get_batch(train_data, global_batch, cfg.block_size, rng)
-            loss_sum = 0.0
-            for xs, ys in micro_batches(x, y, cfg, world):
-                _, loss = run(xs, ys)
-                loss_sum += loss.item()
-                loss.backward()
+            loss_sum = forward_backward(run, model, x, y, cfg, world, step)
             if grads is not None:
                 grads.finish()                               # before the optimiser reads .grad
             loss_value = float(world.sum([loss_sum])[0]) / (micro_steps * ranks)
@@ -420,7 +444,8 @@ def _train(cfg, world):
             bar.update(tokens_per_step)
             entry = {"step": step, "loss": loss_value}
             if step % cfg.eval_interval == 0 or step == cfg.steps:
-                entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng, world)
+                with model.evaluating():
+                    entry["val_loss"] = estimate_val_loss(run, val_data, cfg, val_rng, world)
                 _say(quiet, f"step {step}: train loss {loss_value:.4f}, "
                             f"val loss {entry['val_loss']:.4f}")
                 history.append(entry)

@@ -53,6 +53,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
+from gpt2_jit.kernels.mask import keep_scale, kept, stream_base, threshold
 from gpt2_jit.kernels.reduction import ordered_sum
 from gpt2_jit.kernels.scalar import exp_clamped_native, row_max
 from gpt2_jit.kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
@@ -93,13 +94,23 @@ def score_stride(n_panels, width):
     return (n_panels | 1) * width
 
 
+@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
+def drop_probabilities(row, base, first, limit):
+    """Zero the entries of a row of probabilities that dropout drops: entry j is element first + j
+    of the (B, H, T, T) probabilities' mask (`mask.kept`)."""
+    zero = row.dtype.type(0.0)
+    for j in range(row.shape[0]):
+        if not kept(base, first + j, limit):
+            row[j] = zero
+
+
 @njit(**PARALLEL)
-def _attention_forward(out, lse, qkv, n_head, scale, q_block, key_panels, value_strips,
+def _attention_forward(out, lse, qkv, n_head, scale, q_block, dropout, key_panels, value_strips,
                        score_tiles, inv_sums, edges):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token;
-    key_panels (B*H, P, D, W) and value_strips (B*H, P', T, W): workspace, every head packed into
-    it here by `pack_heads` first. Per worker: score_tiles (workers, q_block stride), inv_sums
-    (workers, q_block), edges (workers, 6, W)."""
+    dropout: `_dropout_args`. key_panels (B*H, P, D, W) and value_strips (B*H, P', T, W):
+    workspace, every head packed into it here by `pack_heads` first. Per worker: score_tiles
+    (workers, q_block stride), inv_sums (workers, q_block), edges (workers, 6, W)."""
     pack_heads(key_panels, value_strips, qkv, n_head)
     nq = (qkv.shape[1] + q_block - 1) // q_block
     pairs = (nq + 1) // 2
@@ -108,13 +119,15 @@ def _attention_forward(out, lse, qkv, n_head, scale, q_block, key_panels, value_
     for worker in prange(workers):
         for task in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
             _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task,
-                          pairs, score_tiles[worker], inv_sums[worker], edges[worker])
+                          pairs, dropout, score_tiles[worker], inv_sums[worker], edges[worker])
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task, pairs,
-                  scores, inv_l, edge):
-    """One (batch, head, pair of query blocks) of `_attention_forward`."""
+                  dropout, scores, inv_l, edge):
+    """One (batch, head, pair of query blocks) of `_attention_forward`. With dropout, the
+    dropped probabilities are zeroed before P V and the kept ones scaled with 1 / sum."""
+    dropping, base, limit, factor = dropout
     t = qkv.shape[1]
     c = qkv.shape[2] // 3
     d = c // n_head
@@ -135,7 +148,11 @@ def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_bloc
         for r in range(i1 - i0):
             m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
             lse[bh, i0 + r] = m + math.log(total)
-            inv_l[r] = 1.0 / total
+            if dropping:
+                drop_probabilities(padded[r, :i0 + r + 1], base, (bh * t + i0 + r) * t, limit)
+                inv_l[r] = factor / total
+            else:
+                inv_l[r] = 1.0 / total
         y = out[b, i0:i1, h0:h0 + d]
         panel_product(y, padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False, edge,
                       A_LOWER, i0)
@@ -146,8 +163,8 @@ def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_bloc
 
 
 @njit(**PARALLEL)
-def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, packed, tiles,
-                        row_strips, deltas, edges):
+def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, dropout, packed,
+                        tiles, row_strips, deltas, edges):
     """dqkv (B, T, 3C) from dy, out (B, T, C), qkv (B, T, 3C) and lse (B*H, T); width: columns per
     panel. Tiles are q_block queries by q_block keys, so P and dS stay in L2 between the products
     that write and read them. Per worker (`_backward_scratch`): packed (workers, 3, span) for the
@@ -158,15 +175,18 @@ def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, 
     workers = deltas.shape[0]
     for worker in prange(workers):
         for bh in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
-            _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh,
+            _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, dropout,
                            packed[worker], tiles[worker], row_strips[worker], deltas[worker],
                            edges[worker])
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, packed, tiles,
-                   row_strips, deltas, edge):
-    """One (batch, head) of `_attention_backward`: it alone adds into the head's dQ, dK and dV."""
+def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, dropout, packed,
+                   tiles, row_strips, deltas, edge):
+    """One (batch, head) of `_attention_backward`: it alone adds into the head's dQ, dK and dV.
+    With dropout, the tile of P becomes the dropped and scaled Z (what P V multiplied), dV
+    takes Z^T dY and dS = Z dP - P rowsum(dY Y), dP = dY V^T: the mask regenerated, not stored."""
+    dropping, base, limit, factor = dropout
     t = qkv.shape[1]
     c = qkv.shape[2] // 3
     d = c // n_head
@@ -175,6 +195,7 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, p
     nq = (t + q_block - 1) // q_block
     stride = tiles.shape[1] // q_block
     one = qkv.dtype.type(1.0)
+    zero = qkv.dtype.type(0.0)
     b = bh // n_head
     h0 = (bh % n_head) * d
     q = qkv[b, :, h0:h0 + d]
@@ -224,10 +245,18 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, p
                 li = lse[bh, i0 + r]
                 pr = p_block[r, :seen]
                 dsr = ds_block[r, :seen]
-                for j in range(seen):
-                    e = exp_clamped_native(pr[j] - li)
-                    pr[j] = e
-                    dsr[j] = e * (dsr[j] - dr)
+                if dropping:
+                    first = (bh * t + i0 + r) * t + j0
+                    for j in range(seen):
+                        e = exp_clamped_native(pr[j] - li)
+                        z = e * factor if kept(base, first + j, limit) else zero
+                        pr[j] = z
+                        dsr[j] = z * dsr[j] - e * dr
+                else:
+                    for j in range(seen):
+                        e = exp_clamped_native(pr[j] - li)
+                        pr[j] = e
+                        dsr[j] = e * (dsr[j] - dr)
                 pm = p_block[r, seen:j1 - j0]
                 dm = ds_block[r, seen:j1 - j0]
                 for j in range(pm.shape[0]):
@@ -280,30 +309,44 @@ def _attention_shapes(qkv, n_head, out, lse):
     return out.shape == (b, t, c3 // 3) and lse.shape == (b, n_head, t)
 
 
-def attention(out, lse, qkv, *, n_head):
+def _dropout_args(key, p, stream, dtype):
+    """(dropping, the stream's base, threshold, 1 / (1 - p)) as the kernels take them; key None
+    (or p 0) for no dropout."""
+    if key is None or p == 0.0:
+        return False, np.uint64(0), np.uint64(0), dtype.type(1.0)
+    return True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p)), \
+        keep_scale(p, dtype)
+
+
+def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0):
     """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v straight from the fused qkv (B, T, 3C);
-    lse (B, H, T) keeps each query row's log-sum-exp."""
+    lse (B, H, T) keeps each query row's log-sum-exp. With a key (0-d, `mask.step_key`), dropout
+    at rate p on the probabilities, site `stream`."""
     if is_fast(out, lse, qkv) and _attention_shapes(qkv, n_head, out, lse):
         b, t, c3 = qkv.shape
         d = c3 // 3 // n_head
         _attention_forward(out, lse.reshape(b * n_head, t), qkv, int(n_head),
                            qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK,
+                           _dropout_args(key, p, stream, qkv.dtype),
                            *_forward_scratch(b, n_head, t, d, qkv.dtype, n_workers()))
     else:
-        reference.attention(out, lse, qkv, n_head=n_head)
+        reference.attention(out, lse, qkv, key, n_head=n_head, p=p, stream=stream)
 
 
-def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
-    """dqkv (B, T, 3C) from dy (B, T, C), qkv, the saved output (B, T, C) and lse (B, H, T)."""
+def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0):
+    """dqkv (B, T, 3C) from dy (B, T, C), qkv, the saved output (B, T, C) and lse (B, H, T), and
+    the forward's key, p and stream if it dropped."""
     if is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse) \
             and dqkv.shape == qkv.shape and dy.shape == out.shape:
         b, t, c3 = qkv.shape
         d = c3 // 3 // n_head
+        width, *scratch = _backward_scratch(t, d, qkv.dtype, n_workers())
         _attention_backward(dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head),
-                            qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK,
-                            *_backward_scratch(t, d, qkv.dtype, n_workers()))
+                            qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK, width,
+                            _dropout_args(key, p, stream, qkv.dtype), *scratch)
     else:
-        reference.attention_backward(dqkv, dy, qkv, out, lse, n_head=n_head)
+        reference.attention_backward(dqkv, dy, qkv, out, lse, key, n_head=n_head, p=p,
+                                     stream=stream)
 
 
 TABLE = {"attention": attention, "attention_backward": attention_backward}

@@ -1,5 +1,5 @@
 """Elementwise kernels: add and multiply with row broadcasting, scale, column sums (the
-backward of a broadcast), and GELU forward and backward in both forms.
+backward of a broadcast), GELU forward and backward in both forms, and dropout.
 """
 import functools
 
@@ -8,6 +8,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.bf16 import put
+from gpt2_jit.kernels.mask import keep_scale, kept, stream_base, threshold
 from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small,
                                      is_suffix, rows)
 from gpt2_jit.kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
@@ -40,10 +41,18 @@ def binary_rows(out, a, b, op, scratch):
                     oseg[j] = tmp[j]
 
 
+# scale_flat's dropout argument for none.
+NO_DROPOUT = (False, np.uint64(0), np.uint64(0))
+
+
 @njit(**PARALLEL)
-def scale_flat(out, x, factor, scratch):
+def scale_flat(out, x, factor, scratch, dropout):
     """out (n,) = x (n,) * factor (a scalar of the arrays' dtype); out may alias x; scratch:
-    `chunk_scratch`."""
+    `chunk_scratch`. With dropout = (True, a stream's base, a threshold), the elements
+    `mask.kept` drops are 0 instead: chunks are cut by the size alone, and each element's bits are
+    its own, so the thread count does not matter."""
+    dropping, base, limit = dropout
+    zero = x.dtype.type(0.0)
     n = x.shape[0]
     nch = min(CHUNKS, (n + SEG - 1) // SEG)
     for ch in prange(nch):
@@ -52,8 +61,12 @@ def scale_flat(out, x, factor, scratch):
         for j0 in range(ch * n // nch, hi, SEG):
             w = min(hi - j0, SEG)
             xseg = x[j0:j0 + w]
-            for j in range(w):
-                tmp[j] = xseg[j] * factor
+            if dropping:
+                for j in range(w):
+                    tmp[j] = xseg[j] * factor if kept(base, j0 + j, limit) else zero
+            else:
+                for j in range(w):
+                    tmp[j] = xseg[j] * factor
             oseg = out[j0:j0 + w]
             for j in range(w):
                 oseg[j] = tmp[j]
@@ -133,6 +146,17 @@ def _gelu_backward_into(dx, dy, x, form):
                 ds[j] = gs[j] * gelu_erf_grad_native(xs[j])
 
 
+def dropout(out, x, key, *, p, stream):
+    """out = x with each element dropped (0) with probability p, else scaled by 1 / (1 - p); key a
+    0-d integer array (`mask.step_key`), stream the dropout site. Never NumPy's path: its mask
+    costs a dozen passes over the array."""
+    if is_fast(out, x) and out.shape == x.shape:
+        scale_flat(out.reshape(-1), x.reshape(-1), keep_scale(p, x.dtype), chunk_scratch(x.dtype),
+                   (True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p))))
+    else:
+        reference.dropout(out, x, key, p=p, stream=stream)
+
+
 def _binary(out, a, b, op, fallback):
     if is_fast(out, a, b) and out.ndim >= 1 and not is_small(out):
         if a.shape == out.shape and is_suffix(b.shape, out.shape):
@@ -165,7 +189,8 @@ def mul(out, a, b):
 def scale(out, x, *, factor):
     """out (...) = x (...) * factor; out may alias x."""
     if is_fast(out, x) and out.shape == x.shape and not is_small(out):
-        scale_flat(out.reshape(-1), x.reshape(-1), x.dtype.type(factor), chunk_scratch(x.dtype))
+        scale_flat(out.reshape(-1), x.reshape(-1), x.dtype.type(factor), chunk_scratch(x.dtype),
+                   NO_DROPOUT)
     else:
         reference.scale(out, x, factor=factor)
 
@@ -209,4 +234,4 @@ def gelu_backward(dx, dy, x, *, form):
 
 
 TABLE = {"add": add, "add_acc": add_acc, "mul": mul, "scale": scale, "sum_to": sum_to,
-         "gelu": gelu, "gelu_backward": gelu_backward}
+         "gelu": gelu, "gelu_backward": gelu_backward, "dropout": dropout}

@@ -9,7 +9,7 @@ from numba import njit, prange
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.bf16 import bf16_bits, bits_or_self
 from gpt2_jit.kernels.common import PARALLEL, chunk_scratch, is_fast, is_small, workspace
-from gpt2_jit.kernels.elementwise import scale_flat
+from gpt2_jit.kernels.elementwise import NO_DROPOUT, scale_flat
 from gpt2_jit.kernels.stream import clear_row, store_fence
 
 
@@ -88,7 +88,7 @@ def scale_in_place(x, factor):
     """x *= factor."""
     if is_fast(x) and not is_small(x):
         flat = x.reshape(-1)
-        scale_flat(flat, flat, x.dtype.type(factor), chunk_scratch(x.dtype))
+        scale_flat(flat, flat, x.dtype.type(factor), chunk_scratch(x.dtype), NO_DROPOUT)
     else:
         reference.scale_in_place(x, factor)
 

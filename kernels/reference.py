@@ -13,6 +13,7 @@ import numpy as np
 
 from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2_jit.kernels.common import check_positions
+from gpt2_jit.kernels.mask import keep_mask, keep_scale
 
 
 def _rows(a):
@@ -45,6 +46,20 @@ def sum_to(out, x):
 
 def scale(out, x, *, factor):
     np.multiply(x, factor, out=out)
+
+
+def _dropped(x, key, p, stream):
+    """x after dropout at rate p, site `stream` (x itself without a key): the mask of x's flat
+    indices, `mask.keep_mask`."""
+    if key is None or p == 0.0:
+        return x
+    kept = keep_mask(key, stream, x.shape, p)
+    return np.where(kept, x * keep_scale(p, x.dtype), x.dtype.type(0.0))
+
+
+def dropout(out, x, key, *, p, stream):
+    """out = x with each element dropped (0) with probability p, else times 1 / (1 - p)."""
+    out[...] = _dropped(x, key, p, stream)
 
 
 def fill(out, *, value):
@@ -243,8 +258,10 @@ def _causal_scores(q, k):
     return s
 
 
-def attention(out, lse, qkv, *, n_head):
-    """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v from the fused qkv (B, T, 3C).
+def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0):
+    """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v from the fused qkv (B, T, 3C), with
+    dropout at rate p on the probabilities (B, H, T, T) when a key is given: the kernels' entry
+    (i, j) of head bh is element (bh T + i) T + j of the mask.
 
     lse (B, H, T) keeps each row's log-sum-exp, all the backward needs to rebuild the probabilities.
     """
@@ -253,23 +270,26 @@ def attention(out, lse, qkv, *, n_head):
     s = _causal_scores(q, k)
     m = s.max(axis=-1, keepdims=True)
     row_lse = m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
-    p = np.exp(s - row_lse)
+    probs = _dropped(np.exp(s - row_lse), key, p, stream)
     lse[...] = row_lse[..., 0]
-    out[...] = (p @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
+    out[...] = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
 
 
-def attention_backward(dqkv, dy, qkv, out, lse, *, n_head):
-    """dqkv (B, T, 3C) from dy (B, T, C), using the saved output and row log-sum-exps."""
+def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0):
+    """dqkv (B, T, 3C) from dy (B, T, C), using the saved output and row log-sum-exps (and the
+    forward's key, rate and stream, which regenerate its dropout mask)."""
     b, t, c3 = qkv.shape
     d = c3 // 3 // n_head
     q, k, v = _heads(qkv, n_head)
-    p = np.exp(_causal_scores(q, k) - lse[..., None])
+    probs = np.exp(_causal_scores(q, k) - lse[..., None])
+    dropped = _dropped(probs, key, p, stream)
     dyh = dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
     yh = out.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
-    dv = p.transpose(0, 1, 3, 2) @ dyh
-    dp = dyh @ v.transpose(0, 1, 3, 2)
+    dv = dropped.transpose(0, 1, 3, 2) @ dyh
+    # The gradient of the dropped probabilities goes back through the same mask and scale.
+    dp = _dropped(dyh @ v.transpose(0, 1, 3, 2), key, p, stream)
     # sum_j P_ij dP_ij equals dy_i . y_i, so the full P never has to be kept.
-    ds = p * (dp - np.sum(dyh * yh, axis=-1, keepdims=True)) / math.sqrt(d)
+    ds = probs * (dp - np.sum(dyh * yh, axis=-1, keepdims=True)) / math.sqrt(d)
     dq = ds @ k
     dk = ds.transpose(0, 1, 3, 2) @ q
     grads = np.stack([dq, dk, dv], axis=2)          # (B, H, 3, T, D)

@@ -105,6 +105,17 @@ def test_round_trip_exact(saved):
     assert_same(snapshot(fresh, fresh_opt), snapshot(model, opt))
 
 
+def test_checkpoints_are_held_in_memory_once(saved):
+    """Writing reads the optimiser's moments in place and reading returns views of the file's
+    bytes: a copy of either would hold the model's state once more (6 GB at gpt2-large)."""
+    path, model, opt, _ = saved
+    views = opt.state_dict(copy=False)["exp_avg"]
+    assert all(any(np.shares_memory(v, flat) for flat in opt.exp_avg) for v in views.values())
+    ck = checkpoints.read_checkpoint(path)
+    arrays = list(ck["params"].values()) + list(ck["optimizer"]["exp_avg"].values())
+    assert not any(a.flags.owndata for a in arrays)
+
+
 def test_round_trip_float32_and_model_only(tmp_path):
     model, opt = make(dtype="float32")
     train(model, opt, 1)

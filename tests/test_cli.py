@@ -161,12 +161,15 @@ def cli_flags(options):
     return flags
 
 
-@pytest.mark.parametrize("eager", [False, True])
+@pytest.mark.parametrize("engine", [dict(eager=False), dict(eager=True),
+                                    dict(dropout=0.1, grad_accum=2)],
+                         ids=["compiled", "eager", "dropout"])
 def test_ctrl_c_checkpoints_and_resume_in_fresh_process_is_exact(corpus, tmp_path, monkeypatch,
-                                                                 eager):
+                                                                 engine):
     """Interrupted after its first evaluation and resumed by `python -m gpt2 train --resume` in a
-    new process, a run logs the training and validation losses of an uninterrupted one."""
-    run = dict(steps=8, eval_interval=3, eager=eager)
+    new process, a run logs the training and validation losses of an uninterrupted one (with
+    dropout too: a micro-step's masks are those of its step, rank and micro-step)."""
+    run = dict(steps=8, eval_interval=3, **engine)
     straight = train_mod.train(small_train(corpus, tmp_path / "a", **run))
     assert [h["step"] for h in straight if "val_loss" in h] == [3, 6, 8]
     interrupt_during_step(monkeypatch, 4)

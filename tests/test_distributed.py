@@ -303,6 +303,22 @@ def test_two_ranks_match_one_rank_and_accumulation_in_float64(corpus, tmp_path):
     assert max_difference(one, trained(tmp_path / "half")) > 1e-4
 
 
+def test_dropout_masks_follow_the_rows_of_the_global_batch(corpus, tmp_path):
+    """Micro-batch k of rank r at step s draws the masks of (s, r, k) in the order of the global
+    batch's rows, so 2 ranks x 4 and 1 rank x 4 x 2 micro-steps drop the same values and take the
+    same steps; without dropout the same runs end elsewhere (the masks were applied)."""
+    dropping = dict(batch_size=4, dropout=0.1)
+    result = mpiexec(*[options(corpus, tmp_path / "two", **dropping)] * 2)
+    assert result.returncode == 0, result.stderr
+    train_mod.train(train_mod.TrainConfig(**options(corpus, tmp_path / "accum", grad_accum=2,
+                                                    **dropping)))
+    train_mod.train(train_mod.TrainConfig(**options(corpus, tmp_path / "plain", grad_accum=2,
+                                                    batch_size=4)))
+    two, accum, plain = (trained(tmp_path / d) for d in ("two", "accum", "plain"))
+    assert max_difference(two, accum) < 1e-10
+    assert max_difference(plain, accum) > 1e-4
+
+
 def test_resume_on_two_ranks_from_one_with_the_same_global_batch(corpus, tmp_path, monkeypatch):
     straight = train_mod.train(train_mod.TrainConfig(
         **options(corpus, tmp_path / "a", global_batch=8, eager=True)))

@@ -44,7 +44,8 @@ def hf_loss(pretrained, x, y):
 
 
 def test_first_loss_is_transformers_and_the_export_reads_back(corpus, pretrained, tmp_path):
-    cfg = finetune(corpus, tmp_path / "run", pretrained, block_size=16)
+    # Without dropout, the first step's training loss is the pretrained model's own.
+    cfg = finetune(corpus, tmp_path / "run", pretrained, block_size=16, dropout=0.0)
     history = train_mod.train(cfg)
     assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.vocab_size) == (2, 2, 16, 50257)
     assert cfg.block_size == 16                                  # cropped from 32
@@ -74,6 +75,24 @@ def test_the_command_line_trains_from_a_pretrained_model(corpus, pretrained, tmp
     printed = capsys.readouterr().out
     assert f"initialised from {pretrained} (block 32)" in printed
     assert "2 layers, 2 heads, width 16, block 32" in printed
+    assert "dropout 0.1" in printed                        # the source's rates, as transformers'
+
+
+def test_dropout_rates_come_from_the_source_and_go_back_on_export(pretrained, tmp_path):
+    source = json.loads((pretrained / "config.json").read_text())
+    own = tmp_path / "rates"
+    own.mkdir()
+    (own / "config.json").write_text(json.dumps(
+        {**source, "resid_pdrop": 0.2, "embd_pdrop": 0.05, "attn_pdrop": 0.0}))
+    (own / "model.safetensors").write_bytes((pretrained / "model.safetensors").read_bytes())
+    model = gpt2.GPT.from_pretrained(own)
+    assert not model.training                              # as transformers' from_pretrained
+    assert model.config.dropout_rates == (0.05, 0.0, 0.2)  # embeddings, attention, residual
+    model.save_pretrained(tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (written["embd_pdrop"], written["attn_pdrop"], written["resid_pdrop"]) == \
+        (0.05, 0.0, 0.2)
+    assert gpt2.GPT.from_pretrained(pretrained).config.dropout_rates == (0.1, 0.1, 0.1)
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -123,8 +142,8 @@ def test_the_presets_have_gpt2s_shapes_and_a_fine_tuning_schedule():
     assert shapes == {"gpt2": (12, 12, 768, 1024), "gpt2-medium": (24, 16, 1024, 1024),
                       "gpt2-large": (36, 20, 1280, 1024), "gpt2-xl": (48, 25, 1600, 1024)}
     cfg = train_mod.TrainConfig(preset="gpt2-medium").resolve()
-    assert (cfg.lr, cfg.min_lr, cfg.grad_accum, cfg.batch_size, cfg.steps) == \
-        (3e-5, 3e-5, 32, 1, 20)
+    assert (cfg.lr, cfg.min_lr, cfg.grad_accum, cfg.batch_size, cfg.steps, cfg.dropout) == \
+        (3e-5, 3e-5, 32, 1, 20, 0.1)
     assert train_mod.TrainConfig(preset="gpt2-medium", grad_accum=4).resolve().grad_accum == 4
 
 

@@ -12,6 +12,7 @@ import pytest
 
 import gpt2
 from gpt2_jit import kernels
+from gpt2_jit.kernels.mask import step_key
 from gpt2_jit.tracer import Tensor, no_grad
 from gpt2_jit.tracer import functional as F
 from gpt2_jit.tracer.ops import OPS
@@ -148,6 +149,31 @@ def test_scale():
     rng = np.random.default_rng(5)
     x = leaf(rng, 3, 4)
     assert_passes(gradcheck(lambda: F.scale(x, -0.37), {"x": x}, seed=6))
+
+
+# ---------------------------------------------------------------- dropout: the key fixed, so the
+# mask is too (the backward regenerates it from the key)
+
+KEY = np.asarray(step_key(7, 3), dtype=np.uint64)
+
+
+def test_dropout():
+    rng = np.random.default_rng(52)
+    x = leaf(rng, 3, 5, 7)
+    assert_passes(gradcheck(lambda: F.dropout(x, KEY, 0.3, stream=4), {"x": x}, seed=53))
+    dropped = x.grad == 0
+    assert 0.15 < dropped.mean() < 0.45       # the check saw a real mask, not all kept
+
+
+def test_negative_control_dropout_backward_with_another_mask(monkeypatch):
+    """A backward that regenerates the mask of another site must fail the same check."""
+    def wrong(gouts, ins, outs, needs, p, stream):
+        return [F.dropout(gouts[0], ins[1], p, stream + 1), None]
+
+    monkeypatch.setattr(OPS["dropout"], "vjp", wrong)
+    rng = np.random.default_rng(52)
+    x = leaf(rng, 3, 5, 7)
+    assert not gradcheck(lambda: F.dropout(x, KEY, 0.3, stream=4), {"x": x}, seed=53).ok
 
 
 # ---------------------------------------------------------------- matmul and linear
@@ -295,6 +321,26 @@ def test_attention():
     assert_passes(gradcheck(lambda: F.attention(qkv, NH), {"qkv": qkv}, seed=29))
 
 
+def test_attention_with_dropout():
+    rng = np.random.default_rng(28)
+    qkv = leaf(rng, B, T, 3 * C)
+    assert_passes(gradcheck(lambda: F.attention(qkv, NH, KEY, 0.3, stream=5), {"qkv": qkv},
+                            seed=29))
+
+
+def test_negative_control_attention_backward_with_another_mask(monkeypatch):
+    right = kernels.REFERENCE["attention_backward"]
+
+    def wrong(dqkv, dy, qkv, out, lse, key, *, n_head, p, stream):
+        right(dqkv, dy, qkv, out, lse, key, n_head=n_head, p=p, stream=stream + 1)
+
+    monkeypatch.setitem(kernels.REFERENCE, "attention_backward", wrong)
+    rng = np.random.default_rng(28)
+    qkv = leaf(rng, B, T, 3 * C)
+    report = gradcheck(lambda: F.attention(qkv, NH, KEY, 0.3, stream=5), {"qkv": qkv}, seed=29)
+    assert not report.ok and report.worst > 1e-2
+
+
 def composed_attention(qkv, n_head):
     """Causal self-attention spelled out in the primitive ops."""
     b, t, c3 = qkv.shape
@@ -431,9 +477,9 @@ def test_pre_ln_transformer_block():
     assert_passes(gradcheck(block, {"x": x, **p}, seed=51))
 
 
-def _tiny_gpt(bias=True, gelu="tanh", only=None):
+def _tiny_gpt(bias=True, gelu="tanh", only=None, dropout=0.0):
     cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=8, block_size=5, vocab_size=7,
-                         bias=bias, gelu=gelu, layer_norm_eps=1e-5)
+                         bias=bias, gelu=gelu, layer_norm_eps=1e-5, dropout=dropout)
     model = gpt2.GPT(cfg, dtype="float64", seed=0)
     rng = np.random.default_rng(60)
     # Move every parameter off its init (ones, zeros, tiny weights) so no term hides.
@@ -445,6 +491,7 @@ def _tiny_gpt(bias=True, gelu="tanh", only=None):
     leaves = {n: p for n, p in params.items() if only is None or n in only}
 
     def fn():
+        model.dropout_step = 0               # every call the same masks
         logits, loss = model(idx, targets)
         return [logits, loss]
 
@@ -457,6 +504,20 @@ def test_tiny_gpt_all_parameters(bias, gelu):
     assert "lm_head.weight" not in leaves and "transformer.wte.weight" in leaves
     report = gradcheck(fn, leaves, seed=61)
     assert_passes(report)
+
+
+def test_tiny_gpt_with_dropout_all_parameters():
+    """Dropout at all three sites (embeddings, attention probabilities, residual branches) in
+    training mode, its masks held fixed: the whole model's gradients still check."""
+    model, leaves, fn = _tiny_gpt(dropout=0.2)
+    assert model.training
+    report = gradcheck(fn, leaves, seed=63)
+    assert_passes(report)
+    with no_grad():
+        dropped = fn()[0].data
+    model.eval()
+    with no_grad():
+        assert np.max(np.abs(fn()[0].data - dropped)) > 1e-2     # the masks did change the logits
 
 
 def test_tiny_gpt_tied_wte_alone():
@@ -481,7 +542,8 @@ CASE_OF = {
     "gelu": lambda: test_gelu("erf"),
     "softmax": test_softmax,
     "causal_mask": test_causal_mask,
-    "attention": test_attention,
+    "attention": test_attention_with_dropout,
+    "dropout": test_dropout,
     "cross_entropy": test_cross_entropy,
     "reshape": test_reshape,
     "permute": lambda: test_permute((2, 0, 1)),

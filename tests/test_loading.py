@@ -166,7 +166,8 @@ def test_reads_what_transformers_writes(tmp_path, form, activation, gelu):
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     ours = gpt2.GPT.from_pretrained(directory, dtype="float64")
     assert ours.config == gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16,
-                                         vocab_size=97, bias=True, gelu=gelu, layer_norm_eps=1e-6)
+                                         vocab_size=97, bias=True, gelu=gelu, layer_norm_eps=1e-6,
+                                         dropout=0.1)
     want = transformers_logits(theirs)
     assert np.max(np.abs(logits_of(ours) - want)) <= 1e-10 * np.max(np.abs(want))
 

@@ -47,8 +47,21 @@ def causal_mask(x, value=float("-inf")):
     return bind1("causal_mask", x, value=value)
 
 
-def attention(qkv, n_head):
-    return bind1("attention", qkv, n_head=int(n_head))
+def dropout(x, key, p, stream):
+    """x with each element zeroed with probability p and the rest scaled by 1 / (1 - p); key a
+    0-d uint64 array (`kernels.mask.step_key`: one per forward), stream a number for the site.
+    Without a key, or at p = 0, x itself: no node."""
+    if key is None or p == 0.0:
+        return x
+    return bind1("dropout", x, key, p=float(p), stream=int(stream))
+
+
+def attention(qkv, n_head, key=None, p=0.0, stream=0):
+    """Causal self-attention from the fused qkv; with a key and p > 0, dropout on its
+    probabilities (inside the kernel, forward and backward)."""
+    if key is None or p == 0.0:
+        return bind1("attention", qkv, n_head=int(n_head))
+    return bind1("attention", qkv, key, n_head=int(n_head), p=float(p), stream=int(stream))
 
 
 def cross_entropy(logits, targets):

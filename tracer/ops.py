@@ -198,6 +198,27 @@ defop("sum_to", _sum_to_rule)
 defop("fill", lambda shape, dtype, value: [Aval(tuple(shape), np.dtype(dtype))])
 
 
+def _check_dropout(key, p):
+    if tuple(key.shape) != () or np.dtype(key.dtype) != np.uint64:
+        raise ValueError(f"dropout: the key must be a 0-d uint64 array, got "
+                         f"{key.dtype}{list(key.shape)}")
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"dropout: p must be in (0, 1), got {p!r}")
+
+
+def _dropout_rule(x, key, p, stream):
+    _check_dropout(key, p)
+    return [Aval(x.shape, _float_dtype(x))]
+
+
+# The mask is a function of (key, stream, element), so the gradient goes back through the same
+# op: the same mask, the same scale.
+defop("dropout", _dropout_rule,
+      lambda gouts, ins, outs, needs, p, stream: [
+          bind1("dropout", gouts[0], ins[1], p=p, stream=stream), None],
+      inplace={0: 0})
+
+
 def _causal_mask_rule(x, value):
     if len(x.shape) < 2 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"causal_mask needs (..., T, T), got {x.shape}")
@@ -396,22 +417,27 @@ defop("softmax_backward", lambda dy, y: [Aval(y.shape, y.dtype)], inplace={0: 0}
 
 # ---------------------------------------------------------------- attention
 
-def _attention_rule(qkv, n_head):
+def _attention_rule(qkv, key=None, *, n_head, p=0.0, stream=0):
     if len(qkv.shape) != 3 or qkv.shape[-1] % (3 * n_head) != 0:
         raise ValueError(f"attention needs qkv (B, T, 3C) with C divisible by n_head={n_head}, "
                          f"got {qkv.shape}")
+    if key is not None:
+        _check_dropout(key, p)
     b, t, c3 = qkv.shape
     dt = _float_dtype(qkv)
     return [Aval((b, t, c3 // 3), dt), Aval((b, n_head, t), dt)]
 
 
-def _attention_vjp(gouts, ins, outs, needs, n_head):
+def _attention_vjp(gouts, ins, outs, needs, **attrs):
+    """With dropout (a key input and p, stream), the backward regenerates the forward's mask."""
     y, lse = outs
-    return [bind1("attention_backward", gouts[0], ins[0], y, lse, n_head=n_head)]
+    return [bind1("attention_backward", gouts[0], ins[0], y, lse, *ins[1:], **attrs)] + \
+        [None] * (len(ins) - 1)
 
 
 defop("attention", _attention_rule, _attention_vjp)
-defop("attention_backward", lambda dy, qkv, y, lse, n_head: [Aval(qkv.shape, qkv.dtype)])
+defop("attention_backward", lambda dy, qkv, y, lse, key=None, **attrs: [
+    Aval(qkv.shape, qkv.dtype)])
 
 
 # ---------------------------------------------------------------- fused softmax + cross-entropy
