@@ -168,8 +168,9 @@ def read_checkpoint(path):
 
     Keys: "version", "config" (dict), "dtype", "step", "extra" (dict), "params" {name: array},
     "optimizer" (None or {"step", "lr", "betas", "eps", "weight_decay", "exp_avg": {name: array},
-    "exp_avg_sq": {name: array}}). A missing, truncated, corrupted or inconsistent file is a
-    ValueError naming the file and the fault.
+    "exp_avg_sq": {name: array}}). The arrays are writable views of one buffer, the file's
+    bytes: keeping any of them keeps the whole file in memory (copy what you keep). A missing,
+    truncated, corrupted or inconsistent file is a ValueError naming the file and the fault.
     """
     path = os.fspath(path)
 

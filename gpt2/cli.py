@@ -174,8 +174,9 @@ def build_parser():
     pt.add_argument("--gelu", default=None, choices=["tanh", "erf"],
                     help="tanh (GPT-2's, the default from scratch) or erf (nanoGPT's)")
     pt.add_argument("--dropout", type=float, default=None,
-                    help="dropout rate in training (0.1 for the gpt2* presets, else 0; with "
-                         "--init-from, the source's unless given)")
+                    help="dropout rate in training, all three sites (0.1 for the presets gpt2, "
+                         "gpt2-medium, gpt2-large, gpt2-xl; else 0 from scratch and the "
+                         "source's own rates with --init-from)")
     pt.add_argument("--init-from", default=None, metavar="PATH",
                     help="start from pretrained weights: a Hugging Face GPT-2 directory, a "
                          "nanoGPT ckpt.pt or our checkpoint (the optimiser starts fresh)")

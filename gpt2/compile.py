@@ -23,6 +23,7 @@ plan, written in place by `kv_write` nodes. The position is the graph input `sta
 plan serves every position. A model compiled with autocast="bfloat16" decodes with its linear
 layers reading bf16 weights, accumulating in float32 (float32 activations, LayerNorm, attention).
 """
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,8 +207,10 @@ class CompiledModel(Generation):
         self.model.eval()
         return self
 
+    @contextlib.contextmanager
     def evaluating(self):
-        return self.model.evaluating()
+        with self.model.evaluating():
+            yield self
 
     @property
     def training(self):
@@ -233,14 +236,16 @@ class CompiledModel(Generation):
             return {"logits": logits}
         return cached_forward
 
-    @staticmethod
-    def _signature(shape, has_targets, drops=False):
+    def _signature(self, shape, has_targets, drops=False):
+        """With dropout, the rates the trace bakes in are part of the signature: rates changed
+        in model.config after a call trace again."""
         inputs = (("idx", tuple(shape), np.int64),)
         if has_targets:
             inputs += (("targets", tuple(shape), np.int64),)
-        if drops:
-            inputs += (("dropout_key", (), np.uint64),)
-        return Signature(inputs)
+        if not drops:
+            return Signature(inputs)
+        return Signature(inputs + (("dropout_key", (), np.uint64),),
+                         traced_with=(("dropout_rates", self.model.config.dropout_rates),))
 
     def decoder(self, batch_size):
         """The prefill/decode plans for batch_size rows and their KV cache, made on first use."""

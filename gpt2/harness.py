@@ -41,9 +41,7 @@ class HarnessLM(TemplateLM):
             raise ValueError("HarnessLM takes one of pretrained (a path) or model (a GPT)")
         self.batch_size = _positive_int(batch_size, "batch_size")
         self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
-        # Scored in evaluation mode, without dropout, whatever mode a given model was in.
-        self.model = (GPT.from_pretrained(pretrained, dtype=dtype) if model is None
-                      else model).eval()
+        self.model = GPT.from_pretrained(pretrained, dtype=dtype) if model is None else model
         self.compiled = compile_model(self.model, autocast=autocast)
         self.encoding = get_tokenizer()
         if self.model.config.vocab_size < self.encoding.n_vocab:
@@ -99,7 +97,9 @@ class HarnessLM(TemplateLM):
         ids = np.full((self.batch_size, length), self.eot_token_id, dtype=np.int64)
         for row, r in enumerate(rows):
             ids[row, :len(r)] = r
-        logits, _ = self.compiled(ids)
+        # Scored without dropout, the model left in the mode it was in.
+        with self.model.evaluating():
+            logits, _ = self.compiled(ids)
         return logits.data
 
     def loglikelihood_rolling(self, requests, disable_tqdm=False):

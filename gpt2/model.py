@@ -61,7 +61,9 @@ class GPT(Pretrained, Generation):
         self._params = self.arena.parameters
         self._initialise(seed)
         self.training = True
-        self.dropout_seed = int(seed)
+        # An integer seed is the masks' too; any other seed NumPy takes draws one.
+        self.dropout_seed = int(seed) if isinstance(seed, numbers.Integral) else \
+            int(np.random.default_rng(seed).integers(2**63))
         self.dropout_step = 0
 
     def _initialise(self, seed):
@@ -139,7 +141,8 @@ class GPT(Pretrained, Generation):
         state = self.state_dict()
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
         cropped.load_state_dict(state)
-        cropped.training, cropped.dropout_seed = self.training, self.dropout_seed
+        cropped.training = self.training
+        cropped.dropout_seed, cropped.dropout_step = self.dropout_seed, self.dropout_step
         return cropped
 
     def bf16_copies(self):

@@ -60,7 +60,8 @@ PRESETS = {
                       steps=5000, lr=6e-4, warmup=200),
 }
 # GPT-2's four sizes, for fine-tuning (with --init-from, whose shape then wins), on the schedule
-# of nanoGPT's finetune_shakespeare: a small constant learning rate, 20 steps of 32 sequences.
+# of nanoGPT's finetune_shakespeare: a small constant learning rate, 20 steps of 32 sequences;
+# with GPT-2's own dropout, 0.1 (Hugging Face's config), against overfitting a small corpus.
 GPT2_SIZES = {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280),
               "gpt2-xl": (48, 25, 1600)}
 PRESETS.update({name: dict(n_layer=layers, n_head=heads, n_embd=width, block_size=1024,
@@ -190,6 +191,16 @@ def _engine(model, cfg):
         with autocast(cfg.autocast):
             return model(x, y)
     return eager_autocast
+
+
+def _dropout_text(config):
+    """', dropout 0.1' (or its three rates where they differ), or nothing without dropout."""
+    rates = config.dropout_rates
+    if not any(rates):
+        return ""
+    if len(set(rates)) == 1:
+        return f", dropout {rates[0]:g}"
+    return ", dropout {:g} embeddings / {:g} attention / {:g} residual".format(*rates)
 
 
 def _say(quiet, text):
@@ -404,7 +415,7 @@ def _train(cfg, world):
                 f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
                 f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
                 f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}"
-                f"{f', dropout {cfg.dropout:g}' if cfg.dropout else ''}; "
+                f"{_dropout_text(model.config)}; "
                 f"global batch {global_batch} = {cfg.batch_size} x {micro_steps} micro-step(s) x "
                 f"{ranks} rank(s); train {len(train_data):,} tokens, val {len(val_data):,}")
     tokens_per_step = global_batch * cfg.block_size

@@ -148,8 +148,9 @@ def _gelu_backward_into(dx, dy, x, form):
 
 def dropout(out, x, key, *, p, stream):
     """out = x with each element dropped (0) with probability p, else scaled by 1 / (1 - p); key a
-    0-d integer array (`mask.step_key`), stream the dropout site. Never NumPy's path: its mask
-    costs a dozen passes over the array."""
+    0-d integer array (`mask.step_key`), stream the dropout site. Small arrays too take the
+    kernel, not NumPy's path, whose mask costs a dozen passes over the array; only arrays the
+    kernel does not take (mixed dtypes, not C-contiguous) go to the reference."""
     if is_fast(out, x) and out.shape == x.shape:
         scale_flat(out.reshape(-1), x.reshape(-1), keep_scale(p, x.dtype), chunk_scratch(x.dtype),
                    (True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p))))

@@ -133,8 +133,9 @@ def test_masks_do_not_depend_on_the_thread_count():
     x = rng.standard_normal(300_001).astype(np.float32)
     results = []
     before = numba.get_num_threads()
+    assert numba.config.NUMBA_NUM_THREADS > 1, "one thread only: nothing to compare"
     try:
-        for threads in (1, before):
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
             numba.set_num_threads(threads)
             results.append([dropped(x, 0.1, 1), *run_attention(attention, qkv, 2, 0.1, dy=dy)])
     finally:
@@ -219,6 +220,26 @@ def test_compiled_equals_eager_under_bf16_autocast_with_dropout(monkeypatch):
     (closs, cg), (eloss, eg) = results
     assert abs(closs - eloss) <= 1e-6 * eloss
     assert np.max(np.abs(cg - eg)) <= 1e-5 * np.max(np.abs(eg))
+
+
+def test_rates_changed_after_compiling_trace_again():
+    model = gpt2.GPT(CFG, dtype="float64")
+    cm = gpt2.compile(model)
+    idx, targets = batch()
+    cm(idx, targets)
+    model.config = dataclasses.replace(model.config, dropout=0.3)
+    model.dropout_step = 0
+    got = cm(idx, targets)[1].item()
+    assert cm.trace_count == 2
+    model.dropout_step = 0
+    assert abs(got - model(idx, targets)[1].item()) < 1e-12
+
+
+def test_evaluating_a_compiled_model_yields_it_and_restores_the_mode():
+    cm = gpt2.compile(gpt2.GPT(CFG))
+    with cm.evaluating() as inside:
+        assert inside is cm and not cm.training
+    assert cm.training
 
 
 def test_generation_and_perplexity_run_without_dropout():

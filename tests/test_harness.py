@@ -1,6 +1,7 @@
 """EleutherAI's lm-evaluation-harness runs our compiled model: on tasks of tests/lm_eval_tasks (a
 multiple-choice, a rolling perplexity and a generation task over local JSONL), every request's
 answer and every metric agree with lm-eval's own `hf` model on the same transformers checkpoint."""
+import dataclasses
 import json
 import os
 
@@ -164,6 +165,18 @@ def test_bad_arguments_are_named(checkpoint):
     small = gpt2.GPT(gpt2.GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=64))
     with pytest.raises(ValueError, match="vocabulary of 64"):
         HarnessLM(model=small)
+
+
+def test_scores_run_without_dropout_and_leave_the_mode(checkpoint):
+    """A model in training mode with dropout scores as in eval mode, and stays in training mode."""
+    from lm_eval.api.instance import Instance
+    requests = [Instance("loglikelihood", {}, ("def add(a, b):", " return a + b"), 0)]
+    model = gpt2.GPT.from_pretrained(str(checkpoint))
+    want = HarnessLM(model=model).loglikelihood(requests)
+    model.config = dataclasses.replace(model.config, dropout=0.5)
+    model.train()
+    assert HarnessLM(model=model).loglikelihood(requests) == want
+    assert model.training and model.dropout_step == 0
 
 
 def test_bf16_scores_close_to_float32(checkpoint):

@@ -30,9 +30,11 @@ from gpt2_jit.tracer.trace import trace
 @dataclass(frozen=True)
 class Signature:
     """What a trace is made for: its inputs, and the state it keeps between runs (a KV cache),
-    each a tuple of (name, shape, dtype)."""
+    each a tuple of (name, shape, dtype); traced_with: (name, value) pairs of anything else the
+    traced function reads that changes its graph (GPT-2's dropout rates)."""
     inputs: tuple
     state: tuple = ()
+    traced_with: tuple = ()
 
 
 @dataclass(frozen=True)
