@@ -57,7 +57,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
-from gpt2_jit.kernels.mask import keep_scale, kept, stream_base, threshold
+from gpt2_jit.kernels.mask import NO_DROPOUT, keep_scale, kept, kernel_args
 from gpt2_jit.kernels.reduction import ordered_sum
 from gpt2_jit.kernels.scalar import exp_clamped_native, row_max
 from gpt2_jit.kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
@@ -315,12 +315,11 @@ def _attention_shapes(qkv, n_head, out, lse):
 
 
 def _dropout_args(key, p, stream, dtype):
-    """(dropping, the stream's base, threshold, 1 / (1 - p)) as the kernels take them; key None
+    """`mask.kernel_args` and 1 / (1 - p), as the attention kernels take them; key None
     (or p 0) for no dropout."""
     if key is None or p == 0.0:
-        return False, np.uint64(0), np.uint64(0), dtype.type(1.0)
-    return True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p)), \
-        keep_scale(p, dtype)
+        return NO_DROPOUT + (dtype.type(1.0),)
+    return kernel_args(key, p, stream) + (keep_scale(p, dtype),)
 
 
 def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0):

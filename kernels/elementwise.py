@@ -8,7 +8,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.bf16 import put
-from gpt2_jit.kernels.mask import keep_scale, kept, stream_base, threshold
+from gpt2_jit.kernels.mask import NO_DROPOUT, keep_scale, kept, kernel_args
 from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small,
                                      is_suffix, rows)
 from gpt2_jit.kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
@@ -41,16 +41,12 @@ def binary_rows(out, a, b, op, scratch):
                     oseg[j] = tmp[j]
 
 
-# scale_flat's dropout argument for none.
-NO_DROPOUT = (False, np.uint64(0), np.uint64(0))
-
-
 @njit(**PARALLEL)
 def scale_flat(out, x, factor, scratch, dropout):
     """out (n,) = x (n,) * factor (a scalar of the arrays' dtype); out may alias x; scratch:
-    `chunk_scratch`. With dropout = (True, a stream's base, a threshold), the elements
-    `mask.kept` drops are 0 instead: chunks are cut by the size alone, and each element's bits are
-    its own, so the thread count does not matter."""
+    `chunk_scratch`. With dropout = `mask.kernel_args(...)` (else `mask.NO_DROPOUT`), the
+    elements `mask.kept` drops are 0 instead: chunks are cut by the size alone, and each element's
+    bits are its own, so the thread count does not matter."""
     dropping, base, limit = dropout
     zero = x.dtype.type(0.0)
     n = x.shape[0]
@@ -153,7 +149,7 @@ def dropout(out, x, key, *, p, stream):
     kernel does not take (mixed dtypes, not C-contiguous) go to the reference."""
     if is_fast(out, x) and out.shape == x.shape:
         scale_flat(out.reshape(-1), x.reshape(-1), keep_scale(p, x.dtype), chunk_scratch(x.dtype),
-                   (True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p))))
+                   kernel_args(key, p, stream))
     else:
         reference.dropout(out, x, key, p=p, stream=stream)
 

@@ -51,6 +51,16 @@ def keep_scale(p, dtype):
     return np.dtype(dtype).type(1.0 / (1.0 - p))
 
 
+# What a kernel that may drop takes (`kernel_args`, or none): (dropping, the stream's base, the
+# threshold).
+NO_DROPOUT = (False, np.uint64(0), np.uint64(0))
+
+
+def kernel_args(key, p, stream):
+    """The kernels' dropout argument for site `stream` of the forward keyed `key`, at rate p."""
+    return True, np.uint64(stream_base(key, stream)), np.uint64(threshold(p))
+
+
 def keep_mask(key, stream, shape, p):
     """NumPy's reference mask: True where an element of an array of `shape` is kept (flat index
     order), by the same integer arithmetic as `kept`."""

@@ -9,7 +9,8 @@ from numba import njit, prange
 from gpt2_jit.kernels import reference
 from gpt2_jit.kernels.bf16 import bf16_bits, bits_or_self
 from gpt2_jit.kernels.common import PARALLEL, chunk_scratch, is_fast, is_small, workspace
-from gpt2_jit.kernels.elementwise import NO_DROPOUT, scale_flat
+from gpt2_jit.kernels.elementwise import scale_flat
+from gpt2_jit.kernels.mask import NO_DROPOUT
 from gpt2_jit.kernels.stream import clear_row, store_fence
 
 
