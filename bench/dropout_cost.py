@@ -26,6 +26,7 @@ import numpy  # noqa: E402,F401
 if "--worker" in sys.argv and sys.argv[sys.argv.index("--worker") + 1] == "torch":
     import torch  # noqa: E402,F401
 from bench import machine  # noqa: E402
+from bench.steps import pytorch_style_step  # noqa: E402
 
 GPT2_124M = dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304,
                  dropout=0.1)
@@ -62,40 +63,19 @@ def _ours(size, n):
     import gpt2
     cfg, _, _ = SIZES[size]
     model = gpt2.GPT(gpt2.GPTConfig(**cfg))
-    params = model.parameters()
-    opt = gpt2.AdamW(params, lr=1e-4, weight_decay=0.1)
-    cm = gpt2.compile(model)
     x, y = _batch(size)
-
-    def step():
-        _, loss = cm(x, y)
-        loss.backward()
-        gpt2.clip_grad_norm(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-
-    return _pairs(step, model.train, n)
+    return _pairs(pytorch_style_step(gpt2.compile(model), model, x, y), model.train, n)
 
 
 def _torch(size, n):
     import torch
     import gpt2
-    from tests.torch_gpt2 import GPT as TorchGPT, configure_adamw
+    from tests.torch_gpt2 import GPT as TorchGPT, training_step
     cfg, _, _ = SIZES[size]
     torch.manual_seed(0)
     model = TorchGPT(gpt2.GPTConfig(**cfg))
-    opt = configure_adamw(model, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                          fused=True)
     x, y = (torch.from_numpy(a) for a in _batch(size))
-
-    def step():
-        _, loss = model(x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return _pairs(step, model.train, n)
+    return _pairs(training_step(model, x, y), model.train, n)
 
 
 def spawn(engine, size, pairs):

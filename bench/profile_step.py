@@ -32,6 +32,8 @@ from bench import machine  # noqa: E402
 from bench.compare_eager_vs_jit import SIZES, _batch  # noqa: E402
 import gpt2  # noqa: E402
 from gpt2_jit import kernels  # noqa: E402
+from gpt2_jit.tracer import cost  # noqa: E402
+from gpt2_jit.tracer.cost import attention_unit  # noqa: E402
 
 GEMM_OPS = {"linear", "linear_gelu", "linear_backward_x", "linear_backward_w",
             "linear_backward_w_acc", "matmul"}
@@ -53,26 +55,11 @@ def bytes_moved(node, args):
 
 
 def attention_flops(node):
-    """(computed, model) FLOPs of an attention node, causal: T (T + 1) C per GEMM-sized unit; the
-    forward computes 2 units, the backward 5 (it recomputes S: FlashAttention's count) of which
-    4 are model FLOPs."""
-    b, t, c3 = node.inputs[0].shape if node.op.name == "attention" else node.inputs[1].shape
-    unit = b * t * (t + 1) * (c3 // 3)
-    return (2 * unit, 2 * unit) if node.op.name == "attention" else (5 * unit, 4 * unit)
-
-
-def gemm_flops(node, args):
-    """FLOPs of a GEMM node: 2 x its output's size x the contracted length."""
-    name = node.op.name
-    if name == "linear":                                  # out, x, w
-        return 2 * args[0].size * args[1].shape[-1]
-    if name == "linear_gelu":                             # out, pre, x, w
-        return 2 * args[1].size * args[2].shape[-1]
-    if name == "linear_backward_x":                       # dx, dy, w
-        return 2 * args[0].size * args[1].shape[-1]
-    if name in ("linear_backward_w", "linear_backward_w_acc"):    # dw, dy, x
-        return 2 * args[0].size * (args[1].size // args[1].shape[-1])
-    return 0
+    """(computed, model) FLOPs of an attention node: the forward computes 2 causal units, the
+    backward 5 (it recomputes S: FlashAttention's count) of which 4 are model FLOPs."""
+    if node.op.name == "attention":
+        return 2 * attention_unit(node.inputs[0]), cost.flops(node)
+    return 5 * attention_unit(node.inputs[1]), cost.flops(node)
 
 
 def profiled_steps(exe, steps):
@@ -161,7 +148,7 @@ def main():
 
     rate = max(rate, machine.gemm_rate())
     gemm_time = sum(t for node, t in nodes if node.op.name in GEMM_OPS)
-    step_gemm_rate = sum(gemm_flops(node, args_of[id(node)]) for node, _ in nodes
+    step_gemm_rate = sum(cost.gemm_flops(node) for node, _ in nodes
                          if node.op.name in GEMM_OPS) / max(gemm_time, 1e-12)
     by_kind = {}
     for node, t in nodes:

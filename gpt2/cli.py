@@ -182,6 +182,10 @@ def build_parser():
                          "nanoGPT ckpt.pt or our checkpoint (the optimiser starts fresh)")
     pt.add_argument("--autocast", default=None, choices=["bfloat16"],
                     help="bf16 GEMM operands with float32 accumulation and master weights")
+    pt.add_argument("--memory-budget", default=None, metavar="SIZE",
+                    help="bound the compiled step's activations (its planned arena), e.g. 6GiB: "
+                         "what does not fit is recomputed in the backward, the gradients "
+                         "unchanged; weights, gradients and AdamW's moments come on top")
     pt.add_argument("--eager", action="store_true", help="run the NumPy reference engine")
     pt.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.bin")
     pt.add_argument("--skip-nonfinite", action="store_true",

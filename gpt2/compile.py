@@ -24,6 +24,8 @@ plan serves every position. A model compiled with autocast="bfloat16" decodes wi
 layers reading bf16 weights, accumulating in float32 (float32 activations, LayerNorm, attention).
 """
 import contextlib
+import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,13 +43,58 @@ class MemoryReport:
     naive_bytes: int       # every value its own buffer
     held_bytes: int        # written by the forward, kept for the backward
     state_bytes: int = 0   # kept between runs, outside the arena (a KV cache)
+    budget_bytes: int = None   # the compiled model's memory_budget
+    recomputed: str = None     # what the budget made the backward recompute (tracer.recompute)
+    recompute_flops: int = 0   # FLOPs spent recomputing, per step
+    step_flops: int = 0        # FLOPs of the step without the recompute
+
+    @property
+    def recompute_fraction(self):
+        """What the recompute adds to the step's FLOPs, as a fraction of them."""
+        return self.recompute_flops / self.step_flops if self.step_flops else 0.0
 
     def __str__(self):
         state = f", {self.state_bytes / 2**20:.1f} MiB of state" if self.state_bytes else ""
-        return (f"arena {self.planned_bytes / 2**20:.1f} MiB planned vs "
+        text = (f"arena {self.planned_bytes / 2**20:.1f} MiB planned vs "
                 f"{self.naive_bytes / 2**20:.1f} MiB naive "
                 f"({self.naive_bytes / max(self.planned_bytes, 1):.1f}x saved), "
                 f"{self.held_bytes / 2**20:.1f} MiB held from forward to backward{state}")
+        if self.budget_bytes is None:
+            return text
+        text += f"; budget {size_text(self.budget_bytes)}"
+        if self.recomputed:
+            text += (f": recomputing {self.recomputed}, {self.recompute_flops / 1e9:.2f} GFLOP "
+                     f"(+{100 * self.recompute_fraction:.1f}% on the step's FLOPs)")
+        return text
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def size_text(n):
+    """Bytes as a person reads them: GiB from one GiB up, else MiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def memory_budget_bytes(budget):
+    """A memory budget in bytes: an int, or a string such as "6GiB", "512 MiB", "6e9" or "8GB"
+    (powers of 1024 for KiB/MiB/GiB/TiB, of 1000 for KB/MB/GB/TB); None stays None."""
+    if budget is None:
+        return None
+    given = budget
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE]\+?[0-9]+)?)\s*([A-Za-z]*)\s*", budget)
+        unit = _UNITS.get(m.group(2).upper()) if m else None
+        if unit is None:
+            raise ValueError(f"memory_budget {budget!r} is not a size such as '6GiB', "
+                             f"'512MiB' or '8GB'")
+        budget = float(m.group(1)) * unit
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(budget) or budget < 1:
+        raise ValueError(f"memory_budget must be a size of at least one byte, such as '6GiB', "
+                         f"got {given!r}")
+    return int(budget)
 
 
 class ArenaTensor(Tensor):
@@ -137,13 +184,15 @@ class Decoder:
 
 
 class CompiledModel(Generation):
-    def __init__(self, model, table=None, max_plans=8, autocast=None, debug=False):
+    def __init__(self, model, table=None, max_plans=8, autocast=None, memory_budget=None,
+                 debug=False):
         if autocast not in (None, "bfloat16"):
             raise ValueError(f"autocast must be None or 'bfloat16', got {autocast!r}")
         if autocast is not None and model.dtype != np.float32:
             raise ValueError(f"autocast={autocast!r} needs a float32 model (its master weights), "
                              f"got a {model.dtype} one")
         self.autocast = autocast
+        self.memory_budget = memory_budget_bytes(memory_budget)
         if autocast is not None:
             model.bf16_copies()
         self.model = model
@@ -154,7 +203,8 @@ class CompiledModel(Generation):
         self.decode_table = dict(kernels.DECODE if table is None else table)
         self.max_plans = max_plans
         self.compiler = Compiler(self._forward_for, model.parameters(), self.table,
-                                 max_entries=max_plans, autocast=autocast, debug=debug)
+                                 max_entries=max_plans, autocast=autocast,
+                                 memory_budget=self.memory_budget, debug=debug)
         # Made once: every call and every decoded token looks its program up with these.
         self._passes = {"training": training_passes(autocast),
                         "forward": inference_passes(autocast),
@@ -196,7 +246,11 @@ class CompiledModel(Generation):
             return None
         p = self._last.plan
         state = sum(v.nbytes for v in self._last.graph.state)
-        return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes, state)
+        spent, step = self._last.recompute_flops
+        choice = self._last.choice
+        return MemoryReport(p.arena_bytes, p.naive_bytes, p.held_bytes, state,
+                            self.memory_budget, str(choice) if choice and choice.level else None,
+                            spent, step)
 
     # Training mode, evaluation mode: the model's (see gpt2.model).
     def train(self, mode=True):
@@ -319,7 +373,7 @@ def refresh_bf16_copies(exe):
             p.refresh_bf16()
 
 
-def compile(model, table=None, max_plans=8, autocast=None, debug=False):
+def compile(model, table=None, max_plans=8, autocast=None, memory_budget=None, debug=False):
     """Wrap a GPT so each call runs a traced, planned static graph instead of the Python forward.
 
     autocast="bfloat16": every linear layer and its two backward GEMMs (the lm_head included)
@@ -328,6 +382,13 @@ def compile(model, table=None, max_plans=8, autocast=None, debug=False):
     weights that AdamW refreshes in its own pass (a Parameter written by hand: `mark_changed()`).
     The eager reference is `with gpt2.autocast("bfloat16"): model(idx, targets)`.
 
+    memory_budget (bytes, or a size such as "6GiB") bounds every plan's arena: a training plan
+    that would not fit recomputes in the backward what it cannot hold (tracer.recompute), the
+    gradients unchanged bit for bit; `cm.memory` says what it chose and what that costs, and a
+    budget below the smallest plan reachable is a ValueError naming that plan's size. Weights,
+    gradients and AdamW's moments are outside the arena and the budget.
+
     The compiler (tracer.pipeline) keeps up to max_plans input signatures; debug=True prints every
     program it makes, stage by stage (`print(cm.program)` shows the last one)."""
-    return CompiledModel(model, table=table, max_plans=max_plans, autocast=autocast, debug=debug)
+    return CompiledModel(model, table=table, max_plans=max_plans, autocast=autocast,
+                         memory_budget=memory_budget, debug=debug)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from gpt2 import data as data_mod
 from gpt2 import distributed
 from gpt2.checkpoints import load_checkpoint, save_checkpoint
-from gpt2.compile import compile as compile_model
+from gpt2.compile import compile as compile_model, memory_budget_bytes, size_text
 from gpt2.config import parameter_shapes
 from gpt2.files import atomic_write
 from gpt2.loading import hf_config
@@ -105,6 +105,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: str = "float32"
     autocast: str = None
+    memory_budget: int = None    # bytes (or a size such as "6GiB") for the compiled step's arena
     vocab_size: int = None       # 50304 from scratch; a pretrained model's own with init_from
     gelu: str = None             # "tanh" from scratch
     dropout: float = None        # the preset's, else 0 from scratch and the source's with init_from
@@ -153,6 +154,10 @@ class TrainConfig:
         if self.autocast is not None and self.dtype != "float32":
             raise ValueError(f"--autocast {self.autocast} keeps float32 master weights; it does "
                              f"not go with --dtype {self.dtype}")
+        self.memory_budget = memory_budget_bytes(self.memory_budget)
+        if self.memory_budget is not None and self.eager:
+            raise ValueError("--memory-budget bounds the compiled step's plan; the eager engine "
+                             "(--eager) has none")
         if self.warmup < 0 or self.clip < 0 or self.lr <= 0:
             raise ValueError(f"need warmup >= 0, clip >= 0, lr > 0; got warmup={self.warmup}, "
                              f"clip={self.clip}, lr={self.lr}")
@@ -183,7 +188,7 @@ def _is_int(value):
 def _engine(model, cfg):
     """What a step calls: the compiled model, or the eager one (under autocast if asked)."""
     if not cfg.eager:
-        return compile_model(model, autocast=cfg.autocast)
+        return compile_model(model, autocast=cfg.autocast, memory_budget=cfg.memory_budget)
     if cfg.autocast is None:
         return model
 
@@ -191,6 +196,19 @@ def _engine(model, cfg):
         with autocast(cfg.autocast):
             return model(x, y)
     return eager_autocast
+
+
+def _banner(cfg, model, global_batch, ranks, train_tokens, val_tokens):
+    """The run's first line: the model, how it runs, the batch and the data."""
+    budget = f", memory budget {size_text(cfg.memory_budget)}" \
+        if cfg.memory_budget is not None else ""
+    return (f"model: {model.num_parameters() / 1e6:.2f}M parameters, {cfg.n_layer} layers, "
+            f"{cfg.n_head} heads, width {cfg.n_embd}, block {cfg.block_size}; "
+            f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
+            f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}"
+            f"{_dropout_text(model.config)}{budget}; global batch {global_batch} = "
+            f"{cfg.batch_size} x {cfg.grad_accum} micro-step(s) x {ranks} rank(s); "
+            f"train {train_tokens:,} tokens, val {val_tokens:,}")
 
 
 def _dropout_text(config):
@@ -315,17 +333,30 @@ def available_memory():
 
 def check_memory(model_cfg, cfg):
     """Refuse, before allocating, a training run whose estimate exceeds the memory available,
-    naming the estimate and the largest batch that would fit."""
+    naming the estimate and what would fit: a smaller batch, or a memory budget. With
+    --memory-budget the arena is estimated as the budget (the plan recomputes to stay within it;
+    one it cannot reach is refused when the step is planned)."""
     state, arena = training_bytes(model_cfg, cfg.batch_size, cfg.dtype, cfg.autocast)
+    if cfg.memory_budget is not None:
+        arena = min(arena, cfg.memory_budget)
     free = available_memory()
     if state + arena <= free:
         return
-    per_sequence = arena // cfg.batch_size
-    fits = (free - state) // per_sequence if free > state else 0
     gib = 2.0 ** 30
-    advice = (f"--batch-size {fits} (with --grad-accum for the same global batch) would fit"
-              if fits >= 1 else "no batch fits at this shape and dtype: a smaller model, a "
-              "shorter --block-size or float32 instead of float64")
+    room = f"{math.floor((free - state) / gib * 10) / 10:.1f}GiB"      # rounded down, to fit
+    if cfg.memory_budget is not None:
+        advice = (f"--memory-budget {room} would fit, if the plan can reach it"
+                  if free > state else "no budget fits: the weights, gradients and moments "
+                  "alone exceed it")
+    else:
+        per_sequence = arena // cfg.batch_size
+        fits = (free - state) // per_sequence if free > state else 0
+        advice = (f"--batch-size {fits} (with --grad-accum for the same global batch) would fit"
+                  if fits >= 1 else "no batch fits at this shape and dtype: a smaller model, a "
+                  "shorter --block-size or float32 instead of float64")
+        if free > state and not cfg.eager:
+            advice += (f"; or --memory-budget {room} recomputes activations in the backward "
+                       f"instead of holding them")
     raise ValueError(f"training {model_cfg.n_layer} layers x width {model_cfg.n_embd} at batch "
                      f"{cfg.batch_size} x block {model_cfg.block_size} in {cfg.dtype} needs about "
                      f"{(state + arena) / gib:.1f} GiB ({state / gib:.1f} for weights, gradients "
@@ -410,25 +441,20 @@ def _train(cfg, world):
                                    "data_dir": cfg.data_dir, "global_batch": global_batch,
                                    "world_size": ranks, "grad_accum": micro_steps})
 
-    n_params = model.num_parameters()
-    _say(quiet, f"model: {n_params / 1e6:.2f}M parameters, {cfg.n_layer} layers, {cfg.n_head} "
-                f"heads, width {cfg.n_embd}, block {cfg.block_size}; "
-                f"{'eager' if cfg.eager else 'compiled'} {cfg.dtype}"
-                f"{f', autocast {cfg.autocast}' if cfg.autocast else ''}"
-                f"{_dropout_text(model.config)}; "
-                f"global batch {global_batch} = {cfg.batch_size} x {micro_steps} micro-step(s) x "
-                f"{ranks} rank(s); train {len(train_data):,} tokens, val {len(val_data):,}")
+    _say(quiet, _banner(cfg, model, global_batch, ranks, len(train_data), len(val_data)))
     tokens_per_step = global_batch * cfg.block_size
     # Counted in tokens, so tqdm's own rate is tok/s and its ETA follows from it.
     bar = tqdm(total=cfg.steps * tokens_per_step, initial=step * tokens_per_step, desc="train",
                unit="tok", unit_scale=True, disable=quiet)
-    skipped = 0
+    skipped, first_step = 0, step
     with _InterruptFlag() as interrupt, bar:
         # Every rank stops at the same step boundary, whichever of them was interrupted.
         while step < cfg.steps and not world.any(interrupt.raised):
             opt.lr = cosine_lr(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr)
             x, y = data_mod.get_batch(train_data, global_batch, cfg.block_size, rng)
             loss_sum = forward_backward(run, model, x, y, cfg, world, step)
+            if cfg.memory_budget is not None and step == first_step:
+                _say(quiet, f"plan: {run.memory}")
             if grads is not None:
                 grads.finish()                               # before the optimiser reads .grad
             loss_value = float(world.sum([loss_sum])[0]) / (micro_steps * ranks)

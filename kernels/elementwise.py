@@ -7,7 +7,7 @@ import numpy as np
 from numba import njit, prange
 
 from gpt2_jit.kernels import reference
-from gpt2_jit.kernels.bf16 import put
+from gpt2_jit.kernels.bf16 import bits_or_self, put
 from gpt2_jit.kernels.mask import NO_DROPOUT, keep_scale, kept, kernel_args
 from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small,
                                      is_suffix, rows)
@@ -210,10 +210,14 @@ def gelu_form(form):
 
 
 def gelu(out, x, *, form):
-    """out (...) = gelu(x (...)), form "tanh" or "erf"."""
-    if is_fast(out, x) and out.shape == x.shape:
+    """out (...) = gelu(x (...)), form "tanh" or "erf"; out float32, float64 or bf16 (written
+    rounded): linear_gelu's epilogue, so a GELU recomputed from the pre-activation is the fused
+    kernel's, bit for bit."""
+    out_bits = bits_or_self(out)
+    if is_fast(x) and out_bits.flags.c_contiguous and out.shape == x.shape \
+            and (out.dtype == x.dtype or (out_bits is not out and x.dtype == np.float32)):
         x2 = rows(x)
-        bias_gelu_rows(rows(out), x2, x2[0], False, gelu_form(form))
+        bias_gelu_rows(rows(out_bits), x2, x2[0], False, gelu_form(form))
     else:
         reference.gelu(out, x, form=form)
 

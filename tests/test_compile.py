@@ -186,14 +186,17 @@ def _sum_through_scratch(x):
     return scratch.sum()
 
 
-@pytest.mark.parametrize("allocating", [False, True])
+@pytest.mark.parametrize("allocating, budgeted", [(False, False), (False, True), (True, False)])
 def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array_fallbacks,
-                                                     allocating):
+                                                     allocating, budgeted):
     """Kernels take their scratch from workspaces kept per shape: over a compiled training step
-    (forward, backward, clipping and AdamW, every op on its Numba kernel), Numba's runtime makes
-    nothing but one record per array a kernel is handed. Control (allocating): LayerNorm's backward
-    given a kernel that allocates per call again, and the count sees it."""
+    (forward, backward, clipping and AdamW, every op on its Numba kernel; budgeted: at the
+    smallest memory budget, recomputing in the backward), Numba's runtime makes nothing but one
+    record per array a kernel is handed. Control (allocating): LayerNorm's backward given a
+    kernel that allocates per call again, and the count sees it."""
+    from test_recompute import smallest_budget
     model, idx, targets = moved_float32_model()
+    budget = smallest_budget(model.config, shape=idx.shape) if budgeted else None
     opt = gpt2.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     if allocating:
         wrapped = kernels.COMPILED["layernorm_backward_acc"]
@@ -210,12 +213,13 @@ def test_kernels_allocate_nothing_in_a_training_step(monkeypatch, no_small_array
         loss.backward()
         opt.step(max_grad_norm=1.0, zero_grad=True)
 
-    step(gpt2.compile(model, table=table))     # every specialisation compiled, workspaces made
+    step(gpt2.compile(model, table=table, memory_budget=budget))   # compiled, workspaces made
     calls = KernelCalls(monkeypatch, table)
-    cm = gpt2.compile(model, table=calls.table)
+    cm = gpt2.compile(model, table=calls.table, memory_budget=budget)
     allocations = nrt_allocations(lambda: step(cm))
     handed = sum(calls.arrays.values())
     assert {"attention", "attention_backward", "layernorm_backward_acc"} <= set(calls.arrays)
+    assert (cm.program.choice is not None and cm.program.choice.level is not None) == budgeted
     if allocating:
         assert allocations >= handed + calls.numba["layernorm_backward_acc"]
     else:

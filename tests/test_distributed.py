@@ -21,6 +21,7 @@ from gpt2.checkpoints import read_checkpoint
 from gpt2.config import parameter_shapes
 from gpt2.model import backward_order
 from gpt2_jit.tracer.schedule import gradient_final_steps
+from test_recompute import smallest_budget
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The launcher the mpich wheel installs beside this Python (the test extra brings it), else PATH's.
@@ -317,6 +318,22 @@ def test_dropout_masks_follow_the_rows_of_the_global_batch(corpus, tmp_path):
     two, accum, plain = (trained(tmp_path / d) for d in ("two", "accum", "plain"))
     assert max_difference(two, accum) < 1e-10
     assert max_difference(plain, accum) > 1e-4
+
+
+def test_two_ranks_under_a_memory_budget_match_two_without_one_bit_for_bit(corpus, tmp_path):
+    """At the smallest budget each rank's backward recomputes, and the buckets still start where
+    their gradients are final: the same losses and parameters as 2 ranks without a budget."""
+    probe = train_mod.TrainConfig(**options(corpus, tmp_path / "probe", batch_size=4)).resolve()
+    smallest = smallest_budget(probe.model_config(), "float64",
+                               shape=(probe.batch_size, probe.block_size))
+    budgeted = options(corpus, tmp_path / "budget", batch_size=4, quiet=False,
+                       memory_budget=f"{smallest}B")
+    result = mpiexec(budgeted, budgeted)
+    assert result.returncode == 0, result.stderr
+    assert "recomputing FULL" in result.stdout
+    plain = options(corpus, tmp_path / "plain", batch_size=4)
+    assert mpiexec(plain, plain).returncode == 0
+    assert max_difference(trained(tmp_path / "budget"), trained(tmp_path / "plain")) == 0.0
 
 
 def test_resume_on_two_ranks_from_one_with_the_same_global_batch(corpus, tmp_path, monkeypatch):

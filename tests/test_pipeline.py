@@ -48,7 +48,7 @@ def test_every_pass_carries_a_field_it_does_not_know():
     assert first_pass_losing("provenance", trace, [Pass("by hand", by_hand)]) == "by hand"
 
 
-def refuse(plan):
+def refuse(plan, budget=None):
     raise AssertionError("the checker ran")
 
 

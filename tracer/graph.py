@@ -75,6 +75,7 @@ class Graph:
         self.grads = []       # (Value, Parameter): .grad buffers that nodes accumulate into
         self.consts = []
         self.state = []       # state Values: buffers the plan owns, written in place by nodes
+        self.recomputed = frozenset()   # ids of held values tracer.recompute makes again instead
         self.nodes = []
         self.outputs = {}     # name -> Value
         self._next_id = 0

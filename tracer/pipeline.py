@@ -6,9 +6,11 @@
     print(program)                      # the graph after every stage
 
 A program is made in stages: `trace` records forward_for(signature) on symbolic inputs; each
-Pass (Graph -> Graph) rewrites the graph; `plan_buffers` places every value in the arena and
-`check_plan` proves the placement safe (no two live values share bytes, nothing is read before it
-is written or after its state was overwritten); the Executable binds the plan to arrays. The
+Pass (Graph -> Graph) rewrites the graph; with a memory budget, a training graph then goes through
+`tracer.recompute.fit` (recompute in the backward what the arena cannot hold); `plan_buffers`
+places every value in the arena and `check_plan` proves the placement safe (no two live values
+share bytes, nothing is read before it is written or after its state was overwritten, the arena
+within the budget); the Executable binds the plan to arrays. The
 compiler keeps one LRU cache keyed by the input signature: an entry holds the trace and the
 programs made from it (training and forward-only plans of one shape share a trace).
 """
@@ -22,6 +24,7 @@ from gpt2_jit.tracer.fusion import accumulate_gradients, fuse
 from gpt2_jit.tracer.graph import prune
 from gpt2_jit.tracer.ops import autocast as autocasting
 from gpt2_jit.tracer.precision import bf16_activations, bf16_weights
+from gpt2_jit.tracer.recompute import fit, mib, recompute_flops
 from gpt2_jit.tracer.runtime import Executable
 from gpt2_jit.tracer.schedule import check_plan, plan_buffers
 from gpt2_jit.tracer.trace import trace
@@ -49,6 +52,13 @@ class Program:
     plan: object           # tracer.schedule.Plan
     executable: Executable
     check_seconds: float   # what check_plan cost
+    choice: object = None  # tracer.recompute.Choice: what a memory budget recomputes
+    plan_seconds: float = 0.0   # what planning cost (under a budget: the search)
+
+    @property
+    def recompute_flops(self):
+        """(FLOPs the backward spends recomputing, FLOPs of the step without them)."""
+        return recompute_flops(self.graph)
 
     @property
     def graph(self):
@@ -89,14 +99,16 @@ class Compiler:
     parameters {name: Parameter} the tensors it may capture, table the kernels plans run.
 
     max_entries bounds the cache (least recently used out); autocast is traced under
-    tracer.ops.autocast; debug prints every program's stages as it is made."""
+    tracer.ops.autocast; memory_budget (bytes) bounds every plan's arena, a training plan's by
+    recomputing; debug prints every program's stages as it is made."""
 
     def __init__(self, forward_for, parameters, table, max_entries=8, autocast=None,
-                 debug=False):
+                 memory_budget=None, debug=False):
         if max_entries < 1:
             raise ValueError(f"max_entries must be at least 1, got {max_entries}")
         self.forward_for, self.parameters, self.table = forward_for, parameters, table
         self.max_entries, self.autocast, self.debug = max_entries, autocast, debug
+        self.memory_budget = memory_budget
         self.trace_count = 0
         self._entries = OrderedDict()     # Signature -> _Entry
 
@@ -117,16 +129,37 @@ class Compiler:
             stages = [("trace", self._entry(signature).trace)]
             for p in passes:
                 stages.append((p.name, p.run(stages[-1][1])))
-            graph = stages[-1][1]
-            plan = plan_buffers(graph, forward_only_outputs=forward_only_outputs)
             start = time.perf_counter()
-            check_plan(plan)
-            checked = time.perf_counter() - start
-            exe = Executable(graph, plan, self.table if table is None else table, state)
-            programs[variant] = Program(stages, plan, exe, checked)
+            plan, choice = self._plan(stages, forward_only_outputs)
+            planned = time.perf_counter()
+            check_plan(plan, self.memory_budget)
+            checked = time.perf_counter() - planned
+            exe = Executable(stages[-1][1], plan, self.table if table is None else table, state)
+            programs[variant] = Program(stages, plan, exe, checked, choice, planned - start)
             if self.debug:
                 print(f"---- {variant} program for {signature}\n{programs[variant]}")
         return programs[variant]
+
+    def _plan(self, stages, forward_only_outputs):
+        """The plan of the last stage's graph, and what the budget made it recompute (appending
+        the "recompute" stage when that is something)."""
+        graph, budget = stages[-1][1], self.memory_budget
+
+        def plan(g, pack=True):
+            return plan_buffers(g, forward_only_outputs=forward_only_outputs, pack=pack)
+        if budget is None:
+            return plan(graph), None
+        if all(n.phase == "forward" for n in graph.nodes):
+            planned = plan(graph)
+            if planned.arena_bytes > budget:
+                raise ValueError(f"memory_budget {mib(budget)} is below this forward-only "
+                                 f"plan's arena of {mib(planned.arena_bytes)}, which holds "
+                                 f"nothing for a backward that recomputing could free")
+            return planned, None
+        recomputing, planned, choice = fit(graph, budget, plan)
+        if recomputing is not graph:
+            stages.append(("recompute", recomputing))
+        return planned, choice
 
     def _entry(self, signature):
         if signature in self._entries:

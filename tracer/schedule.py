@@ -27,15 +27,17 @@ class Plan:
     arena_bytes: int = 0              # planned_bytes: the arena after reuse
     naive_bytes: int = 0              # every node output its own buffer
     held_bytes: int = 0               # written in the forward phase, read in the backward
+    recomputed: frozenset = frozenset()   # held values the backward makes again (tracer.recompute)
 
 
 def _align(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def plan_buffers(graph, forward_only_outputs=()):
+def plan_buffers(graph, forward_only_outputs=(), pack=True):
     """Plan every node output. Outputs named in forward_only_outputs need only survive the forward
-    phase: the backward may then overwrite them in place (dlogits over logits)."""
+    phase: the backward may then overwrite them in place (dlogits over logits). pack=False stops
+    before placing storages (no offsets, arena_bytes 0): the lifetimes `peak_bytes` reads."""
     order = list(graph.nodes)
     n_forward = sum(1 for n in order if n.phase == "forward")
     if any(n.phase != "forward" for n in order[:n_forward]):
@@ -90,13 +92,29 @@ def plan_buffers(graph, forward_only_outputs=()):
                 first_def.setdefault(storage_of[out.id], i)
     lifetime = {s: (first_def[s], max(first_def[s], storage_last_use(s))) for s in members}
 
-    plan = Plan(order, n_forward, storage_of, external_view, nbytes, lifetime)
-    plan.offset, plan.arena_bytes = _pack(nbytes, lifetime)
+    plan = Plan(order, n_forward, storage_of, external_view, nbytes, lifetime,
+                recomputed=graph.recomputed)
+    if pack:
+        plan.offset, plan.arena_bytes = _pack(nbytes, lifetime)
     plan.naive_bytes = sum(o.nbytes for n in order for k, o in enumerate(n.outputs)
                            if k not in n.op.writes)          # state is not the plan's to place
     plan.held_bytes = sum(nbytes[s] for s, (a, b) in lifetime.items()
                           if a < n_forward <= b and n_forward < end)
     return plan
+
+
+def peak_bytes(plan):
+    """The most bytes alive at one step: what any packing of the plan's storages needs at least
+    (the packed arena adds fragmentation to it)."""
+    change = [0] * (len(plan.order) + 2)
+    for s, (a, b) in plan.lifetime.items():
+        change[a] += _align(plan.nbytes[s])
+        change[b + 1] -= _align(plan.nbytes[s])
+    peak = alive = 0
+    for delta in change:
+        alive += delta
+        peak = max(peak, alive)
+    return peak
 
 
 def _pack(nbytes, lifetime):
@@ -117,9 +135,16 @@ def _pack(nbytes, lifetime):
     return offset, top
 
 
-def check_plan(plan):
-    """Raise if two storages alive at the same step share bytes, a value is read unwritten, or a
-    state buffer is read in its old version after a node has written it."""
+def check_plan(plan, budget=None):
+    """Raise if two storages alive at the same step share bytes, a value is read unwritten (a
+    recomputed one: before the backward makes it again), a state buffer is read in its old version
+    after a node has written it, the backward reads a value the plan recomputes instead, or a
+    storage lies past `budget` bytes of arena."""
+    if budget is not None:
+        top = max((plan.offset[s] + plan.nbytes[s] for s in plan.offset), default=0)
+        if max(top, plan.arena_bytes) > budget:
+            raise AssertionError(f"the arena reaches {max(top, plan.arena_bytes)} bytes, over "
+                                 f"the budget of {budget}")
     spans = sorted(plan.offset.items(), key=lambda kv: kv[1])
     for i, (s, lo) in enumerate(spans):
         for t, lo2 in spans[i + 1:]:
@@ -136,6 +161,9 @@ def check_plan(plan):
             if v.id in superseded:
                 raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id}, which step "
                                      f"{superseded[v.id]} has since written in place")
+            if i >= plan.n_forward and v.id in plan.recomputed:
+                raise AssertionError(f"step {i} ({n.op.name}) reads %{v.id} as the forward left "
+                                     f"it, but the plan recomputes it")
         for k, j in n.op.writes.items():
             superseded[n.inputs[j].id] = i
         written.update(o.id for o in n.outputs)
