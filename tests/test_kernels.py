@@ -914,11 +914,12 @@ def test_few_rows_linear(dt, monkeypatch, n, with_bias):
 @pytest.mark.parametrize("n", [1, 3, decode.FEW_ROWS, decode.FEW_ROWS + 1])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_few_rows_bf16_linear(monkeypatch, n, with_bias):
-    """A bf16 GEMM on bf16 weights, up to FEW_ROWS rows on _bf16_linear: equal to float64 products
-    of the bf16-rounded operands within float32 summation error; more rows go to kernels.gemm."""
+    """A bf16 GEMM on bf16 weights of an even input width, up to FEW_ROWS rows on _bf16_linear:
+    equal to float64 products of the bf16-rounded operands within float32 summation error; more
+    rows, or an odd width (the weights cannot be read two to a uint32), go to kernels.gemm."""
     calls = count_calls(monkeypatch, "_bf16_linear")
     rng = np.random.default_rng(n)
-    for n_in, n_out in ((13, 1), (13, decode.W_BLOCK + 3), (768, 50)):
+    for n_in, n_out in ((14, 1), (14, decode.W_BLOCK + 3), (13, 6), (2, 5), (768, 50)):
         x = rng.standard_normal((1, n, n_in)).astype(np.float32)
         w32 = rng.standard_normal((n_out, n_in)).astype(np.float32)
         w = w32.astype(BFLOAT16)
@@ -930,7 +931,7 @@ def test_few_rows_bf16_linear(monkeypatch, n, with_bias):
         assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
         unrounded = x.astype(np.float64) @ w32.astype(np.float64).T + (0.0 if b is None else b)
         assert np.abs(unrounded - want).max() > 1e-4 * np.abs(want).max()   # rounding is seen
-    assert calls == [3 if n <= decode.FEW_ROWS else 0]
+    assert calls == [4 if n <= decode.FEW_ROWS else 0]
 
 
 @pytest.mark.parametrize("n", [1, 5, decode.FEW_ROWS, decode.FEW_ROWS + 1])
