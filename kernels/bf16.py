@@ -49,12 +49,14 @@ _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 @njit(cache=True, inline="always")
 def bf16_bits(x):
     """The bf16 nearest to a float32 x (ties to even), as uint16 bits; NaN stays NaN."""
-    b = np.int64(np.float32(x).view(np.uint32))        # 64-bit: the sum below cannot wrap
-    rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    quiet_nan = (b >> 16) | 0x40
+    # 32-bit, twice the vector lanes of 64: the sum wraps only for a NaN's bits, which the NaN
+    # select below replaces.
+    b = np.float32(x).view(np.uint32)
+    rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+    quiet_nan = (b >> np.uint32(16)) | np.uint32(0x40)
     # Selected by arithmetic, not by a branch: a branch here, inlined into an inlined helper, left
     # Numba 0.68 a phi node out of scope (NumbaIRAssumptionWarning).
-    return np.uint16(rounded + np.int64(x != x) * (quiet_nan - rounded))
+    return np.uint16(rounded + np.uint32(x != x) * (quiet_nan - rounded))
 
 
 @njit(cache=True, inline="always")

@@ -16,6 +16,7 @@ import gpt2
 from gpt2_jit import kernels
 from gpt2_jit.kernels import bf16
 from gpt2_jit.kernels.bf16 import BFLOAT16
+from gpt2_jit.tracer import precision
 from gpt2 import train as train_mod
 from test_cli import corpus, small_options  # noqa: F401  (corpus is a fixture)
 from torch_gpt2 import GPT as TorchGPT
@@ -152,6 +153,31 @@ def test_kernels_write_bf16_by_rounding_their_float32_result():
         np.testing.assert_array_equal(narrow.view(np.uint16), wide.astype(BFLOAT16).view(np.uint16))
 
 
+@pytest.mark.parametrize("n, v", [(1, 7), (2, 5), (5, 17), (67, 301)])
+def test_dlogits_in_bf16_over_the_logits_or_apart(n, v):
+    """cross_entropy_backward writing bf16: the float32 kernel's dlogits rounded, whether written
+    apart or over the float32 logits' first half (rows in waves: 67 rows make 8 of them), and
+    near NumPy's reference within bf16's rounding."""
+    rng = np.random.default_rng(n)
+    logits = (3 * rng.standard_normal((n, v))).astype(np.float32)
+    targets = rng.integers(0, v, n)
+    lse = np.log(np.exp(logits.astype(np.float64)).sum(1)).astype(np.float32)
+    dloss = np.float32(0.7)
+    wide = logits.copy()
+    kernels.NUMBA["cross_entropy_backward"](wide, dloss, wide, targets, lse)
+    apart = np.full((n, v), np.nan, BFLOAT16)
+    kernels.NUMBA["cross_entropy_backward"](apart, dloss, logits.copy(), targets, lse)
+    shared = logits.copy()
+    over = np.ndarray((n, v), BFLOAT16, buffer=shared)
+    kernels.NUMBA["cross_entropy_backward"](over, dloss, shared, targets, lse)
+    np.testing.assert_array_equal(apart.view(np.uint16), wide.astype(BFLOAT16).view(np.uint16))
+    np.testing.assert_array_equal(over.view(np.uint16), apart.view(np.uint16))
+    want = np.empty((n, v), np.float64)
+    kernels.reference.cross_entropy_backward(want, dloss, logits.astype(np.float64), targets,
+                                             lse.astype(np.float64))
+    assert rel(over.astype(np.float32), want) < 2 ** -8
+
+
 @pytest.mark.parametrize("impl", ["numba", "reference"])
 def test_adamw_pass_refreshes_the_bf16_copy(impl):
     rng = np.random.default_rng(4)
@@ -223,6 +249,35 @@ def test_compiled_and_numpy_reference_agree_to_a_rounding_flip():
     with gpt2.autocast("bfloat16"):
         logits_e, loss_e, _ = step_outputs(model, model, x, y)
     assert rel(logits_c, logits_e) < 1e-2 and abs(loss_c - loss_e) < 1e-5 * abs(loss_e)
+
+
+def test_dlogits_are_written_in_bf16_over_the_logits(monkeypatch):
+    """The lm_head's two backward GEMMs read bf16 dlogits that cross_entropy_backward wrote over
+    the logits' storage, so no GEMM rounds them; against float32 dlogits (the writer taken off
+    precision.BF16_WRITERS) the arena is no larger and the step's numbers are the same bits."""
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=1001)
+    model = moved_model(cfg)
+    x, y = batch(cfg)
+    cm = gpt2.compile(model, autocast="bfloat16")
+    logits, loss, grads = step_outputs(cm, model, x, y)
+    graph, plan = cm.program.graph, cm.program.plan
+    ce = next(n for n in graph.nodes if n.op.name == "cross_entropy_backward")
+    dlogits = ce.outputs[0]
+    assert dlogits.dtype == BFLOAT16
+    assert plan.storage_of[dlogits.id] == plan.storage_of[ce.inputs[1].id]
+    readers = [n for n in graph.nodes if dlogits in n.inputs]
+    assert sorted(n.op.name for n in readers) == ["linear_backward_w_acc", "linear_backward_x"]
+
+    monkeypatch.delitem(precision.BF16_WRITERS, "cross_entropy_backward")
+    wide = gpt2.compile(model, autocast="bfloat16")
+    logits_w, loss_w, grads_w = step_outputs(wide, model, x, y)
+    ce_w = next(n for n in wide.program.graph.nodes if n.op.name == "cross_entropy_backward")
+    assert ce_w.outputs[0].dtype == np.float32                  # the control: float32 dlogits
+    assert plan.arena_bytes <= wide.program.plan.arena_bytes
+    np.testing.assert_array_equal(logits, logits_w)
+    assert loss == loss_w
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads_w[name], err_msg=name)
 
 
 def test_printed_graph_shows_the_dtypes():

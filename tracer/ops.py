@@ -29,6 +29,9 @@ class Op:
     vjp: Optional[Callable] = None  # (gouts, ins, outs, needs, **attrs) -> grads per input
     is_view: bool = False           # output shares the input's bytes (reshape)
     inplace: dict = field(default_factory=dict)   # output index -> input index it may overwrite
+    # An inplace output may be of a narrower dtype than its input (bf16 over float32), written
+    # over the input's first bytes: the kernel orders its writes behind its reads.
+    narrows_inplace: bool = False
     # output index -> input index whose buffer it *is*: the op updates that input in place (a KV
     # cache). Unlike `inplace`, not the planner's choice: every engine passes the input as the
     # output, and the output is the updated value that later readers must use.
@@ -458,7 +461,8 @@ def _cross_entropy_vjp(gouts, ins, outs, needs):
 
 defop("cross_entropy", _cross_entropy_rule, _cross_entropy_vjp)
 defop("cross_entropy_backward",
-      lambda dloss, logits, targets, lse: [Aval(logits.shape, logits.dtype)], inplace={0: 1})
+      lambda dloss, logits, targets, lse: [Aval(logits.shape, logits.dtype)], inplace={0: 1},
+      narrows_inplace=True)
 
 
 # ---------------------------------------------------------------- fused ops (made by tracer.fusion

@@ -3,9 +3,9 @@
 - `bf16_weights`: a GEMM with compute="bfloat16" reads a parameter from its bf16 copy (a param
   Value of dtype bf16, which the runtime binds to `Parameter.bf16`) instead of rounding the
   float32 master weight on every call. The optimiser keeps the copy current in its own pass.
-- `bf16_activations`: a value that only such GEMMs read (a LayerNorm's output, linear_gelu's GELU)
-  is written in bf16 by the kernel that produces it: half the bytes, kept and read, and no
-  rounding pass in the GEMMs that take it.
+- `bf16_activations`: a value that only such GEMMs read (a LayerNorm's output, linear_gelu's GELU,
+  the lm_head's dlogits) is written in bf16 by the kernel that produces it: half the bytes, kept
+  and read, and no rounding pass in the GEMMs that take it.
 
 Both keep the numbers: a bf16 GEMM rounds its operands to bf16 whichever side does it.
 """
@@ -16,7 +16,8 @@ from gpt2_jit.tracer.graph import Node
 GEMM_OPERANDS = {"linear": (0, 1), "linear_gelu": (0, 1), "linear_backward_x": (0, 1),
                  "linear_backward_w": (0, 1), "linear_backward_w_acc": (1, 2)}
 # Op -> the output its kernel can write in bf16.
-BF16_WRITERS = {"layernorm": 0, "residual_layernorm": 1, "linear_gelu": 0}
+BF16_WRITERS = {"layernorm": 0, "residual_layernorm": 1, "linear_gelu": 0,
+                "cross_entropy_backward": 0}
 
 
 def reads_bf16(node, position):

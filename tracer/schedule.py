@@ -2,7 +2,7 @@
 
 Every value a node produces lives in a *storage*. Views (reshape) share their input's storage, and
 an op that may overwrite an input (op.inplace) takes over that input's storage when the input is
-read for the last time there. An op that writes state (op.writes) outputs the state's own buffer,
+read for the last time there (with a narrower dtype, for an op that narrows_inplace). An op that writes state (op.writes) outputs the state's own buffer,
 which lives outside the arena like a parameter. Each storage is alive from the step that first
 writes it to the last step that reads it (graph outputs: to the end). Storages are then packed into
 one arena, largest first, each at the lowest aligned offset where it overlaps no storage alive at
@@ -32,6 +32,13 @@ class Plan:
 
 def _align(n):
     return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def _fits(op, cand, out, storage_bytes):
+    """Whether op's output `out` may take over the storage (of storage_bytes) of its input cand."""
+    if op.narrows_inplace:
+        return out.nbytes <= storage_bytes
+    return out.nbytes == storage_bytes and cand.dtype == out.dtype
 
 
 def plan_buffers(graph, forward_only_outputs=(), pack=True):
@@ -72,8 +79,8 @@ def plan_buffers(graph, forward_only_outputs=(), pack=True):
             if src is None and k in n.op.inplace:
                 cand = n.inputs[n.op.inplace[k]]
                 s = storage_of.get(cand.id)
-                if (s is not None and s not in claimed and nbytes[s] == out.nbytes
-                        and cand.dtype == out.dtype and storage_last_use(s) <= i
+                if (s is not None and s not in claimed and _fits(n.op, cand, out, nbytes[s])
+                        and storage_last_use(s) <= i
                         and not any(m in outputs for m in members[s])):
                     src = cand
             if src is not None:
