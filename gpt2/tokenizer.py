@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from gpt2.files import atomic_write
+from gpt2_jit.kernels.common import cache_root
 
 WHISPER_VERSION = "20250625"
 WHISPER_SDIST = f"openai-whisper=={WHISPER_VERSION}"
@@ -42,8 +43,7 @@ class TokenizerSetupError(RuntimeError):
 
 def cache_dir():
     """$GPT2_JIT_CACHE, else ~/.cache/gpt2-jit (not created here)."""
-    env = os.environ.get("GPT2_JIT_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "gpt2-jit"
+    return Path(cache_root(os.environ))
 
 
 def _sha256(data):

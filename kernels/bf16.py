@@ -21,24 +21,28 @@ bf16 (a float32 operand is rounded on the way in; a bf16 one is used as it is). 
   the same run, float32 300-390).
 Both libraries run on GNU OpenMP's threads, the pool Numba's kernels use.
 
-Where the CPU has bf16 units, the first GEMM of a process times each available backend on a
+Where the CPU has bf16 units, the first GEMM on a machine times each available backend on a
 GPT-2 shape of each kind of GEMM (`KINDS`: forward, input gradient, weight gradient) and keeps the
 fastest per kind (`backend(kind)` tells which and why), so the choice is made on the machine that
-runs it. Where it has none, the emulation runs (MKL then measured no faster: 98-133 against
+runs it; `choice_file()` keeps it for every later process there, so they all sum alike
+(`measure()` times again). Where it has none, the emulation runs (MKL then measured no faster: 98-133 against
 110-127 GFLOP/s on the Zen 3) and it says so once: bf16's numbers, float32's speed at best.
 """
+import contextlib
 import ctypes
+import json
 import os
 import sys
 import time
 import warnings
 
 import ml_dtypes
+import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from gpt2_jit.kernels.common import FASTMATH, workspace
+from gpt2_jit.kernels.common import FASTMATH, cache_root, workspace
 
 BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
 _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
@@ -271,10 +275,84 @@ def _rate(fn, kind, repeats=3):
     return 2 * m * k * n / best
 
 
+def choice_file():
+    """Where the backends chosen on this machine are kept: bf16_backends.json under
+    `common.cache_root`."""
+    return os.path.join(cache_root(os.environ), "bf16_backends.json")
+
+
+def machine_key():
+    """What a choice holds for: the CPU (its name, family and model), its bf16 units, the thread
+    count and every installed backend's library version. Another value of any of them measures
+    again."""
+    from importlib import metadata
+    cpu = {}
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                field, _, value = line.partition(":")
+                cpu.setdefault(field.strip(), value.strip())
+    model = "{}, family {}, model {}".format(*(cpu.get(field, "unknown") for field in (
+        "model name", "cpu family", "model")))
+    versions = []
+    for name, package in (("mkl", "mkl"), ("onednn", "onednn-cpu-gomp")):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{name} {metadata.version(package)}")
+    return f"{model}; bf16 units {bf16_units()}; {numba.get_num_threads()} threads; " + \
+        ", ".join(versions or ["no library"])
+
+
+def _remembered(key, names):
+    """The choice kept for key, or None: none kept, the file unreadable or damaged, or a backend
+    in it not installed now."""
+    try:
+        with open(choice_file()) as f:
+            kept = json.load(f)[key]
+        chosen = {kind: (kept[kind][0], kept[kind][1]) for kind in KINDS}
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    if any(name not in names for name, _ in chosen.values()):
+        return None
+    return {kind: (name, why + f" (measured earlier, kept in {choice_file()})")
+            for kind, (name, why) in chosen.items()}
+
+
+def _remember(key, chosen):
+    """Keep chosen for key beside what the file holds for other keys; a file that cannot be
+    written only costs the next process a measurement."""
+    from gpt2.files import WriteError, atomic_write
+    kept = {}
+    with contextlib.suppress(OSError, ValueError):
+        with open(choice_file()) as f:
+            kept = dict(json.load(f))
+    kept[key] = {kind: list(v) for kind, v in chosen.items()}
+    with contextlib.suppress(WriteError, OSError):
+        os.makedirs(os.path.dirname(choice_file()), exist_ok=True)
+        with atomic_write(choice_file()) as tmp:
+            with open(tmp, "w") as f:
+                json.dump(kept, f, indent=1, sort_keys=True)
+
+
+def measure():
+    """{kind: (name, why)}: each available backend timed on each kind's GPT-2 shape, the fastest
+    per kind, kept in `choice_file()` for the next process on this machine."""
+    names = available_backends()
+    chosen = {}
+    for kind in KINDS:
+        rates = {name: _rate(BACKENDS[name], kind) for name in names}
+        best = max(rates, key=rates.get)
+        chosen[kind] = (best, f"bf16 units: {bf16_units()}; {kind} " + ", ".join(
+            f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
+    _remember(machine_key(), chosen)
+    return chosen
+
+
 def _choose():
     """{kind: (name, why)} for every kind: without bf16 units the emulation (every library
     emulates then, and ours measured as fast as MKL's or faster); with them, per kind the fastest
-    available backend, timed once per process."""
+    available backend, measured once per machine (`measure`). Two processes timing for
+    themselves could pick apart where two backends run close, and their sums would then differ
+    in the last bits."""
     units = bf16_units()
     names = available_backends()
     if units == "none":
@@ -285,13 +363,7 @@ def _choose():
     if len(names) == 1:
         return {kind: (names[0], f"bf16 units: {units}; no other backend installed")
                 for kind in KINDS}
-    chosen = {}
-    for kind in KINDS:
-        rates = {name: _rate(BACKENDS[name], kind) for name in names}
-        best = max(rates, key=rates.get)
-        chosen[kind] = (best, f"bf16 units: {units}; {kind} " + ", ".join(
-            f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
-    return chosen
+    return _remembered(machine_key(), names) or measure()
 
 
 def backend(kind="forward"):

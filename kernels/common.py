@@ -41,6 +41,13 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
+def cache_root(environ):
+    """Where the engine keeps what it made once for this machine: $GPT2_JIT_CACHE, else
+    ~/.cache/gpt2-jit (not created here)."""
+    return os.path.expanduser(environ.get("GPT2_JIT_CACHE")
+                              or os.path.join("~", ".cache", "gpt2-jit"))
+
+
 def numba_cache_dir(environ, kernel_dir):
     """Where Numba caches the compiled kernels: a directory named by a digest of every source
     file in kernel_dir, under $NUMBA_CACHE_DIR, else $GPT2_JIT_CACHE, else ~/.cache/gpt2-jit.
@@ -53,9 +60,8 @@ def numba_cache_dir(environ, kernel_dir):
         if name.endswith(".py"):
             with open(os.path.join(kernel_dir, name), "rb") as f:
                 digest.update(name.encode() + b"\0" + f.read() + b"\0")
-    base = environ.get("NUMBA_CACHE_DIR") or environ.get("GPT2_JIT_CACHE") \
-        or os.path.join(os.path.expanduser("~"), ".cache", "gpt2-jit")
-    return os.path.join(os.path.expanduser(base), "numba-" + digest.hexdigest()[:16])
+    base = os.path.expanduser(environ.get("NUMBA_CACHE_DIR") or cache_root(environ))
+    return os.path.join(base, "numba-" + digest.hexdigest()[:16])
 
 
 # Read by every `cache=True` kernel as it is decorated, so set before any kernel module's body runs

@@ -6,6 +6,7 @@ compiled graph against the eager engine running the same kernels (to float32 rou
 numbers against float32 and torch.autocast (a bf16-sized difference, no more); training (the loss
 curve tracks float32's, resume is bit for bit).
 """
+import json
 import warnings
 
 import numpy as np
@@ -116,6 +117,48 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="'fp8'"):
         bf16.use_backend("fp8")
     bf16.use_backend(None)
+
+
+def test_backend_choice_is_kept_for_the_machine(tmp_path, monkeypatch):
+    """Measured once per machine key and kept in the cache directory; measured again for another
+    key, a damaged file, or a kept backend that is no longer installed."""
+    monkeypatch.setenv("GPT2_JIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(bf16, "bf16_units", lambda: "AMX")
+    installed = ["emulated", "mkl", "onednn"]
+    monkeypatch.setattr(bf16, "available_backends", lambda: list(installed))
+    name_of = {fn: name for name, fn in bf16.BACKENDS.items()}
+    fastest = {"forward": "mkl", "input gradient": "onednn", "weight gradient": "emulated"}
+    timed = []
+
+    def rate(fn, kind):
+        timed.append(kind)
+        return 2e12 if name_of[fn] == fastest[kind] else 1e12
+    monkeypatch.setattr(bf16, "_rate", rate)
+
+    def choose():
+        bf16.use_backend(None)
+        timed.clear()
+        return {kind: bf16.backend(kind)[0] for kind in bf16.KINDS}
+    try:
+        assert choose() == fastest and len(timed) == 9
+        assert choose() == fastest and timed == []                 # kept from the file
+        assert "measured earlier" in bf16.backend("forward")[1]
+        with open(bf16.choice_file()) as f:
+            assert list(json.load(f)) == [bf16.machine_key()]
+        real_key = bf16.machine_key()
+        monkeypatch.setattr(bf16, "machine_key", lambda: real_key + "; 1 threads")
+        assert choose() == fastest and len(timed) == 9             # another key
+        with open(bf16.choice_file()) as f:
+            assert len(json.load(f)) == 2
+        with open(bf16.choice_file(), "w") as f:
+            f.write('{"damaged')
+        assert choose() == fastest and len(timed) == 9
+        assert choose() == fastest and timed == []                 # written again, whole
+        installed.remove("onednn")
+        fastest["input gradient"] = "mkl"
+        assert choose() == fastest and len(timed) == 6
+    finally:
+        bf16.use_backend(None)
 
 
 def test_each_kind_of_gemm_runs_on_its_own_backend(monkeypatch):
