@@ -33,6 +33,7 @@ import ctypes
 import json
 import os
 import sys
+import tempfile
 import time
 import warnings
 
@@ -318,19 +319,20 @@ def _remembered(key, names):
 
 
 def _remember(key, chosen):
-    """Keep chosen for key beside what the file holds for other keys; a file that cannot be
-    written only costs the next process a measurement."""
-    from gpt2.files import WriteError, atomic_write
+    """Keep chosen for key beside what the file holds for other keys, by a rename (a reader sees
+    the old file or the new one); a file that cannot be written only costs the next process a
+    measurement. (gpt2.files' atomic_write sits above the kernels, which cannot import it.)"""
     kept = {}
     with contextlib.suppress(OSError, ValueError):
         with open(choice_file()) as f:
             kept = dict(json.load(f))
     kept[key] = {kind: list(v) for kind, v in chosen.items()}
-    with contextlib.suppress(WriteError, OSError):
+    with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(choice_file()), exist_ok=True)
-        with atomic_write(choice_file()) as tmp:
-            with open(tmp, "w") as f:
-                json.dump(kept, f, indent=1, sort_keys=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(choice_file()),
+                                         suffix=".tmp", delete=False) as f:
+            json.dump(kept, f, indent=1, sort_keys=True)
+        os.replace(f.name, choice_file())
 
 
 def measure():
