@@ -309,7 +309,7 @@ def _remembered(key, names):
     try:
         with open(choice_file()) as f:
             kept = json.load(f)[key]
-        chosen = {kind: (kept[kind][0], kept[kind][1]) for kind in KINDS}
+        chosen = {kind: (str(kept[kind][0]), str(kept[kind][1])) for kind in KINDS}
     except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
     if any(name not in names for name, _ in chosen.values()):
@@ -323,7 +323,7 @@ def _remember(key, chosen):
     the old file or the new one); a file that cannot be written only costs the next process a
     measurement. (gpt2.files' atomic_write sits above the kernels, which cannot import it.)"""
     kept = {}
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, TypeError):
         with open(choice_file()) as f:
             kept = dict(json.load(f))
     kept[key] = {kind: list(v) for kind, v in chosen.items()}
