@@ -54,8 +54,7 @@ _PAR = dict(cache=True, fastmath=FASTMATH, parallel=True, error_model="numpy")
 @njit(cache=True, inline="always")
 def bf16_bits(x):
     """The bf16 nearest to a float32 x (ties to even), as uint16 bits; NaN stays NaN."""
-    # 32-bit, twice the vector lanes of 64: the sum wraps only for a NaN's bits, which the NaN
-    # select below replaces.
+    # Unsigned 32-bit: the sum wraps only for a NaN's bits, which the NaN select below replaces.
     b = np.float32(x).view(np.uint32)
     rounded = (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
     quiet_nan = (b >> np.uint32(16)) | np.uint32(0x40)
