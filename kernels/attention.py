@@ -49,44 +49,29 @@ same kernel call, one task per head. The backward runs one task per (batch, head
 own: that task alone adds into its head's dQ, dK and dV, in block order, so the sums are race-free
 and the same for any thread count (GPT-2 has 12 heads, which keeps 2 cores busy at batch 1). Tasks
 go in contiguous ranges to one worker per thread (`n_workers`), each with its own scratch.
+
+Under bf16 autocast (compute="bfloat16") every product takes bf16 operands, rounded where
+`reference.attention` rounds them. On a CPU with AMX, sequences of `AMX_FROM_LENGTH` or more run on
+the tile unit (`kernels.attention_bf16`); otherwise these kernels run with `rounding`: the packed
+keys and values, copies of Q_i and dY_i, and the tiles of P and dS rounded in place, so a float32
+product of them is the bf16 product with float32 accumulation.
 """
+import contextlib
 import math
 
 import numpy as np
 from numba import njit, prange
 
-from gpt2_jit.kernels import reference
+from gpt2_jit.kernels import amx, attention_bf16, reference
+from gpt2_jit.kernels.attention_rows import (Q_BLOCK, causal_softmax_row, drop_probabilities,
+                                             round_through_bf16, rounded_copy)
 from gpt2_jit.kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
 from gpt2_jit.kernels.mask import NO_DROPOUT, keep_scale, kept, kernel_args
-from gpt2_jit.kernels.reduction import ordered_sum
-from gpt2_jit.kernels.scalar import exp_clamped_native, row_max
+from gpt2_jit.kernels.scalar import exp_clamped_native
 from gpt2_jit.kernels.tile import (A_LOWER, A_UPPER, C_LOWER, edge_scratch, pack_heads, pack_panels,
                           pack_rows, panel_product, panel_width)
 
-# Query rows per block, and keys per tile in the backward: a multiple of every panel width (up to 32
-# columns, float32 on AVX-512), as the backward's key tiles must start on a panel. Measured at B1
-# H12 T1024 (float32, AMD EPYC Zen 3) on the microkernel, interleaved: 64 ran 0.88-0.90 of the time
-# of the previous version, 48 0.91, 96 0.92, 128 0.92-0.95, 32 0.96. (With BLAS tiles, 32 rows had
-# run at 59 GFLOP/s, 64 at 71, 96 to 192 at 76-79.)
-Q_BLOCK = 64
-assert Q_BLOCK % 32 == 0
 PACKING_SKEW = 1088                 # 17 cache lines: no multiple of 4 KiB
-
-
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def causal_softmax_row(row, n_seen):
-    """row[:n_seen] = exp(row - its max), unnormalised, and row[n_seen:] = 0 (the masked keys);
-    returns the max and the sum, which the caller turns into 1 / sum or a log-sum-exp."""
-    seen = row[:n_seen]
-    m = row_max(seen)
-    for j in range(n_seen):
-        seen[j] = exp_clamped_native(seen[j] - m)
-    # Added in a fixed order, not in a loop the optimiser may reorder (see kernels.reduction).
-    total = ordered_sum(seen)
-    masked = row[n_seen:]
-    for j in range(masked.shape[0]):
-        masked[j] = 0.0
-    return m, total
 
 
 @njit(cache=True)
@@ -98,24 +83,20 @@ def score_stride(n_panels, width):
     return (n_panels | 1) * width
 
 
-@njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def drop_probabilities(row, base, first, limit):
-    """Zero the entries of a row of probabilities that dropout drops: entry j is element first + j
-    of the (B, H, T, T) probabilities' mask (`mask.kept`)."""
-    zero = row.dtype.type(0.0)
-    for j in range(row.shape[0]):
-        if not kept(base, first + j, limit):
-            row[j] = zero
-
-
 @njit(**PARALLEL)
-def _attention_forward(out, lse, qkv, n_head, scale, q_block, dropout, key_panels, value_strips,
-                       score_tiles, inv_sums, edges):
+def _attention_forward(out, lse, qkv, n_head, scale, q_block, dropout, rounding, key_panels,
+                       value_strips, score_tiles, inv_sums, edges, queries):
     """out (B, T, C), lse (B*H, T) from qkv (B, T, 3C) = [q | k | v], each (H, D) per token;
-    dropout: `_dropout_args`. key_panels (B*H, P, D, W) and value_strips (B*H, P', T, W):
-    workspace, every head packed into it here by `pack_heads` first. Per worker: score_tiles
-    (workers, q_block stride), inv_sums (workers, q_block), edges (workers, 6, W)."""
+    dropout: `_dropout_args`; rounding: the products' operands rounded to bf16 (as
+    `reference.attention`'s compute="bfloat16"). key_panels (B*H, P, D, W) and value_strips (B*H,
+    P', T, W): workspace, every head packed into it here by `pack_heads` first. Per worker:
+    score_tiles (workers, q_block stride), inv_sums (workers, q_block), edges (workers, 6, W),
+    queries (workers, q_block, D) for the rounded queries."""
     pack_heads(key_panels, value_strips, qkv, n_head)
+    if rounding:
+        for bh in prange(key_panels.shape[0]):
+            round_through_bf16(key_panels[bh].reshape(-1))
+            round_through_bf16(value_strips[bh].reshape(-1))
     nq = (qkv.shape[1] + q_block - 1) // q_block
     pairs = (nq + 1) // 2
     n_tasks = qkv.shape[0] * n_head * pairs
@@ -123,12 +104,13 @@ def _attention_forward(out, lse, qkv, n_head, scale, q_block, dropout, key_panel
     for worker in prange(workers):
         for task in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
             _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task,
-                          pairs, dropout, score_tiles[worker], inv_sums[worker], edges[worker])
+                          pairs, dropout, rounding, score_tiles[worker], inv_sums[worker],
+                          edges[worker], queries[worker])
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
 def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_block, task, pairs,
-                  dropout, scores, inv_l, edge):
+                  dropout, rounding, scores, inv_l, edge, queries):
     """One (batch, head, pair of query blocks) of `_attention_forward`. With dropout, the
     dropped probabilities are zeroed before P V and the kept ones scaled with 1 / sum."""
     dropping, base, limit, factor = dropout
@@ -147,8 +129,11 @@ def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_bloc
         i1 = min(t, i0 + q_block)
         n_panels = (i1 + width - 1) // width
         padded = scores[:(i1 - i0) * stride].reshape(i1 - i0, stride)
-        panel_product(padded[:, :n_panels * width], qkv[b, i0:i1, h0:h0 + d],
-                      key_panels[bh, :n_panels], scale, False, edge, C_LOWER, i0)
+        q_rows = qkv[b, i0:i1, h0:h0 + d]
+        if rounding:
+            q_rows = rounded_copy(queries, q_rows)
+        panel_product(padded[:, :n_panels * width], q_rows, key_panels[bh, :n_panels], scale,
+                      False, edge, C_LOWER, i0)
         for r in range(i1 - i0):
             m, total = causal_softmax_row(padded[r, :i1], i0 + r + 1)
             lse[bh, i0 + r] = m + math.log(total)
@@ -157,6 +142,8 @@ def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_bloc
                 inv_l[r] = factor / total
             else:
                 inv_l[r] = 1.0 / total
+            if rounding:
+                round_through_bf16(padded[r, :i0 + r + 1])
         y = out[b, i0:i1, h0:h0 + d]
         panel_product(y, padded, value_strips[bh, :, :i1], qkv.dtype.type(1.0), False, edge,
                       A_LOWER, i0)
@@ -167,26 +154,27 @@ def _forward_task(out, lse, qkv, key_panels, value_strips, n_head, scale, q_bloc
 
 
 @njit(**PARALLEL)
-def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, dropout, packed,
-                        tiles, row_strips, deltas, edges):
+def _attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, dropout,
+                        rounding, packed, tiles, row_strips, deltas, edges, rounded_rows):
     """dqkv (B, T, 3C) from dy, out (B, T, C), qkv (B, T, 3C) and lse (B*H, T); width: columns per
     panel. Tiles are q_block queries by q_block keys, so P and dS stay in L2 between the products
     that write and read them. Per worker (`_backward_scratch`): packed (workers, 3, span) for the
     head's keys and values as column panels and its keys as strips, tiles (workers, 2, q_block
     stride) for P and dS, row_strips (workers, 2, P', q_block, W) for Q_i and dY_i, deltas
-    (workers, q_block), edges (workers, 6, W)."""
+    (workers, q_block), edges (workers, 6, W); with rounding (as in the forward), rounded_rows
+    (workers, 2, q_block, D) for Q_i and dY_i rounded to bf16."""
     n_tasks = qkv.shape[0] * n_head
     workers = deltas.shape[0]
     for worker in prange(workers):
         for bh in range(worker * n_tasks // workers, (worker + 1) * n_tasks // workers):
             _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, dropout,
-                           packed[worker], tiles[worker], row_strips[worker], deltas[worker],
-                           edges[worker])
+                           rounding, packed[worker], tiles[worker], row_strips[worker],
+                           deltas[worker], edges[worker], rounded_rows[worker])
 
 
 @njit(cache=True, fastmath=FASTMATH, error_model="numpy", inline="always")
-def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, dropout, packed,
-                   tiles, row_strips, deltas, edge):
+def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, dropout,
+                   rounding, packed, tiles, row_strips, deltas, edge, rounded_rows):
     """One (batch, head) of `_attention_backward`: it alone adds into the head's dQ, dK and dV.
     With dropout, the tile of P becomes the dropped and scaled Z (what multiplied V), dV takes
     Z^T dY, and elementwise dS = Z * dZ - P * rowsum(dY * Y) with dZ = dY V^T: the mask
@@ -215,6 +203,9 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, d
     pack_panels(k_panels, k)
     pack_panels(v_panels, v)
     pack_rows(k_strips, k)
+    if rounding:
+        for which in range(3):
+            round_through_bf16(packed[which])
     q_strips = row_strips[0]
     dy_strips = row_strips[1]
     for qb in range(nq):
@@ -229,8 +220,12 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, d
             for e in range(d):
                 delta += np.float64(gr[e]) * yr[e]
             deltas[r] = delta
-        pack_rows(q_strips[:, :rows], q[i0:i1])
-        pack_rows(dy_strips[:, :rows], g)
+        q_rows, g_rows = q[i0:i1], g
+        if rounding:
+            q_rows = rounded_copy(rounded_rows[0], q_rows)
+            g_rows = rounded_copy(rounded_rows[1], g)
+        pack_rows(q_strips[:, :rows], q_rows)
+        pack_rows(dy_strips[:, :rows], g_rows)
         p_block = tiles[0, :rows * stride].reshape(rows, stride)
         ds_block = tiles[1, :rows * stride].reshape(rows, stride)
         for kb in range(qb + 1):
@@ -240,10 +235,10 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, d
             n_panels = (j1 + width - 1) // width - p0
             p_tile = p_block[:, :n_panels * width]
             ds_tile = ds_block[:, :n_panels * width]
-            panel_product(p_tile, q[i0:i1], k_panels[p0:p0 + n_panels], scale, False, edge,
+            panel_product(p_tile, q_rows, k_panels[p0:p0 + n_panels], scale, False, edge,
                           C_LOWER, i0 - j0)
-            panel_product(ds_tile, g, v_panels[p0:p0 + n_panels], one, False, edge, C_LOWER,
-                          i0 - j0)
+            panel_product(ds_tile, g_rows, v_panels[p0:p0 + n_panels], one, False, edge,
+                          C_LOWER, i0 - j0)
             for r in range(rows):
                 seen = min(j1, i0 + r + 1) - j0
                 dr = deltas[r]
@@ -262,6 +257,9 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, q_block, width, bh, d
                         e = exp_clamped_native(pr[j] - li)
                         pr[j] = e
                         dsr[j] = e * (dsr[j] - dr)
+                if rounding:
+                    round_through_bf16(pr)
+                    round_through_bf16(dsr)
                 pm = p_block[r, seen:j1 - j0]
                 dm = ds_block[r, seen:j1 - j0]
                 for j in range(pm.shape[0]):
@@ -290,7 +288,8 @@ def _backward_scratch(t, d, dtype, workers):
             workspace("attention backward row strips", (workers, 2, head_panels, Q_BLOCK, width),
                       dtype),
             workspace("attention backward deltas", (workers, Q_BLOCK), dtype),
-            edge_scratch(workers, dtype))
+            edge_scratch(workers, dtype),
+            workspace("attention backward rounded rows", (workers, 2, Q_BLOCK, d), dtype))
 
 
 def _forward_scratch(bsz, n_head, t, d, dtype, workers):
@@ -304,7 +303,8 @@ def _forward_scratch(bsz, n_head, t, d, dtype, workers):
             workspace("attention value strips", (heads, -(-d // width), t, width), dtype),
             workspace("attention score tiles", (workers, Q_BLOCK * stride), dtype),
             workspace("attention inverse sums", (workers, Q_BLOCK), dtype),
-            edge_scratch(workers, dtype))
+            edge_scratch(workers, dtype),
+            workspace("attention rounded queries", (workers, Q_BLOCK, d), dtype))
 
 
 def _attention_shapes(qkv, n_head, out, lse):
@@ -322,35 +322,83 @@ def _dropout_args(key, p, stream, dtype):
     return kernel_args(key, p, stream) + (keep_scale(p, dtype),)
 
 
-def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0):
+# Under bf16 autocast, sequences this long or longer run on the AMX tiles where the CPU has them,
+# shorter ones on the float32 tiles with rounded operands. Forward + backward on AMX over the
+# float32 tiles with rounding (Sapphire Rapids, 2 threads, 12 heads, interleaved): 1.17 at B4 T64,
+# 0.96 at B2 T128, 0.85 at T256, 0.69 at T512, 0.60 at T1024; the work outside the products
+# (softmax, packing into bf16 pairs) is most of what is left.
+AMX_FROM_LENGTH = 128
+_FORCED_PATH = [None]
+
+
+@contextlib.contextmanager
+def bf16_path(name):
+    """Within it, bf16 attention runs on `name` ("amx" or "float32 tiles") whatever the length."""
+    if name not in ("amx", "float32 tiles"):
+        raise ValueError(f"bf16 attention path must be 'amx' or 'float32 tiles', got {name!r}")
+    if name == "amx" and not amx.usable():
+        raise ValueError("bf16 attention path 'amx': this CPU (or kernel) has no AMX tiles")
+    _FORCED_PATH.append(name)
+    try:
+        yield
+    finally:
+        _FORCED_PATH.pop()
+
+
+def _on_tiles(compute, qkv):
+    """True when compute="bfloat16" attention on this float32 qkv runs on the AMX tiles."""
+    if compute != "bfloat16" or qkv.dtype != np.float32:
+        return False
+    if _FORCED_PATH[-1] is not None:
+        return _FORCED_PATH[-1] == "amx"
+    return qkv.shape[1] >= AMX_FROM_LENGTH and amx.usable()
+
+
+def _scale(qkv, n_head):
+    return qkv.dtype.type(1.0 / math.sqrt(qkv.shape[2] // 3 // n_head))
+
+
+def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0, compute=None):
     """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v straight from the fused qkv (B, T, 3C);
     lse (B, H, T) keeps each query row's log-sum-exp. With a key (0-d, `mask.step_key`), dropout
-    at rate p on the probabilities, site `stream`."""
-    if is_fast(out, lse, qkv) and _attention_shapes(qkv, n_head, out, lse):
-        b, t, c3 = qkv.shape
-        d = c3 // 3 // n_head
-        _attention_forward(out, lse.reshape(b * n_head, t), qkv, int(n_head),
-                           qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK,
-                           _dropout_args(key, p, stream, qkv.dtype),
+    at rate p on the probabilities, site `stream`. compute="bfloat16": every product on bf16
+    operands with float32 accumulation, rounded where `reference.attention` rounds them."""
+    if not (is_fast(out, lse, qkv) and _attention_shapes(qkv, n_head, out, lse)):
+        reference.attention(out, lse, qkv, key, n_head=n_head, p=p, stream=stream,
+                            compute=compute)
+        return
+    b, t, c3 = qkv.shape
+    d = c3 // 3 // n_head
+    args = (out, lse.reshape(b * n_head, t), qkv, int(n_head), _scale(qkv, n_head))
+    dropout = _dropout_args(key, p, stream, qkv.dtype)
+    if _on_tiles(compute, qkv):
+        attention_bf16.attention_forward(*args, dropout, amx.tile_configuration(),
+                                         *attention_bf16.forward_scratch(b, n_head, t, d,
+                                                                         n_workers()))
+    else:
+        _attention_forward(*args, Q_BLOCK, dropout, compute == "bfloat16",
                            *_forward_scratch(b, n_head, t, d, qkv.dtype, n_workers()))
-    else:
-        reference.attention(out, lse, qkv, key, n_head=n_head, p=p, stream=stream)
 
 
-def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0):
+def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0,
+                       compute=None):
     """dqkv (B, T, 3C) from dy (B, T, C), qkv, the saved output (B, T, C) and lse (B, H, T), and
-    the forward's key, p and stream if it dropped."""
-    if is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse) \
-            and dqkv.shape == qkv.shape and dy.shape == out.shape:
-        b, t, c3 = qkv.shape
-        d = c3 // 3 // n_head
-        width, *scratch = _backward_scratch(t, d, qkv.dtype, n_workers())
-        _attention_backward(dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head),
-                            qkv.dtype.type(1.0 / math.sqrt(d)), Q_BLOCK, width,
-                            _dropout_args(key, p, stream, qkv.dtype), *scratch)
-    else:
+    the forward's key, p, stream and compute."""
+    if not (is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse)
+            and dqkv.shape == qkv.shape and dy.shape == out.shape):
         reference.attention_backward(dqkv, dy, qkv, out, lse, key, n_head=n_head, p=p,
-                                     stream=stream)
+                                     stream=stream, compute=compute)
+        return
+    b, t, c3 = qkv.shape
+    d = c3 // 3 // n_head
+    args = (dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head), _scale(qkv, n_head))
+    dropout = _dropout_args(key, p, stream, qkv.dtype)
+    if _on_tiles(compute, qkv):
+        attention_bf16.attention_backward(*args, dropout, amx.tile_configuration(),
+                                          *attention_bf16.backward_scratch(t, d, n_workers()))
+    else:
+        width, *scratch = _backward_scratch(t, d, qkv.dtype, n_workers())
+        _attention_backward(*args, Q_BLOCK, width, dropout, compute == "bfloat16", *scratch)
 
 
 TABLE = {"attention": attention, "attention_backward": attention_backward}

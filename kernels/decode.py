@@ -13,7 +13,7 @@ cached_attention runs one of two kernels:
 - a block of new positions (prefill): per (batch, head, block of query rows) the score tile
   S = scale Q K[:n]^T and Y = P V[:n] as BLAS GEMMs from the jitted kernel (`kernels.blas`),
   n = start + the block's last row + 1: tiles wholly in the future are never computed.
-Both run the softmax in the arrays' own precision through `kernels.attention.causal_softmax_row`.
+Both run the softmax in the arrays' own precision through `kernels.attention_rows.causal_softmax_row`.
 
 A decode step is one row per sequence, and ~100 kernel calls over 0.5 GB of weights (GPT-2 124M,
 float32). Two things cost there that a training step never sees, measured on a 2-core AMD EPYC:
@@ -39,7 +39,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels import gemm as gemm_kernels
 from gpt2_jit.kernels import normalisation, reference
-from gpt2_jit.kernels.attention import causal_softmax_row
+from gpt2_jit.kernels.attention_rows import causal_softmax_row, round_through_bf16, rounded_copy
 from gpt2_jit.kernels.bf16 import BFLOAT16, bf16_bits, bf16_value
 from gpt2_jit.kernels.blas import GEMM_ADDRESS, gemm, gemm_scalars, one_blas_thread
 from gpt2_jit.kernels.common import (FASTMATH, PARALLEL, check_positions, is_fast, is_suffix,
@@ -66,10 +66,10 @@ def serial_build(kernel, name):
 
 
 @njit(cache=True)
-def _kv_write(k_cache, v_cache, qkv, start):
-    """k_cache, v_cache (B, H, S, D)[:, :, start + r] = the keys, values of qkv (B, T, 3C) row r.
-    Serial: a decode step writes 2 C values per row, far less than a thread launch costs, and a
-    prefill's copy is a small part of it."""
+def _kv_write(k_cache, v_cache, qkv, start, rounding):
+    """k_cache, v_cache (B, H, S, D)[:, :, start + r] = the keys, values of qkv (B, T, 3C) row r,
+    rounded to bf16 with rounding. Serial: a decode step writes 2 C values per row, far less than
+    a thread launch costs, and a prefill's copy is a small part of it."""
     bsz, t, c3 = qkv.shape
     c = c3 // 3
     n_head, d = k_cache.shape[1], k_cache.shape[3]
@@ -83,24 +83,29 @@ def _kv_write(k_cache, v_cache, qkv, start):
                 for e in range(d):
                     kr[e] = keys[e]
                     vr[e] = values[e]
+                if rounding:
+                    round_through_bf16(kr)
+                    round_through_bf16(vr)
 
 
-def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
+def kv_write(k_out, v_out, k_cache, v_cache, qkv, start, *, compute=None):
     """Keys and values of qkv (B, T, 3C) into the caches (B, H, S, D) at positions start ..
-    start + T - 1; k_out, v_out are k_cache, v_cache themselves (written in place)."""
+    start + T - 1; k_out, v_out are k_cache, v_cache themselves (written in place), rounded to
+    bf16 for compute="bfloat16"."""
     s0 = int(start)
     check_positions(s0, qkv.shape[1], k_cache.shape[2])
     if is_fast(k_out, v_out, qkv):
-        _kv_write(k_out, v_out, qkv, s0)
+        _kv_write(k_out, v_out, qkv, s0, compute == "bfloat16")
     else:
-        reference.kv_write(k_out, v_out, k_cache, v_cache, qkv, start)
+        reference.kv_write(k_out, v_out, k_cache, v_cache, qkv, start, compute=compute)
 
 
 @njit(**PARALLEL)
-def _attend_one(out, qkv, k_cache, v_cache, start, scale, scores):
+def _attend_one(out, qkv, k_cache, v_cache, start, scale, rounding, scores, queries):
     """out (B, 1, C): the query of qkv (B, 1, 3C) at position start over cached positions 0 ..
     start; one task per (batch, head), the tasks in contiguous ranges, one per row of scores
-    (workers, S), that worker's scratch."""
+    (workers, S) and of queries (workers, 1, D), that worker's scratch. rounding: the query and
+    the probabilities rounded to bf16 (the cache holds bf16-rounded keys and values)."""
     bsz = qkv.shape[0]
     n_head, d = k_cache.shape[1], k_cache.shape[3]
     n_keys = start + 1
@@ -112,6 +117,8 @@ def _attend_one(out, qkv, k_cache, v_cache, start, scale, scores):
             b = bh // n_head
             h = bh % n_head
             q = qkv[b, 0, h * d:h * d + d]
+            if rounding:
+                q = rounded_copy(queries[worker], qkv[b, :, h * d:h * d + d])[0]
             keys = k_cache[b, h, :n_keys]
             values = v_cache[b, h, :n_keys]
             for j in range(n_keys):
@@ -121,6 +128,8 @@ def _attend_one(out, qkv, k_cache, v_cache, start, scale, scores):
                     acc += q[e] * kj[e]
                 row[j] = acc * scale
             _, total = causal_softmax_row(row, n_keys)
+            if rounding:
+                round_through_bf16(row)
             y = out[b, 0, h * d:h * d + d]
             for e in range(d):
                 y[e] = 0.0
@@ -135,13 +144,13 @@ def _attend_one(out, qkv, k_cache, v_cache, start, scale, scores):
 
 
 @njit(**PARALLEL)
-def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_block, scores,
-                  inv_sums, ints, floats):
+def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_block, rounding,
+                  scores, inv_sums, ints, floats, queries):
     """out (B, T, C): the queries of qkv (B, T, 3C) at positions start + r over cached positions
     0 .. start + r; one task per (batch, head, block of q_block query rows), the tasks in
     contiguous ranges, one per worker. Each worker's scratch is its row of scores (workers,
-    q_block S), inv_sums (workers, q_block), and of the BLAS scalars ints (workers, 8) int32 and
-    floats (workers, 2)."""
+    q_block S), inv_sums (workers, q_block), of the BLAS scalars ints (workers, 8) int32 and
+    floats (workers, 2), and queries (workers, q_block, D). rounding: as in `_attend_one`."""
     bsz, t, _ = qkv.shape
     n_head, d = k_cache.shape[1], k_cache.shape[3]
     nq = (t + q_block - 1) // q_block
@@ -157,11 +166,16 @@ def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_bloc
             i1 = min(t, i0 + q_block)
             n_keys = start + i1
             p = scores[worker, :(i1 - i0) * n_keys].reshape(i1 - i0, n_keys)
-            gemm(gemm_address, p, qkv[b, i0:i1, h * d:h * d + d], k_cache[b, h, :n_keys], False,
-                 True, scale, 0.0, ints[worker], floats[worker])
+            q = qkv[b, i0:i1, h * d:h * d + d]
+            if rounding:
+                q = rounded_copy(queries[worker], q)
+            gemm(gemm_address, p, q, k_cache[b, h, :n_keys], False, True, scale, 0.0, ints[worker],
+                 floats[worker])
             for r in range(i1 - i0):
                 _, total = causal_softmax_row(p[r], start + i0 + r + 1)
                 inv_l[r] = 1.0 / total
+                if rounding:
+                    round_through_bf16(p[r])
             y = out[b, i0:i1, h * d:h * d + d]
             gemm(gemm_address, y, p, v_cache[b, h, :n_keys], False, False, 1.0, 0.0,
                  ints[worker], floats[worker])
@@ -171,15 +185,19 @@ def _attend_block(out, qkv, k_cache, v_cache, start, scale, gemm_address, q_bloc
                     yr[e] = yr[e] * inv_l[r]
 
 
-def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
+def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head, compute=None):
     """out (B, T, C): the queries of qkv (B, T, 3C), at positions start + r, attend to the cached
-    keys and values (B, H, S, D) of positions 0 .. start + r."""
+    keys and values (B, H, S, D) of positions 0 .. start + r; compute="bfloat16" rounds the
+    products' operands as `reference.cached_attention` does."""
     b, t, c3 = qkv.shape
     s0 = int(start)
     check_positions(s0, t, k_cache.shape[2])
     if not (is_fast(out, qkv, k_cache, v_cache) and k_cache.shape[1] == n_head):
-        reference.cached_attention(out, qkv, k_cache, v_cache, start, n_head=n_head)
+        reference.cached_attention(out, qkv, k_cache, v_cache, start, n_head=n_head,
+                                   compute=compute)
         return
+    rounding = compute == "bfloat16"
+    d = k_cache.shape[3]
     scale = qkv.dtype.type(1.0 / math.sqrt(k_cache.shape[3]))
     dtype, size = qkv.dtype, k_cache.shape[2]       # scratch sized by the cache, not the position
     if t == 1:
@@ -187,15 +205,18 @@ def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
         serial = read < SERIAL_CACHE_BYTES
         attend = _attend_one_serial if serial else _attend_one
         workers = 1 if serial else n_workers()
-        attend(out, qkv, k_cache, v_cache, s0, scale,
-               workspace("decode attention scores", (workers, size), dtype))
+        attend(out, qkv, k_cache, v_cache, s0, scale, rounding,
+               workspace("decode attention scores", (workers, size), dtype),
+               workspace("decode attention queries", (workers, 1, d), dtype))
     else:
         workers = n_workers()
         with one_blas_thread():
             _attend_block(out, qkv, k_cache, v_cache, s0, scale, GEMM_ADDRESS[dtype], Q_BLOCK,
+                          rounding,
                           workspace("prefill attention scores", (workers, Q_BLOCK * size), dtype),
                           workspace("prefill attention inverse sums", (workers, Q_BLOCK), dtype),
-                          *gemm_scalars(dtype, workers))
+                          *gemm_scalars(dtype, workers),
+                          workspace("prefill attention queries", (workers, Q_BLOCK, d), dtype))
 
 
 _attend_one_serial = serial_build(_attend_one, "_attend_one_serial")

@@ -258,40 +258,56 @@ def _causal_scores(q, k):
     return s
 
 
-def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0):
+def _zeroed(x, key, p, stream):
+    """x with the entries dropout drops set to 0 (the kept ones unscaled), and the scale 1 / (1 - p)
+    the kept ones take (1 without a key)."""
+    if key is None or p == 0.0:
+        return x, 1.0
+    return np.where(keep_mask(key, stream, x.shape, p), x, x.dtype.type(0.0)), keep_scale(p, x.dtype)
+
+
+def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0, compute=None):
     """out (B, T, C) = causal softmax(q k^T / sqrt(D)) v from the fused qkv (B, T, 3C), with
     dropout at rate p on the probabilities (B, H, T, T) when a key is given: the kernels' entry
     (i, j) of head bh is element (bh T + i) T + j of the mask.
 
     lse (B, H, T) keeps each row's log-sum-exp, all the backward needs to rebuild the probabilities.
+    compute="bfloat16" multiplies bf16-rounded q, k, v and probabilities, the latter rounded
+    unnormalised (exp(s - row max), dropped ones zeroed) as the kernels' tiles hold them.
     """
     b, t, _ = qkv.shape
-    q, k, v = _heads(qkv, n_head)
+    q, k, v = (_operand(a, compute) for a in _heads(qkv, n_head))
     s = _causal_scores(q, k)
     m = s.max(axis=-1, keepdims=True)
-    row_lse = m + np.log(np.exp(s - m).sum(axis=-1, keepdims=True))
-    probs = _dropped(np.exp(s - row_lse), key, p, stream)
-    lse[...] = row_lse[..., 0]
-    out[...] = (probs @ v).transpose(0, 2, 1, 3).reshape(b, t, -1)
+    e = np.exp(s - m)
+    total = e.sum(axis=-1, keepdims=True)
+    lse[...] = (m + np.log(total))[..., 0]
+    kept, factor = _zeroed(e, key, p, stream)
+    out[...] = ((_operand(kept, compute) @ v) * (factor / total)).transpose(0, 2, 1, 3) \
+        .reshape(b, t, -1)
 
 
-def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0):
+def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0,
+                       compute=None):
     """dqkv (B, T, 3C) from dy (B, T, C), using the saved output and row log-sum-exps (and the
-    forward's key, rate and stream, which regenerate its dropout mask)."""
+    forward's key, rate and stream, which regenerate its dropout mask). compute="bfloat16" rounds
+    every product's operands to bf16: q, k, v, dy, the dropped probabilities and dS (before its
+    scale 1 / sqrt(D)); the row sums dy . y stay float32."""
     b, t, c3 = qkv.shape
     d = c3 // 3 // n_head
-    q, k, v = _heads(qkv, n_head)
+    q, k, v = (_operand(a, compute) for a in _heads(qkv, n_head))
     probs = np.exp(_causal_scores(q, k) - lse[..., None])
     dropped = _dropped(probs, key, p, stream)
     dyh = dy.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
     yh = out.reshape(b, t, n_head, d).transpose(0, 2, 1, 3)
-    dv = dropped.transpose(0, 1, 3, 2) @ dyh
+    dy_operand = _operand(dyh, compute)
+    dv = _operand(dropped, compute).transpose(0, 1, 3, 2) @ dy_operand
     # The gradient of the dropped probabilities goes back through the same mask and scale.
-    dp = _dropped(dyh @ v.transpose(0, 1, 3, 2), key, p, stream)
+    dp = _dropped(dy_operand @ v.transpose(0, 1, 3, 2), key, p, stream)
     # sum_j P_ij dP_ij equals dy_i . y_i, so the full P never has to be kept.
-    ds = probs * (dp - np.sum(dyh * yh, axis=-1, keepdims=True)) / math.sqrt(d)
-    dq = ds @ k
-    dk = ds.transpose(0, 1, 3, 2) @ q
+    ds = _operand(probs * (dp - np.sum(dyh * yh, axis=-1, keepdims=True)), compute)
+    dq = ds @ k / math.sqrt(d)
+    dk = ds.transpose(0, 1, 3, 2) @ q / math.sqrt(d)
     grads = np.stack([dq, dk, dv], axis=2)          # (B, H, 3, T, D)
     dqkv[...] = grads.transpose(0, 3, 2, 1, 4).reshape(b, t, c3)
 
@@ -308,9 +324,11 @@ def narrow(out, x, *, axis, start):
     out[...] = x[(slice(None),) * axis + (slice(start, start + out.shape[axis]),)]
 
 
-def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
+def kv_write(k_out, v_out, k_cache, v_cache, qkv, start, *, compute=None):
     """Keys and values of qkv (B, T, 3C) into the caches (B, H, S, D) at positions start ..
-    start + T - 1. k_out, v_out are k_cache, v_cache themselves (the op writes them in place)."""
+    start + T - 1. k_out, v_out are k_cache, v_cache themselves (the op writes them in place).
+    compute="bfloat16" writes them rounded to bf16, as cached_attention's products take them."""
+    qkv = _operand(qkv, compute)
     b, t, c3 = qkv.shape
     _, h, size, d = k_cache.shape
     s0 = int(start)
@@ -320,20 +338,22 @@ def kv_write(k_out, v_out, k_cache, v_cache, qkv, start):
     v_out[:, :, s0:s0 + t] = qkv[:, :, 2 * c:].reshape(b, t, h, d).transpose(0, 2, 1, 3)
 
 
-def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head):
+def cached_attention(out, qkv, k_cache, v_cache, start, *, n_head, compute=None):
     """out (B, T, C): the queries of qkv (B, T, 3C), at positions start + r, attend to the cached
-    keys and values (B, H, S, D) of positions 0 .. start + r (causal over the whole cache)."""
+    keys and values (B, H, S, D) of positions 0 .. start + r (causal over the whole cache).
+    compute="bfloat16" rounds the queries and the unnormalised probabilities to bf16 (the cache
+    holds bf16-rounded keys and values already, `kv_write`), as `attention` does."""
     b, t, _ = qkv.shape
     s0 = int(start)
     check_positions(s0, t, k_cache.shape[2])
-    q = _heads(qkv, n_head)[0]                                   # (B, H, T, D)
+    q = _operand(_heads(qkv, n_head)[0], compute)                # (B, H, T, D)
     keys, values = k_cache[:, :, :s0 + t], v_cache[:, :, :s0 + t]
     s = q @ keys.transpose(0, 1, 3, 2) / math.sqrt(q.shape[-1])  # (B, H, T, start + T)
     s[..., np.arange(s0 + t)[None, :] > s0 + np.arange(t)[:, None]] = -np.inf
     m = s.max(axis=-1, keepdims=True)
     p = np.exp(s - m)
-    p /= p.sum(axis=-1, keepdims=True)
-    out[...] = (p @ values).transpose(0, 2, 1, 3).reshape(b, t, -1)
+    out[...] = ((_operand(p, compute) @ values) / p.sum(axis=-1, keepdims=True)) \
+        .transpose(0, 2, 1, 3).reshape(b, t, -1)
 
 
 # ---------------------------------------------------------------- fused softmax + cross-entropy

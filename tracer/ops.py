@@ -78,14 +78,17 @@ def kernel_attrs(op, attrs):
 _STACK = []
 _AUTOCAST = [None]
 
-# Ops autocast runs on bf16 operands (their VJP rules pass that on to the backward GEMMs).
-AUTOCAST_OPS = ("linear",)
+# Ops autocast runs on bf16 operands (their VJP rules pass that on to the backward GEMMs and the
+# attention backward's products), as torch.autocast's CPU policy runs linear layers and SDPA;
+# decoding's kv_write keeps bf16 keys and values in the cache for cached_attention.
+AUTOCAST_OPS = ("linear", "attention", "kv_write", "cached_attention")
 
 
 @contextlib.contextmanager
 def autocast(dtype):
-    """Within it, every linear layer, forward and backward, multiplies bf16-rounded operands with
-    float32 accumulation (the op gets compute="bfloat16"); dtype None turns that off. Everything
+    """Within it, every linear layer and attention, forward and backward, multiplies bf16-rounded
+    operands with float32 accumulation (the op gets compute="bfloat16"; attention's softmax stays
+    float32); dtype None turns that off. Everything
     else keeps its own precision, as in torch.autocast's CPU policy."""
     if dtype not in (None, "bfloat16"):
         raise ValueError(f"autocast must be None or 'bfloat16', got {dtype!r}")
@@ -420,7 +423,9 @@ defop("softmax_backward", lambda dy, y: [Aval(y.shape, y.dtype)], inplace={0: 0}
 
 # ---------------------------------------------------------------- attention
 
-def _attention_rule(qkv, key=None, *, n_head, p=0.0, stream=0):
+def _attention_rule(qkv, key=None, *, n_head, p=0.0, stream=0, compute=None):
+    if compute is not None:
+        _gemm_dtype(compute, qkv)
     if len(qkv.shape) != 3 or qkv.shape[-1] % (3 * n_head) != 0:
         raise ValueError(f"attention needs qkv (B, T, 3C) with C divisible by n_head={n_head}, "
                          f"got {qkv.shape}")
@@ -535,7 +540,9 @@ def _cache_rule(what, qkv, k_cache, v_cache, start):
     return _same_dtype(qkv, k_cache, v_cache)
 
 
-def _kv_write_rule(k_cache, v_cache, qkv, start):
+def _kv_write_rule(k_cache, v_cache, qkv, start, compute=None):
+    if compute is not None:
+        _gemm_dtype(compute, qkv)
     dt = _cache_rule("kv_write", qkv, k_cache, v_cache, start)
     return [Aval(k_cache.shape, dt), Aval(v_cache.shape, dt)]
 
@@ -543,7 +550,9 @@ def _kv_write_rule(k_cache, v_cache, qkv, start):
 defop("kv_write", _kv_write_rule, writes={0: 0, 1: 1})
 
 
-def _cached_attention_rule(qkv, k_cache, v_cache, start, n_head):
+def _cached_attention_rule(qkv, k_cache, v_cache, start, n_head, compute=None):
+    if compute is not None:
+        _gemm_dtype(compute, qkv)
     dt = _cache_rule("cached_attention", qkv, k_cache, v_cache, start)
     if k_cache.shape[1] != n_head:
         raise ValueError(f"cached_attention: n_head={n_head} but the caches hold "
