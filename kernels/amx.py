@@ -46,8 +46,10 @@ def usable():
         return False
 
 
+@functools.lru_cache(maxsize=None)
 def tile_configuration():
-    """The 64-byte configuration `configure` loads: palette 1, eight tiles of 16 rows x 64 bytes."""
+    """The 64-byte configuration `configure` loads: palette 1, eight tiles of 16 rows x 64 bytes.
+    Made once: the attention kernels take it on every call."""
     config = np.zeros(64, np.uint8)
     config[0] = 1
     config[16:32].view(np.uint16)[:] = 64
