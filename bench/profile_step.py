@@ -13,8 +13,9 @@ output written once; an embedding reads only the rows it gathers) over their tim
 the copy bandwidth measured in the same run. The GELU that linear_gelu fuses after its GEMM is
 timed apart on that node's own arrays. Attention reports its GFLOP/s against the GEMM rate measured
 here (the better of a measurement before the profile and one after it) and against the rate of
-the step's own GEMM nodes. Under --autocast, every float32 operand a bf16 GEMM rounds to bf16 on
-the way in (a cast pass of its own, inside that GEMM's node) is listed with its time and bytes.
+the step's own GEMM nodes. Under --autocast, every float32 -> bf16 conversion that runs as a pass of
+its own inside a node (a float32 operand a bf16 GEMM rounds on the way in, a float32 result a
+kernel rounds after) is listed with its time and bytes, and summed by the value it rounds.
 Writes bench/results/profile_<size>[_bf16].md.
 """
 import argparse
@@ -62,20 +63,45 @@ def attention_flops(node):
     return 5 * attention_unit(node.inputs[1]), cost.flops(node)
 
 
+def rounded_value(node, role):
+    """What a float32 -> bf16 pass in `node` rounds, by the op and the weight it serves: GPT-2's
+    layer names (c_attn, c_proj, c_fc, wte) without the layer number."""
+    if role == "output":
+        return f"{node.op.name}'s output"
+    weight = next((v.name for v in node.inputs if v.kind in ("param", "grad") and v.name), "")
+    layer = ".".join(p for p in weight.split(".") if p in ("attn", "mlp", "c_attn", "c_proj",
+                                                           "c_fc", "wte", "lm_head"))
+    operand = "input" if node.op.name == "linear" or role == "b" else "dY"
+    return f"{layer} {operand} ({node.op.name})"
+
+
 def profiled_steps(exe, steps):
     """{id(node): (node, [seconds per run], [(operand, seconds, bytes) of its casts, last run])}:
-    every kernel call of the plan timed over `steps` runs, and the bf16 GEMMs' float32 -> bf16
-    casts of their operands timed inside them."""
+    every kernel call of the plan timed over `steps` runs, and the float32 -> bf16 passes inside
+    them timed: a bf16 GEMM's casts of its operands, a kernel rounding its float32 result
+    ("output")."""
     from gpt2_jit.kernels import bf16
-    casts, as_bf16 = [], bf16._as_bf16
+    casts, as_bf16, to_bf16 = [], bf16._as_bf16, bf16.to_bf16
+
+    in_cast = []                       # set while timed_cast runs: its own to_bf16 is its time
 
     def timed_cast(role, x):
         if x.dtype == bf16.BFLOAT16:
             return x
+        in_cast.append(role)
         t = time.perf_counter()
         out = as_bf16(role, x)
         casts.append((role, time.perf_counter() - t, x.nbytes + out.nbytes))
+        in_cast.pop()
         return out
+
+    def timed_rounding(out, x):
+        if in_cast:
+            to_bf16(out, x)
+            return
+        t = time.perf_counter()
+        to_bf16(out, x)
+        casts.append(("output", time.perf_counter() - t, x.nbytes + out.nbytes))
 
     per_node, started = {}, [0.0]
 
@@ -93,7 +119,7 @@ def profiled_steps(exe, steps):
 
     phases = ((exe.run_forward, exe.step_nodes[:exe.n_forward_steps]),
               (exe.run_backward, exe.step_nodes[exe.n_forward_steps:]))
-    bf16._as_bf16 = timed_cast
+    bf16._as_bf16, bf16.to_bf16 = timed_cast, timed_rounding
     try:
         for _ in range(steps):
             for run, nodes in phases:
@@ -101,7 +127,7 @@ def profiled_steps(exe, steps):
                 started[0] = time.perf_counter()
                 run(lap(nodes))
     finally:
-        bf16._as_bf16 = as_bf16
+        bf16._as_bf16, bf16.to_bf16 = as_bf16, to_bf16
     return per_node
 
 
@@ -206,11 +232,18 @@ def main():
         from gpt2_jit.kernels import bf16
         lines += ["", "bf16 GEMM backends: " + "; ".join(
             f"{kind} {bf16.backend(kind)[0]}" for kind in bf16.KINDS) + ".",
-            f"Casts of float32 operands to bf16 inside the GEMM nodes (in their time above): "
+            f"float32 -> bf16 passes inside the nodes (in their time above): "
             f"{len(casts)}, {sum(c[2] for c in casts) * 1e3:.1f} ms in all, "
             f"{100 * sum(c[2] for c in casts) / step:.1f}% of the step.", "",
-            "| node | operand | ms | MB moved | fraction of copy bandwidth |",
-            "|---|---|---|---|---|"]
+            "| value rounded | passes | ms | share of the step |", "|---|---|---|---|"]
+        by_value = {}
+        for node, role, seconds, _ in casts:
+            count, total = by_value.get(rounded_value(node, role), (0, 0.0))
+            by_value[rounded_value(node, role)] = (count + 1, total + seconds)
+        for what, (count, total) in sorted(by_value.items(), key=lambda kv: -kv[1][1]):
+            lines.append(f"| {what} | {count} | {total * 1e3:.1f} | {100 * total / step:.1f}% |")
+        lines += ["", "| node | operand | ms | MB moved | fraction of copy bandwidth |",
+                  "|---|---|---|---|---|"]
         for node, role, seconds, nbytes in sorted(casts, key=lambda c: -c[2]):
             lines.append(f"| `{str(node)[:90]}` | {role} | {seconds * 1e3:.2f} | "
                          f"{nbytes / 1e6:.1f} | {nbytes / seconds / bandwidth:.2f} |")

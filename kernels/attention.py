@@ -62,7 +62,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from gpt2_jit.kernels import amx, attention_bf16, reference
+from gpt2_jit.kernels import amx, attention_bf16, bf16, reference
 from gpt2_jit.kernels.attention_rows import (Q_BLOCK, causal_softmax_row, drop_probabilities,
                                              round_through_bf16, rounded_copy)
 from gpt2_jit.kernels.common import FASTMATH, PARALLEL, is_fast, n_workers, workspace
@@ -383,17 +383,30 @@ def attention(out, lse, qkv, key=None, *, n_head, p=0.0, stream=0, compute=None)
 def attention_backward(dqkv, dy, qkv, out, lse, key=None, *, n_head, p=0.0, stream=0,
                        compute=None):
     """dqkv (B, T, 3C) from dy (B, T, C), qkv, the saved output (B, T, C) and lse (B, H, T), and
-    the forward's key, p, stream and compute."""
-    if not (is_fast(dqkv, dy, qkv, out, lse) and _attention_shapes(qkv, n_head, out, lse)
-            and dqkv.shape == qkv.shape and dy.shape == out.shape):
+    the forward's key, p, stream and compute. Under autocast dqkv may be bf16, which only the
+    c_attn GEMMs read: the tile unit writes it rounded; the float32 tiles add into dQ, dK and dV
+    block by block, so they work in a float32 copy, rounded once after."""
+    on_tiles = _on_tiles(compute, qkv)
+    in_bits = on_tiles and dqkv.dtype == bf16.BFLOAT16 and dqkv.flags.c_contiguous and \
+        is_fast(dy, qkv, out, lse)
+    shapes = _attention_shapes(qkv, n_head, out, lse) and dqkv.shape == qkv.shape and \
+        dy.shape == out.shape
+    if dqkv.dtype == bf16.BFLOAT16 and not (in_bits and shapes):
+        wide = workspace("attention backward float32 gradient", dqkv.shape, np.float32)
+        attention_backward(wide, dy, qkv, out, lse, key, n_head=n_head, p=p, stream=stream,
+                           compute=compute)
+        bf16.to_bf16(dqkv, wide)
+        return
+    if not ((in_bits or is_fast(dqkv, dy, qkv, out, lse)) and shapes):
         reference.attention_backward(dqkv, dy, qkv, out, lse, key, n_head=n_head, p=p,
                                      stream=stream, compute=compute)
         return
+    grad = bf16.bits_or_self(dqkv)
     b, t, c3 = qkv.shape
     d = c3 // 3 // n_head
-    args = (dqkv, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head), _scale(qkv, n_head))
+    args = (grad, dy, qkv, out, lse.reshape(b * n_head, t), int(n_head), _scale(qkv, n_head))
     dropout = _dropout_args(key, p, stream, qkv.dtype)
-    if _on_tiles(compute, qkv):
+    if on_tiles:
         attention_bf16.attention_backward(*args, dropout, amx.tile_configuration(),
                                           *attention_bf16.backward_scratch(t, d, n_workers()))
     else:

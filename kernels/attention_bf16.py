@@ -18,7 +18,7 @@ from numba import njit, prange
 
 from gpt2_jit.kernels.amx import BLOCK, configure, product, release
 from gpt2_jit.kernels.attention_rows import Q_BLOCK, causal_softmax_row, drop_probabilities
-from gpt2_jit.kernels.bf16 import bf16_bits
+from gpt2_jit.kernels.bf16 import bf16_bits, put
 from gpt2_jit.kernels.common import FASTMATH, PARALLEL, workspace
 from gpt2_jit.kernels.mask import kept
 from gpt2_jit.kernels.scalar import exp_clamped_native
@@ -175,7 +175,8 @@ def bits_columns(dst, x):
 def attention_backward(dqkv, dy, qkv, out, lse, n_head, scale, dropout, config, head_pairs,
                         key_rows, head_sums, block_rows, block_columns, query_sums, tiles,
                         tile_bits, tile_pairs, deltas):
-    """`kernels.attention`'s float32 backward on the tile unit. Per worker: head_pairs (workers,
+    """`kernels.attention`'s float32 backward on the tile unit, into a float32 dqkv or bf16 bits
+    (uint16), rounded once from the float32 sums. Per worker: head_pairs (workers,
     2, D'/2, T'+SKEW) uint32 for the head's keys and values as B = K^T, V^T; key_rows (workers,
     T'/2, D') uint32 for B = K; head_sums (workers, 2, D', T'+SKEW) float32 for dK^T and dV^T;
     block_rows (workers, 2, 64, D') and block_columns (workers, 2, D', 64) uint16 for Q_i, dY_i
@@ -276,16 +277,17 @@ def _backward_task(dqkv, dy, qkv, out, lse, n_head, scale, bh, dropout, head_pai
             product(dv_sums[:, j0:j0 + Q_BLOCK], dy_columns, p_pairs, qb > kb)
         dq = dqkv[b, i0:i1, h0:h0 + d]
         for r in range(rows):
+            dq_r, sums_r = dq[r], query_sums[r]
             for e in range(d):
-                dq[r, e] = scale * query_sums[r, e]
+                put(dq_r, e, scale * sums_r[e])
     dk = dqkv[b, :, c + h0:c + h0 + d]
     dv = dqkv[b, :, 2 * c + h0:2 * c + h0 + d]
     # Row by row of dqkv, each written once; the sums' columns are read from the L2.
     for j in range(t):
         dk_j, dv_j = dk[j], dv[j]
         for e in range(d):
-            dk_j[e] = scale * dk_sums[e, j]
-            dv_j[e] = dv_sums[e, j]
+            put(dk_j, e, scale * dk_sums[e, j])
+            put(dv_j, e, dv_sums[e, j])
 
 
 def _sizes(t, d):

@@ -7,10 +7,10 @@ import numpy as np
 from numba import njit, prange
 
 from gpt2_jit.kernels import reference
-from gpt2_jit.kernels.bf16 import bits_or_self, put
+from gpt2_jit.kernels.bf16 import BFLOAT16, bf16_bits, bf16_value, bits_or_self, put, value_of
 from gpt2_jit.kernels.mask import NO_DROPOUT, keep_scale, kept, kernel_args
 from gpt2_jit.kernels.common import (CHUNKS, PARALLEL, SEG, chunk_scratch, is_fast, is_small,
-                                     is_suffix, rows)
+                                     is_suffix, rows, workspace)
 from gpt2_jit.kernels.scalar import (gelu_erf_grad_native, gelu_erf_native, gelu_tanh_grad_native,
                             gelu_tanh_native)
 
@@ -84,6 +84,35 @@ def column_sums(out, x):
     np.matmul(_ones(x.shape[0], x.dtype), x, out=out)
 
 
+# Row blocks of a bf16 column sum: fixed by the shape, not the thread count, so the bits are too.
+SUM_PARTS = 8
+
+
+@njit(**PARALLEL)
+def _rounded_partial_sums(partial, x):
+    """partial (P, M) float32 = sums of x (K, M) rounded to bf16 (bf16 bits widened, float32
+    rounded on the way in), over P blocks of rows, each in row order."""
+    k, m = x.shape
+    parts = partial.shape[0]
+    for part in prange(parts):
+        acc = partial[part]
+        for j in range(m):
+            acc[j] = 0.0
+        for i in range(part * k // parts, (part + 1) * k // parts):
+            xi = x[i]
+            for j in range(m):
+                acc[j] += bf16_value(bf16_bits(value_of(xi, j)))
+
+
+def rounded_column_sums(x):
+    """The float32 sums over rows of x (K, M) rounded to bf16 (bf16 bits, or float32), in a
+    (M,) workspace row: the bias gradient of a bf16 linear, read at half the bytes when x is bf16."""
+    partial = workspace("bf16 column sums, row blocks", (SUM_PARTS, x.shape[1]),
+                        np.float32)
+    _rounded_partial_sums(partial, x)
+    return np.sum(partial, axis=0, out=workspace("bf16 column sums", (x.shape[1],), np.float32))
+
+
 @njit(**PARALLEL)
 def bias_gelu_rows(out, pre, b, has_bias, form):
     """pre (N, C) += b (C,) when has_bias; then out (N, C) = gelu(pre), form 0 tanh, 1 erf, in the
@@ -140,6 +169,31 @@ def _gelu_backward_into(dx, dy, x, form):
         else:
             for j in range(hi - lo):
                 ds[j] = gs[j] * gelu_erf_grad_native(xs[j])
+
+
+@njit(**PARALLEL)
+def _gelu_backward_bf16(dx, dy, x, form, scratch):
+    """dx (n,) bf16 bits (uint16) = dy (n,) * gelu'(x (n,)) rounded, for c_fc's GEMMs under
+    autocast: each segment computed in float32 into scratch (`chunk_scratch`), then rounded, so
+    the result is `_gelu_backward_into`'s rounded. Rounding in the loop that computes the
+    gradient compiled to other arithmetic under Numba 0.68: at x ~ N(0, 36), 16177 of 90000
+    elements (erf) and 3 (tanh) were not the float32 kernel's gradient rounded."""
+    n = x.shape[0]
+    nch = min(n, CHUNKS)
+    for ch in prange(nch):
+        tmp = scratch[ch]
+        hi = (ch + 1) * n // nch
+        for j0 in range(ch * n // nch, hi, SEG):
+            w = min(hi - j0, SEG)
+            xs, gs, ds = x[j0:j0 + w], dy[j0:j0 + w], dx[j0:j0 + w]
+            if form == 0:
+                for j in range(w):
+                    tmp[j] = gs[j] * gelu_tanh_grad_native(xs[j])
+            else:
+                for j in range(w):
+                    tmp[j] = gs[j] * gelu_erf_grad_native(xs[j])
+            for j in range(w):
+                ds[j] = bf16_bits(tmp[j])
 
 
 def dropout(out, x, key, *, p, stream):
@@ -223,7 +277,12 @@ def gelu(out, x, *, form):
 
 
 def gelu_backward(dx, dy, x, *, form):
-    """dx (...) = dy (...) * gelu'(x (...)); dx may be dy itself."""
+    """dx (...) = dy (...) * gelu'(x (...)); dx may be dy itself, or bf16 (rounded)."""
+    if dx.dtype == BFLOAT16 and is_fast(dy, x) and dx.flags.c_contiguous and \
+            dx.shape == dy.shape == x.shape:
+        _gelu_backward_bf16(bits_or_self(dx).reshape(-1), dy.reshape(-1), x.reshape(-1),
+                            gelu_form(form), chunk_scratch(np.float32))
+        return
     if is_fast(dx, dy, x) and dx.shape == dy.shape == x.shape:
         if dx.ctypes.data == dy.ctypes.data:
             _gelu_backward_in_place(dy.reshape(-1), x.reshape(-1), gelu_form(form))

@@ -7,7 +7,8 @@ import numpy as np
 from gpt2_jit.kernels import bf16, reference
 from gpt2_jit.kernels.blas import gemm_accumulate
 from gpt2_jit.kernels.common import chunk_scratch, is_fast, is_small, rows, workspace
-from gpt2_jit.kernels.elementwise import binary_rows, bias_gelu_rows, column_sums, gelu_form
+from gpt2_jit.kernels.elementwise import (binary_rows, bias_gelu_rows, column_sums, gelu_form,
+                                          rounded_column_sums)
 
 
 def _product(out, a, b, trans_a, trans_b, compute, accumulate=False):
@@ -70,24 +71,35 @@ def linear_backward_w_acc(dw, dy, x, *, compute=None):
         reference.linear_backward_w_acc(dw, dy, x)
 
 
-def linear_backward_b(db, dy):
-    """db (O,) = column sums of dy (N, O), deterministic."""
-    if is_fast(db, dy):
+def linear_backward_b(db, dy, *, compute=None):
+    """db (O,) = column sums of dy (N, O), deterministic; compute="bfloat16" sums dy (float32 or
+    bf16) rounded to bf16."""
+    if compute is not None and _bias_sums_fast(db, dy):
+        db[...] = rounded_column_sums(bf16.bits_or_self(rows(dy)))
+    elif compute is None and is_fast(db, dy):
         column_sums(db, rows(dy))
     else:
-        reference.linear_backward_b(db, dy)
+        reference.linear_backward_b(db, dy, compute=compute)
 
 
-def linear_backward_b_acc(db, dy):
+def linear_backward_b_acc(db, dy, *, compute=None):
     """db (O,) += column sums of dy (N, O), straight into .grad: the sums land in a workspace row
     and NumPy adds that in the same call (a kernel launch of its own cost more than the add, which
     is O elements)."""
-    if is_fast(db, dy):
+    if compute is not None and _bias_sums_fast(db, dy):
+        np.add(db, rounded_column_sums(bf16.bits_or_self(rows(dy))), out=db)
+    elif compute is None and is_fast(db, dy):
         sums = workspace("bias gradient", db.shape, db.dtype)
         column_sums(sums, rows(dy))
         np.add(db, sums, out=db)
     else:
-        reference.linear_backward_b_acc(db, dy)
+        reference.linear_backward_b_acc(db, dy, compute=compute)
+
+
+def _bias_sums_fast(db, dy):
+    """A float32 db and a contiguous float32 or bf16 dy: the bf16 column-sum kernel's inputs."""
+    return db.dtype == np.float32 and dy.dtype in (np.float32, bf16.BFLOAT16) and \
+        dy.flags.c_contiguous and dy.size > 0
 
 
 TABLE = {"linear": linear, "linear_gelu": linear_gelu, "linear_backward_x": linear_backward_x,

@@ -131,14 +131,14 @@ def linear_backward_w_acc(dw, dy, x, *, compute=None):
     dw += _rows(_operand(dy, compute)).T @ _rows(_operand(x, compute))
 
 
-def linear_backward_b(db, dy):
-    """db (O,) = sum of dy (N, O) over rows."""
-    np.sum(_rows(dy), axis=0, out=db)
+def linear_backward_b(db, dy, *, compute=None):
+    """db (O,) = sum of dy (N, O) over rows; compute="bfloat16" sums dy rounded to bf16."""
+    np.sum(_rows(_operand(dy, compute)), axis=0, out=db)
 
 
-def linear_backward_b_acc(db, dy):
+def linear_backward_b_acc(db, dy, *, compute=None):
     """db (O,) += sum of dy (N, O) over rows: the bias gradient added straight into .grad."""
-    db += np.sum(_rows(dy), axis=0)
+    db += np.sum(_rows(_operand(dy, compute)), axis=0)
 
 
 # ---------------------------------------------------------------- embedding

@@ -66,6 +66,11 @@ def test_attention_forward_and_backward_in_bf16(path, b, t, h, d, dropping):
                                      drop.get("key"), n_head=h, p=drop.get("p", 0.0),
                                      stream=drop.get("stream", 0))
     held_to_bf16(dqkv, want, float32)
+    narrow = np.empty(qkv.shape, BFLOAT16)                     # dqkv for the c_attn GEMMs
+    with attention.bf16_path(path):
+        attention.attention_backward(narrow, dy, qkv, out, lse, n_head=h, compute="bfloat16",
+                                     **drop)
+    np.testing.assert_array_equal(narrow.view(np.uint16), dqkv.astype(BFLOAT16).view(np.uint16))
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -15,7 +15,7 @@ import torch
 
 import gpt2
 from gpt2_jit import kernels
-from gpt2_jit.kernels import bf16
+from gpt2_jit.kernels import amx, attention, bf16
 from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2_jit.tracer import precision
 from gpt2 import train as train_mod
@@ -194,6 +194,36 @@ def test_kernels_write_bf16_by_rounding_their_float32_result():
         kernels.NUMBA["linear_gelu"](wide, pre, x, wfc, None, form=form, compute="bfloat16")
         kernels.NUMBA["linear_gelu"](narrow, pre, x, wfc, None, form=form, compute="bfloat16")
         np.testing.assert_array_equal(narrow.view(np.uint16), wide.astype(BFLOAT16).view(np.uint16))
+        dy = rng.standard_normal(pre.shape, dtype=np.float32)
+        wide, narrow = np.empty_like(dy), np.empty(pre.shape, BFLOAT16)
+        kernels.NUMBA["gelu_backward"](wide, dy, pre, form=form)
+        kernels.NUMBA["gelu_backward"](narrow, dy, pre, form=form)
+        np.testing.assert_array_equal(narrow.view(np.uint16), wide.astype(BFLOAT16).view(np.uint16))
+
+
+# One row; odd sizes; more rows than the sum's row blocks, GPT-2's c_attn width.
+@pytest.mark.parametrize("n, o", [(1, 5), (7, 13), (300, 2304)])
+def test_bf16_bias_gradient_sums_dy_rounded(n, o):
+    """Under autocast a linear's bias gradient sums dY rounded to bf16, in float32: from bf16 dY
+    and from float32 dY (rounded on the way in) the same bits, near the float64 sum of the rounded
+    values, and, the control, not the unrounded sum."""
+    rng = np.random.default_rng(n)
+    dy = (rng.standard_normal((n, o)) * 3).astype(np.float32)
+    rounded = dy.astype(BFLOAT16)
+    want = rounded.astype(np.float64).sum(axis=0)
+    from_bits, from_float32 = np.empty(o, np.float32), np.empty(o, np.float32)
+    kernels.NUMBA["linear_backward_b"](from_bits, rounded, compute="bfloat16")
+    kernels.NUMBA["linear_backward_b"](from_float32, dy, compute="bfloat16")
+    np.testing.assert_array_equal(from_bits, from_float32)
+    np.testing.assert_allclose(from_bits, want, rtol=1e-5, atol=1e-5 * np.sqrt(n))
+    assert np.abs(dy.astype(np.float64).sum(axis=0) - want).max() > 1e-3
+    start = rng.standard_normal(o).astype(np.float32)
+    acc = start.copy()
+    kernels.NUMBA["linear_backward_b_acc"](acc, rounded, compute="bfloat16")
+    np.testing.assert_array_equal(acc, start + from_bits)
+    reference = np.empty(o, np.float32)
+    kernels.reference.linear_backward_b(reference, dy, compute="bfloat16")
+    np.testing.assert_allclose(reference, want, rtol=1e-5, atol=1e-5 * np.sqrt(n))
 
 
 @pytest.mark.parametrize("n, v", [(1, 7), (2, 5), (5, 17), (67, 301)])
@@ -317,6 +347,41 @@ def test_dlogits_are_written_in_bf16_over_the_logits(monkeypatch):
     ce_w = next(n for n in wide.program.graph.nodes if n.op.name == "cross_entropy_backward")
     assert ce_w.outputs[0].dtype == np.float32                  # the control: float32 dlogits
     assert plan.arena_bytes <= wide.program.plan.arena_bytes
+    np.testing.assert_array_equal(logits, logits_w)
+    assert loss == loss_w
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], grads_w[name], err_msg=name)
+
+
+@pytest.mark.parametrize("path", ["float32 tiles"] + (["amx"] if amx.usable() else []))
+def test_gelu_and_attention_backwards_write_dy_in_bf16(monkeypatch, path):
+    """c_fc's and c_attn's dY (the GELU's gradient, attention's dqkv) are written in bf16 by the
+    kernels that make them, read by the two GEMMs and the bias sum; against float32 dY (both
+    writers taken off precision.BF16_WRITERS, the control) the arena is no larger and the
+    step's numbers are the same bits, on each attention path this CPU has."""
+    cfg = gpt2.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=101)
+    model = moved_model(cfg)
+    x, y = batch(cfg)
+    runs = []
+    for writers in ((), ("gelu_backward", "attention_backward")):
+        for name in writers:
+            monkeypatch.delitem(precision.BF16_WRITERS, name)
+        cm = gpt2.compile(model, autocast="bfloat16")
+        with attention.bf16_path(path):
+            outputs = step_outputs(cm, model, x, y)
+        runs.append((cm.program, outputs))
+    (narrow, (logits, loss, grads)), (wide, (logits_w, loss_w, grads_w)) = runs
+    makers = [n for n in narrow.graph.nodes
+              if n.op.name in ("gelu_backward", "attention_backward")]
+    assert len(makers) == 2 * cfg.n_layer
+    for n in makers:
+        assert n.outputs[0].dtype == BFLOAT16, n
+        readers = [r for r in narrow.graph.nodes if n.outputs[0] in r.inputs]
+        assert sorted(r.op.name for r in readers) == [
+            "linear_backward_b_acc", "linear_backward_w_acc", "linear_backward_x"]
+    assert all(n.outputs[0].dtype == np.float32 for n in wide.graph.nodes
+               if n.op.name in ("gelu_backward", "attention_backward"))
+    assert narrow.plan.arena_bytes <= wide.plan.arena_bytes
     np.testing.assert_array_equal(logits, logits_w)
     assert loss == loss_w
     for name in grads:

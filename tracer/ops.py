@@ -344,7 +344,7 @@ def _linear_vjp(gouts, ins, outs, needs, compute=None):
     grads = [bind1("linear_backward_x", g, w, **how) if needs[0] else None,
              bind1("linear_backward_w", g, x, **how) if needs[1] else None]
     if len(ins) == 3:
-        grads.append(bind1("linear_backward_b", g) if needs[2] else None)
+        grads.append(bind1("linear_backward_b", g, **how) if needs[2] else None)
     return grads
 
 
@@ -353,7 +353,10 @@ defop("linear_backward_x", lambda dy, w, compute=None: [
     Aval(dy.shape[:-1] + (w.shape[1],), _gemm_dtype(compute, dy, w))])
 defop("linear_backward_w", lambda dy, x, compute=None: [
     Aval((dy.shape[-1], x.shape[-1]), _gemm_dtype(compute, dy, x))])
-defop("linear_backward_b", lambda dy: [Aval((dy.shape[-1],), dy.dtype)])
+# Under autocast the bias gradient sums dY rounded to bf16, as torch.autocast's does (there dY is
+# the bf16 GEMM output's gradient), in float32.
+defop("linear_backward_b", lambda dy, compute=None: [
+    Aval((dy.shape[-1],), _gemm_dtype(compute, dy))])
 
 
 # ---------------------------------------------------------------- embedding
@@ -490,7 +493,7 @@ defop("residual_layernorm", _residual_layernorm_rule)
 # buffers, in place, and output what their plain op outputs besides those gradients.
 
 defop("linear_backward_w_acc", lambda dw, dy, x, compute=None: [])
-defop("linear_backward_b_acc", lambda db, dy: [])
+defop("linear_backward_b_acc", lambda db, dy, compute=None: [])
 defop("embedding_backward_acc", lambda dweight, dout, idx: [])
 defop("layernorm_backward_acc", lambda dw, db, dy, x, w, mean, rstd: [Aval(x.shape, x.dtype)])
 defop("add_acc", lambda acc, x: [])

@@ -3,27 +3,34 @@
 - `bf16_weights`: a GEMM with compute="bfloat16" reads a parameter from its bf16 copy (a param
   Value of dtype bf16, which the runtime binds to `Parameter.bf16`) instead of rounding the
   float32 master weight on every call. The optimiser keeps the copy current in its own pass.
-- `bf16_activations`: a value that only such GEMMs read (a LayerNorm's output, linear_gelu's GELU,
-  the lm_head's dlogits) is written in bf16 by the kernel that produces it: half the bytes, kept
-  and read, and no rounding pass in the GEMMs that take it.
+- `bf16_activations`: a value that only such GEMMs (and a bf16 linear's bias-gradient sum, which
+  rounds dY as they do) read is written in bf16 by the kernel that produces it: a LayerNorm's
+  output, linear_gelu's GELU, and in the backward the lm_head's dlogits, the GELU's gradient
+  (c_fc's dY) and attention's dqkv (c_attn's dY). Half the bytes, kept and read, and no rounding
+  pass in the GEMMs that take it.
 
 Both keep the numbers: a bf16 GEMM rounds its operands to bf16 whichever side does it.
+What stays float32 and is rounded inside each GEMM that reads it: the residual stream's gradient
+(c_proj's dY), which the LayerNorm backwards and the residual adds read in float32, and
+attention's output (c_proj's input), which attention's backward reads in float32.
 """
 from gpt2_jit.kernels.bf16 import BFLOAT16
 from gpt2_jit.tracer.graph import Node
 
-# Op -> the input positions that are GEMM operands (a .grad accumulator is not one).
-GEMM_OPERANDS = {"linear": (0, 1), "linear_gelu": (0, 1), "linear_backward_x": (0, 1),
-                 "linear_backward_w": (0, 1), "linear_backward_w_acc": (1, 2)}
+# Op -> the input positions that it reads rounded to bf16 under compute="bfloat16": GEMM operands,
+# and the bias gradient's dY (a .grad accumulator is neither).
+ROUNDED_INPUTS = {"linear": (0, 1), "linear_gelu": (0, 1), "linear_backward_x": (0, 1),
+                  "linear_backward_w": (0, 1), "linear_backward_w_acc": (1, 2),
+                  "linear_backward_b": (0,), "linear_backward_b_acc": (1,)}
 # Op -> the output its kernel can write in bf16.
 BF16_WRITERS = {"layernorm": 0, "residual_layernorm": 1, "linear_gelu": 0,
-                "cross_entropy_backward": 0}
+                "cross_entropy_backward": 0, "gelu_backward": 0, "attention_backward": 0}
 
 
 def reads_bf16(node, position):
-    """True when the node's input at `position` is an operand of a bf16 GEMM."""
+    """True when the node reads its input at `position` rounded to bf16."""
     return node.attrs.get("compute") == "bfloat16" and \
-        position in GEMM_OPERANDS.get(node.op.name, ())
+        position in ROUNDED_INPUTS.get(node.op.name, ())
 
 
 def _remap(graph, nodes, swap, params=None):
